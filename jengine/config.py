@@ -1,0 +1,143 @@
+"""The engine's typed, frozen configuration tree.
+
+`EngineArgs` is what users pass (the flat keyword arguments of `LLM(...)` and the CLI flags, named
+as vLLM names them); `EngineArgs.create_engine_config()` validates them into an `EngineConfig`
+whose parts flow down explicitly to the runner, the cache manager and the scheduler. Nothing reads
+global switches; environment variables are left to deployment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_POLICIES = ("fcfs", "priority")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: page size and how much memory the pages may take."""
+
+    block_size: int = 16
+    kv_cache_memory_bytes: Optional[int] = None  # explicit budget; overrides gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + activations + cache
+    num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks)
+    enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # "auto" = the model's dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits of one step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    policy: str = "fcfs"
+    min_token_bucket: int = 16
+    min_seq_bucket: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    distributed_coordinator: Optional[str] = None
+    num_processes: int = 1
+    process_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: Optional[str] = None  # checkpoint dir, .gguf file, or None for the default SmolLM2
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: int = 0
+    load_format: str = "auto"
+    attention_backend: Optional[str] = None  # None: chosen from jax.default_backend()
+    max_logprobs: int = 20
+    compilation_cache_dir: Optional[str] = None  # "" disables the persistent compilation cache
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+
+def default_compilation_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jengine", "xla")
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    """Flat, vLLM-named engine arguments; validated into an `EngineConfig`."""
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    load_format: str = "auto"
+    attention_backend: Optional[str] = None
+    scheduling_policy: str = "fcfs"
+    max_logprobs: int = 20
+    compilation_cache_dir: Optional[str] = None
+    distributed_coordinator: Optional[str] = None
+    num_processes: int = 1
+    process_id: int = 0
+
+    def create_engine_config(self) -> EngineConfig:
+        _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _require(self.load_format in _LOAD_FORMATS, "load_format", f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        _require(self.scheduling_policy in _POLICIES, "scheduling_policy", f"must be one of {_POLICIES}, got {self.scheduling_policy!r}")
+        _require(self.block_size in (8, 16, 32, 64, 128), "block_size", f"must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
+        _require(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2, "num_gpu_blocks_override", "must be >= 2")
+        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
+        _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
+        return EngineConfig(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            seed=self.seed,
+            load_format=self.load_format,
+            attention_backend=self.attention_backend,
+            max_logprobs=self.max_logprobs,
+            compilation_cache_dir=self.compilation_cache_dir,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                policy=self.scheduling_policy,
+            ),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                distributed_coordinator=self.distributed_coordinator,
+                num_processes=self.num_processes,
+                process_id=self.process_id,
+            ),
+        )
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{field} {message}")

@@ -1,0 +1,240 @@
+"""Host-side paged KV cache bookkeeping with automatic prefix caching (pure Python, no device work).
+
+The device holds `num_pages` pages of `page_size` token slots per layer; this module decides which request
+owns which page. Page 0 is the null page: padded tokens write there, so it is never handed out.
+
+Prefix caching. Once every token of a page has its KV computed, the page gets a hash chained from the
+first page: ``hash((parent_hash, tuple(page_token_ids), extra_keys))``. A map from hash to page lets a
+later request with the same prefix (and the same extra keys: LoRA id, cache salt) reuse those pages
+instead of recomputing them. The full key is stored with each cached page and compared on lookup, so a
+hash collision (Python's tuple hash is not collision-resistant and prompts are user input) is a miss,
+never another request's KV.
+
+Free pages sit in one queue in eviction order (head = evicted first). A page whose reference count drops
+to 0 keeps its hash and stays findable until it is popped for reuse. A freed request's pages go to the
+tail in reverse order, so its last pages (the least likely to be shared) are evicted first; pages with
+no hash go to the head, because they hold nothing worth keeping.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Optional
+
+from jengine.request import Request
+
+NULL_PAGE = 0
+_ROOT_HASH = 0x6A656E67696E65  # parent hash of the first page; any fixed value works
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Page allocator: reference counts, an LRU free queue and the prefix-cache map (see module doc)."""
+
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref_cnt: list[int] = [0] * num_pages
+        # OrderedDict as an O(1) doubly-linked list: popitem(last=False) evicts, pop(p) takes a cached page
+        # out of the middle when a prefix hit revives it.
+        self._free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(1, num_pages))
+        self._page_hash: list[Optional[int]] = [None] * num_pages
+        self._page_key: list[Optional[tuple]] = [None] * num_pages
+        self._cached: dict[int, int] = {}  # page hash -> page
+        self._req_pages: dict[str, list[int]] = {}  # request id -> its pages, in token order
+        self._req_num_hashed: dict[str, int] = {}  # leading pages of the request already registered
+        self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.prefix_cache_hits = 0  # of which found in the cache
+
+    # ---- sizes and stats ----------------------------------------------------------------------------
+
+    @property
+    def num_usable_pages(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages with no owner, cached or not (cached ones are reclaimed on demand)."""
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the non-null pages that some request holds."""
+        return 1.0 - len(self._free) / self.num_usable_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        return len(self._cached)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.page_size)
+
+    # ---- introspection (tests, metrics, debugging) --------------------------------------------------
+
+    def ref_count(self, page: int) -> int:
+        return self._ref_cnt[page]
+
+    def free_pages_in_eviction_order(self) -> list[int]:
+        return list(self._free)
+
+    def is_cached(self, page: int) -> bool:
+        return self._page_hash[page] is not None
+
+    def request_ids(self) -> list[str]:
+        """Requests that currently own pages."""
+        return list(self._req_pages)
+
+    def get_block_table(self, request_id: str) -> list[int]:
+        """The request's pages in token order (a copy; empty if it owns none)."""
+        return list(self._req_pages.get(request_id, ()))
+
+    # ---- prefix cache -------------------------------------------------------------------------------
+
+    def _ensure_hashes(self, request: Request, num_pages: int) -> list[int]:
+        """Extends request.block_hashes to cover its first `num_pages` full pages."""
+        hashes = request.block_hashes
+        if len(hashes) < num_pages:
+            tokens = request.all_token_ids
+            ps = self.page_size
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            for i in range(len(hashes), num_pages):
+                parent = hash((parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys))
+                hashes.append(parent)
+        return hashes
+
+    def _uses_prefix_cache(self, request: Request) -> bool:
+        # prompt_logprobs needs logits at every prompt position, so nothing may be skipped.
+        return self.enable_prefix_caching and getattr(request.sampling_params, "prompt_logprobs", None) is None
+
+    def get_computed_pages(self, request: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of full pages of the request's tokens, and how many tokens it covers.
+
+        Leaves at least one token to compute (the step that computes it samples the next token), so a
+        fully cached prompt recomputes its last page. No side effects: the hit only counts, and the pages
+        are only taken, when `allocate_slots` admits the request.
+        """
+        if not self._uses_prefix_cache(request):
+            return [], 0
+        ps = self.page_size
+        max_pages = (request.num_tokens - 1) // ps
+        hashes = self._ensure_hashes(request, max_pages)
+        tokens = request.all_token_ids
+        pages: list[int] = []
+        parent = _ROOT_HASH
+        for i in range(max_pages):
+            page = self._cached.get(hashes[i])
+            if page is None or self._page_key[page] != (parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys):
+                break
+            pages.append(page)
+            parent = hashes[i]
+        return pages, len(pages) * ps
+
+    def cache_full_pages(self, request: Request, num_tokens: int) -> None:
+        """Registers the request's pages that the first `num_tokens` tokens fill (their KV is computed).
+
+        Call after the step that computed them. A page whose content is already cached under another page
+        (two requests computed the same prefix at once) stays unregistered and is recycled first.
+        """
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        pages = self._req_pages.get(rid)
+        if pages is None:
+            return
+        start = self._req_num_hashed[rid]
+        end = min(num_tokens // self.page_size, len(pages))
+        if end <= start:
+            return
+        hashes = self._ensure_hashes(request, end)
+        tokens = request.all_token_ids
+        ps = self.page_size
+        for i in range(start, end):
+            page, h = pages[i], hashes[i]
+            if self._page_hash[page] is None and h not in self._cached:
+                parent = hashes[i - 1] if i else _ROOT_HASH
+                self._cached[h] = page
+                self._page_hash[page] = h
+                self._page_key[page] = (parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys)
+        self._req_num_hashed[rid] = end
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached page (e.g. after weights change). Pages in use stay owned, just unshared."""
+        self._cached.clear()
+        self._page_hash = [None] * self.num_pages
+        self._page_key = [None] * self.num_pages
+        return True
+
+    def _drop_hash(self, page: int) -> None:
+        h = self._page_hash[page]
+        if h is not None:
+            if self._cached.get(h) == page:
+                del self._cached[h]
+            self._page_hash[page] = None
+            self._page_key[page] = None
+
+    # ---- allocation ---------------------------------------------------------------------------------
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int] = ()
+    ) -> Optional[list[int]]:
+        """Makes the request own pages for num_computed_tokens + len(new_computed_pages) * page_size +
+        num_new_tokens tokens and returns its whole page list (a copy).
+
+        `new_computed_pages` (from `get_computed_pages`) is only allowed at first admission, when the
+        request owns nothing; they are taken (incref, and out of the free queue if unowned) before any page
+        is evicted. Returns None, changing nothing, when there are not enough free pages.
+        """
+        rid = request.request_id
+        owned = self._req_pages.get(rid)
+        if owned is not None and new_computed_pages:
+            raise ValueError(f"request {rid!r} already owns pages; computed pages only at first admission")
+        num_owned = 0 if owned is None else len(owned)
+        total_tokens = request.num_computed_tokens + len(new_computed_pages) * self.page_size + num_new_tokens
+        num_new_pages = max(0, cdiv(total_tokens, self.page_size) - num_owned - len(new_computed_pages))
+        num_revived = sum(1 for p in new_computed_pages if self._ref_cnt[p] == 0)
+        if num_new_pages > len(self._free) - num_revived:
+            return None
+
+        if owned is None:
+            owned = self._req_pages[rid] = []
+            self._req_num_hashed[rid] = len(new_computed_pages)
+            if self._uses_prefix_cache(request):
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += len(new_computed_pages) * self.page_size
+        for page in new_computed_pages:
+            if self._ref_cnt[page] == 0:
+                del self._free[page]
+            self._ref_cnt[page] += 1
+            owned.append(page)
+        for _ in range(num_new_pages):
+            page, _ = self._free.popitem(last=False)
+            self._drop_hash(page)
+            self._ref_cnt[page] = 1
+            owned.append(page)
+        return list(owned)
+
+    def free(self, request: Request) -> None:
+        """Drops the request's hold on its pages; unowned cached pages stay findable until evicted."""
+        rid = request.request_id
+        pages = self._req_pages.pop(rid, None)
+        self._req_num_hashed.pop(rid, None)
+        if not pages:
+            return
+        for page in reversed(pages):  # last pages reach the eviction end first
+            self._ref_cnt[page] -= 1
+            if self._ref_cnt[page] == 0:
+                self._free[page] = None
+                if self._page_hash[page] is None:
+                    self._free.move_to_end(page, last=False)

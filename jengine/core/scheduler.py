@@ -1,0 +1,419 @@
+"""Iteration-level scheduler (vLLM v1 style): each step, every request's computed tokens catch up with its
+known tokens as far as a token budget allows.
+
+One `schedule()` call decides one model step:
+1. running requests, in order, each get ``min(tokens left to compute, budget)``: 1 for a decode, the next
+   chunk for an unfinished prefill (chunked prefill);
+2. if nothing was preempted, waiting requests (FCFS, or by (priority, arrival)) are admitted while there
+   is budget, a free sequence slot and pages, each starting from its longest prefix-cache hit;
+3. when a running request cannot get pages, the least important running request (the last one under
+   FCFS; highest (priority, arrival) under "priority") is preempted: its pages are freed and it goes back
+   to the front of the waiting queue to be recomputed (prompt + outputs so far).
+
+`update_from_output` then applies the sampled tokens, checks stop conditions, caches newly full pages and
+frees finished requests. Every admitted request finishes: `add_request` rejects a request that could
+outgrow the whole cache, and a waiting request that cannot get pages while no request of this scheduler
+holds any (so nothing will ever free them: pages held outside the scheduler) fails with FINISHED_ERROR
+instead of waiting forever.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Optional, Union
+
+from jengine.core.kv_cache_manager import KVCacheManager
+from jengine.request import Request, RequestStatus
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduledSeq:
+    """One row of the step: `num_new_tokens` tokens of `request` from position `start`."""
+
+    request: Request
+    num_new_tokens: int
+    start: int  # num_computed_tokens before the step = position of the first new token
+    block_ids: list[int]  # the request's whole page list after allocation
+    samples: bool  # the step completes the known tokens, so the runner samples a token for this row
+    is_decode: bool  # one new token and the prompt already computed
+    is_new: bool  # entered the running batch this step (first admission or resumed after preemption)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def seq_len(self) -> int:
+        """KV length after this step."""
+        return self.start + self.num_new_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]  # decode rows first, then prefill chunks
+    num_batched_tokens: int
+    preempted: list[Request]  # preempted during this schedule() call (runner: drop their state)
+    finished_ids: list[str]  # finished/aborted since the previous schedule() (runner: drop their state)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class _FCFSQueue:
+    """Waiting queue in arrival order; preempted requests re-enter at the front."""
+
+    def __init__(self) -> None:
+        self._q: collections.deque[Request] = collections.deque()
+
+    def add(self, req: Request) -> None:
+        self._q.append(req)
+
+    def add_front(self, req: Request) -> None:
+        self._q.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+    def remove(self, req: Request) -> None:
+        self._q.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+
+class _PriorityQueue:
+    """Waiting queue ordered by (priority, arrival_time, order of add_request)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._order: dict[str, int] = {}
+        self._counter = 0
+
+    def add(self, req: Request) -> None:
+        order = self._order.get(req.request_id)
+        if order is None:
+            order = self._order[req.request_id] = self._counter
+            self._counter += 1
+        heapq.heappush(self._heap, (req.priority, req.arrival_time, order, req))
+
+    add_front = add  # a preempted request keeps its key, which already puts it ahead of later arrivals
+
+    def peek(self) -> Request:
+        return self._heap[0][3]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3]
+
+    def remove(self, req: Request) -> None:
+        self._heap = [e for e in self._heap if e[3] is not req]
+        heapq.heapify(self._heap)
+        self._order.pop(req.request_id, None)
+
+    def forget(self, req: Request) -> None:
+        self._order.pop(req.request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[3] for e in sorted(self._heap, key=lambda e: e[:3]))
+
+
+class Scheduler:
+    """Decides each step's batch and owns the waiting/running queues (see module doc)."""
+
+    def __init__(
+        self,
+        kv_cache_manager: KVCacheManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        policy: str = "fcfs",
+        long_prefill_token_threshold: int = 0,
+    ) -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", max_model_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.waiting: Union[_FCFSQueue, _PriorityQueue] = _FCFSQueue() if policy == "fcfs" else _PriorityQueue()
+        self.running: list[Request] = []
+        self.num_preemptions_total = 0
+        self._finished_ids: list[str] = []  # reported by the next schedule()
+        self._finished_in_schedule: list[Request] = []  # errors found in schedule(), returned by next update
+
+    # ---- queue state --------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.kv_cache_manager.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.kv_cache_manager.prefix_cache_hits
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    # ---- admission and removal ----------------------------------------------------------------------
+
+    def max_kv_tokens(self, req: Request) -> int:
+        """The most tokens whose KV this request can ever need (its final sampled token is never computed)."""
+        prompt_len = req.num_prompt_tokens
+        final = max(self.max_model_len, prompt_len + 1)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            final = min(final, prompt_len + max_tokens)
+        return final - 1
+
+    def add_request(self, req: Request) -> None:
+        """Queues a new request; ValueError if it is empty, too long, a duplicate, or can never fit."""
+        prompt_len = req.num_prompt_tokens
+        if prompt_len == 0:
+            raise ValueError(f"request {req.request_id!r}: the prompt is empty")
+        if prompt_len > self.max_model_len:
+            raise ValueError(
+                f"request {req.request_id!r}: the prompt has {prompt_len} tokens, longer than "
+                f"max_model_len={self.max_model_len}"
+            )
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        kv = self.kv_cache_manager
+        need = kv.pages_needed(self.max_kv_tokens(req))
+        if need > kv.num_usable_pages:
+            raise ValueError(
+                f"request {req.request_id!r}: prompt ({prompt_len} tokens) plus max_tokens "
+                f"({req.sampling_params.max_tokens}) can need {need} KV pages of {kv.page_size} tokens, but the "
+                f"cache has only {kv.num_usable_pages}; lower max_tokens or enlarge the KV cache"
+            )
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.add(req)
+
+    def finish_requests(
+        self,
+        request_ids: Union[str, Iterable[str]],
+        status: RequestStatus,
+        stop_reason: Union[int, str, None] = None,
+    ) -> list[Request]:
+        """Ends requests from outside the step (abort, stop string found by the output processor).
+
+        Frees their pages at once; unknown or already finished ids are ignored. Returns those it ended.
+        """
+        if not status.is_finished:
+            raise ValueError(f"status must be a finished status, got {status.name}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        ended = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            if stop_reason is not None:
+                req.stop_reason = stop_reason
+            self._release(req)
+            ended.append(req)
+        return ended
+
+    def abort_requests(self, request_ids: Union[str, Iterable[str]]) -> list[Request]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def _release(self, req: Request) -> None:
+        """Frees a finished request's pages and forgets it."""
+        self.kv_cache_manager.free(req)
+        del self.requests[req.request_id]
+        if isinstance(self.waiting, _PriorityQueue):
+            self.waiting.forget(req)
+        self._finished_ids.append(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.add_front(req)
+
+    def _fail(self, req: Request, why: str) -> None:
+        req.status = RequestStatus.FINISHED_ERROR
+        req.stop_reason = why
+        self._release(req)
+        self._finished_in_schedule.append(req)
+
+    def _pick_victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _chunk(self, num_tokens: int, budget: int) -> int:
+        if self.long_prefill_token_threshold:
+            num_tokens = min(num_tokens, self.long_prefill_token_threshold)
+        return min(num_tokens, budget)
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        kv = self.kv_cache_manager
+        budget = self.max_num_batched_tokens
+        rows: dict[str, ScheduledSeq] = {}  # insertion order = scheduling order
+        preempted: list[Request] = []
+
+        # 1. Running requests, in order.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            while True:
+                pages = kv.allocate_slots(req, n)
+                if pages is not None:
+                    break
+                victim = self._pick_victim()
+                index = self.running.index(victim)
+                del self.running[index]
+                row = rows.pop(victim.request_id, None)
+                if row is not None:
+                    budget += row.num_new_tokens
+                self._preempt(victim)
+                preempted.append(victim)
+                if index < i:
+                    i -= 1
+                if victim is req:
+                    break
+            if pages is None:
+                continue  # req left running; self.running[i] is already the next one
+            rows[req.request_id] = self._row(req, n, pages, is_new=False)
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, unless this step had to preempt (no room to grow, so none to admit).
+        while not preempted and len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting.peek()
+            computed_pages, num_computed = kv.get_computed_pages(req)
+            n = self._chunk(req.num_tokens - num_computed, budget)
+            pages = kv.allocate_slots(req, n, computed_pages)
+            if pages is None:
+                if not self.running:  # no request of ours holds pages, so waiting cannot help
+                    self.waiting.pop()
+                    self._fail(req, "KV cache too small for this request")
+                    continue
+                break  # head-of-line: wait for pages to free up
+            self.waiting.pop()
+            req.num_computed_tokens = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            rows[req.request_id] = self._row(req, n, pages, is_new=True)
+            budget -= n
+
+        decodes = [r for r in rows.values() if r.is_decode]
+        prefills = [r for r in rows.values() if not r.is_decode]
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            scheduled=decodes + prefills,
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted=preempted,
+            finished_ids=finished_ids,
+        )
+
+    @staticmethod
+    def _row(req: Request, n: int, pages: list[int], is_new: bool) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        return ScheduledSeq(
+            request=req,
+            num_new_tokens=n,
+            start=start,
+            block_ids=pages,
+            samples=start + n == req.num_tokens,
+            is_decode=n == 1 and start >= req.num_prompt_tokens,
+            is_new=is_new,
+        )
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Sequence[Optional[int]]) -> list[Request]:
+        """Applies one step's results; returns the requests that finished since the last call.
+
+        `sampled_token_ids[k]` is the token sampled for `output.scheduled[k]` (None for rows that do not
+        sample). Rows of requests finished in between (aborted after schedule()) are skipped.
+        """
+        if len(sampled_token_ids) != len(output.scheduled):
+            raise ValueError(f"got {len(sampled_token_ids)} sampled tokens for {len(output.scheduled)} scheduled rows")
+        for row, token in zip(output.scheduled, sampled_token_ids):
+            if row.samples and token is None and row.request.status == RequestStatus.RUNNING:
+                raise ValueError(f"row of request {row.request_id!r} samples but got no token")
+        kv = self.kv_cache_manager
+        newly_finished, self._finished_in_schedule = self._finished_in_schedule, []
+        for row, token in zip(output.scheduled, sampled_token_ids):
+            req = row.request
+            if req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += row.num_new_tokens
+            if row.samples:
+                req.append_output_token_ids(int(token))
+                self._check_stop(req)
+            kv.cache_full_pages(req, req.num_computed_tokens)
+            if req.is_finished:
+                self._release(req)
+                newly_finished.append(req)
+        if newly_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return newly_finished
+
+    def _check_stop(self, req: Request) -> None:
+        """Stop token checks (after min_tokens), then the length limits; sets the finished status."""
+        params = req.sampling_params
+        last = req.output_token_ids[-1]
+        num_out = len(req.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and last in req.eos_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                return
+            if last in params.stop_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = last
+                return
+        if (params.max_tokens is not None and num_out >= params.max_tokens) or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH

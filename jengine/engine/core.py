@@ -1,0 +1,174 @@
+"""`EngineCore`: the synchronous heart of the engine, one `step()` at a time.
+
+    Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update_from_output() -> OutputProcessor
+
+It owns the model runner (device), the KV cache manager and scheduler (host), and the output
+processor (detokenization, stop strings, logprobs). Frontends drive it: `LLM` calls `step()` in a
+loop; the asyncio engine runs it on its own thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jengine.config import EngineConfig, default_compilation_cache_dir
+from jengine.core.kv_cache_manager import KVCacheManager
+from jengine.core.scheduler import Scheduler
+from jengine.engine.output_processor import OutputProcessor
+from jengine.loader import load_model
+from jengine.outputs import RequestOutput
+from jengine.request import Request, RequestStatus
+from jengine.sampler import RowState
+from jengine.sampling_params import SamplingParams
+from jengine.tokenizer import load_tokenizer
+from jengine.worker.model_runner import MAX_STOP_TOKENS, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def enable_compilation_cache(directory: Optional[str]) -> None:
+    """Turns on JAX's persistent compilation cache ("" disables it)."""
+    if directory == "":
+        return
+    jax.config.update("jax_compilation_cache_dir", directory or default_compilation_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class EngineCore:
+    """Loads the model, sizes the KV cache, warms up, then serves `add_request` / `step`."""
+
+    def __init__(self, config: EngineConfig, *, place: Any = None, place_cache: Any = None):
+        self.config = config
+        enable_compilation_cache(config.compilation_cache_dir)
+        t0 = time.perf_counter()
+        loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
+        self.model_config = mc = loaded.config
+        self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer)
+        self.max_model_len = self._resolve_max_model_len(config.scheduler.max_model_len, mc.max_position_embeddings)
+        eos = set(mc.eos_token_ids or ())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
+
+        self.runner = ModelRunner(config, loaded, self.max_model_len, place_cache=place_cache)
+        sc = config.scheduler
+        self.kv_cache_manager = KVCacheManager(self.runner.pages_per_layer, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv_cache_manager,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            policy=sc.policy,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._rng = np.random.default_rng(config.seed)
+        self._seeds: dict[str, int] = {}
+        self.load_seconds = time.perf_counter() - t0
+        self.runner.warmup()
+        logger.info(
+            "engine ready: %s, %d layers, KV cache %d pages/layer x %d tokens (%.1f MiB), max_model_len %d, load %.1f s, warm-up %.1f s",
+            mc.architecture, mc.num_layers, self.runner.pages_per_layer, config.cache.block_size,
+            self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds, self.runner.warmup_seconds,
+        )
+
+    @staticmethod
+    def _resolve_max_model_len(requested: Optional[int], model_max: int) -> int:
+        if requested is None:
+            return int(model_max)
+        if requested > model_max:
+            raise ValueError(f"max_model_len={requested} is larger than the model's max_position_embeddings={model_max}")
+        return int(requested)
+
+    # ----- requests -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises ValueError naming the field for a prompt or parameters the engine cannot serve."""
+        params.verify(self.config.max_logprobs)
+        if params.min_tokens and len(set(params.stop_token_ids) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
+            raise ValueError(f"SamplingParams.stop_token_ids: at most {MAX_STOP_TOKENS} stop and EOS token ids are supported together with min_tokens")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must not be empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt is {n} tokens, but max_model_len is {self.max_model_len}: the prompt must leave room for at least one generated token")
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prompt: Optional[str] = None,
+        arrival_time: Optional[float] = None,
+        priority: int = 0,
+    ) -> None:
+        """Queues a request; `n > 1` forks it into children that share the prompt's cached pages."""
+        self.validate_prompt(prompt_token_ids, params)
+        children = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                child_params = params.clone(n=1, seed=seed)
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+            self._seeds[child_id] = seed
+            req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority)
+            children.append(req)
+        self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params, [c.request_id for c in children], arrival_time)
+        for req in children:
+            self.scheduler.add_request(req)
+
+    def abort_request(self, request_ids: Sequence[str]) -> None:
+        """Aborts requests (by the id given to `add_request`); their pages are freed now."""
+        child_ids = [c for rid in request_ids for c in self.output_processor.child_ids(rid)]
+        self.scheduler.abort_requests(child_ids)
+        for rid in request_ids:
+            self.output_processor.abort(rid)
+        for cid in child_ids:
+            self._seeds.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ----- the step -----------------------------------------------------------------------------
+    def _row_state(self, request: Request) -> RowState:
+        return RowState(
+            params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            seed=self._seeds[request.request_id],
+            eos_token_ids=request.eos_token_ids,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling iteration; returns outputs of requests that progressed or finished."""
+        sched = self.scheduler.schedule()
+        step_out, sampled = None, []
+        if sched.scheduled:
+            rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
+            step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
+            sampled = [int(step_out.token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
+        finished = self.scheduler.update_from_output(sched, sampled)
+        outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)
+        for child_id, stop_str in stopped:
+            self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
+        for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
+            self._seeds.pop(child_id, None)
+        return outputs
+
+    # ----- stats --------------------------------------------------------------------------------
+    @property
+    def compilations_after_warmup(self) -> int:
+        return self.runner.compilations_after_warmup

@@ -1,0 +1,182 @@
+"""Turns each step's sampled tokens into `RequestOutput`s: text, stop strings, logprobs, metrics.
+
+One `_ParentState` per user request holds its `n` children (the scheduler sees children as separate
+requests that share the prompt's cached pages). Outputs are cumulative, as vLLM's default: each one
+carries all text so far, minus a tail that could still turn into a stop string, so a streaming
+frontend diffs consecutive outputs to get deltas.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+from jengine.detokenizer import StopStringDetokenizer
+from jengine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jengine.request import Request, RequestStatus
+from jengine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class _ChildState:
+    index: int
+    detok: StopStringDetokenizer
+    logprobs: Optional[list[dict[int, Logprob]]]
+    cumulative_logprob: Optional[float]
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    token_ids: Sequence[int] = ()
+
+
+@dataclasses.dataclass
+class _ParentState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: dict[str, _ChildState]
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    num_cached_tokens: Optional[int] = None
+
+
+class OutputProcessor:
+    """Keeps per-request text state and builds `RequestOutput`s after each step."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _ParentState] = {}
+        self._parent_of: dict[str, str] = {}  # child id -> parent id
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams, child_ids: list[str], arrival_time: Optional[float]) -> None:
+        children = {}
+        for index, cid in enumerate(child_ids):
+            want_lp = params.logprobs is not None
+            children[cid] = _ChildState(index, StopStringDetokenizer(self.tokenizer, prompt_token_ids, params), [] if want_lp else None, 0.0 if want_lp else None)
+            self._parent_of[cid] = request_id
+        self._parents[request_id] = _ParentState(
+            request_id, prompt, prompt_token_ids, params, children,
+            RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+
+    def child_ids(self, request_id: str) -> list[str]:
+        parent = self._parents.get(request_id)
+        return list(parent.children) if parent else []
+
+    def abort(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent:
+            for cid in parent.children:
+                self._parent_of.pop(cid, None)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._parents)
+
+    # ----- per step -----------------------------------------------------------------------------
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
+    def _logprob_entry(self, token: int, lp: float, rank: int, top_ids: Sequence[int], top_lps: Sequence[float], k: int) -> dict[int, Logprob]:
+        entry = {int(token): Logprob(float(lp), int(rank), self._decode_token(token))}
+        for r, (tid, tlp) in enumerate(zip(top_ids[:k], top_lps[:k]), start=1):
+            entry.setdefault(int(tid), Logprob(float(tlp), r, self._decode_token(tid)))
+        return entry
+
+    def process(self, scheduled: Sequence[Any], step_out: Any, finished: Sequence[Request]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """Folds one step into the request states.
+
+        Returns the outputs of every request that progressed or finished, and `(child id, stop string)`
+        for each child a stop string just ended (the engine finishes those in the scheduler).
+        """
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        stopped: list[tuple[str, str]] = []
+        finished_ids = {r.request_id: r for r in finished}
+        cursor = 0
+        for row, seq in enumerate(scheduled):
+            req = seq.request
+            pid = self._parent_of.get(req.request_id)
+            first_token = cursor
+            cursor += seq.num_new_tokens
+            if pid is None:
+                continue
+            parent = self._parents[pid]
+            child = parent.children[req.request_id]
+            if parent.metrics.first_scheduled_time is None:
+                parent.metrics.first_scheduled_time = now
+            if parent.prompt_logprobs is not None and child.index == 0 and step_out is not None and step_out.prompt_logprobs is not None:
+                self._add_prompt_logprobs(parent, seq, step_out, first_token)
+            if seq.start == 0 and parent.num_cached_tokens is None and req.num_cached_tokens >= 0:
+                parent.num_cached_tokens = req.num_cached_tokens
+            if not seq.samples or child.finish_reason is not None:
+                continue
+            token = req.output_token_ids[-1]
+            params = req.sampling_params
+            if child.logprobs is not None:
+                lp = float(step_out.logprobs[row])
+                child.logprobs.append(self._logprob_entry(token, lp, step_out.ranks[row], step_out.topk_ids[row], step_out.topk_logprobs[row], params.logprobs))
+                child.cumulative_logprob += lp
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            parent.metrics.last_token_time = now
+            done = finished_ids.get(req.request_id)
+            stop_terminated = done is not None and done.status == RequestStatus.FINISHED_STOPPED
+            found = child.detok.update([token], stop_terminated=stop_terminated)
+            if done is not None and not stop_terminated and found is None:
+                found = child.detok.finish()
+            if found is not None:
+                child.finish_reason, child.stop_reason = "stop", found
+                if done is None:
+                    stopped.append((req.request_id, found))
+            elif done is not None:
+                child.finish_reason, child.stop_reason = done.finish_reason, done.stop_reason
+            child.token_ids = req.output_token_ids
+            touched[pid] = None
+        # Requests the scheduler ended without a sampled token this step (errors, aborts).
+        for req in finished:
+            pid = self._parent_of.get(req.request_id)
+            if pid is None:
+                continue
+            child = self._parents[pid].children[req.request_id]
+            if child.finish_reason is None:
+                child.detok.finish()
+                child.finish_reason, child.stop_reason = req.finish_reason, req.stop_reason
+                child.token_ids = req.output_token_ids
+                touched[pid] = None
+        outputs = [self._make_output(pid, now) for pid in touched]
+        return outputs, stopped
+
+    def _add_prompt_logprobs(self, parent: _ParentState, seq: Any, out: Any, first_token: int) -> None:
+        num_prompt = len(parent.prompt_token_ids)
+        k = parent.params.prompt_logprobs
+        for i in range(seq.num_new_tokens):
+            pos = seq.start + i  # logits at `pos` predict prompt token pos + 1
+            if pos + 1 >= num_prompt or pos + 1 < len(parent.prompt_logprobs):
+                continue
+            j = first_token + i
+            token = parent.prompt_token_ids[pos + 1]
+            parent.prompt_logprobs.append(self._logprob_entry(token, out.prompt_logprobs[j], out.prompt_ranks[j], out.prompt_topk_ids[j], out.prompt_topk_logprobs[j], k))
+
+    def _make_output(self, pid: str, now: float) -> RequestOutput:
+        parent = self._parents[pid]
+        outputs = []
+        for child in parent.children.values():
+            done = child.finish_reason is not None
+            text = child.detok.get_next_output_text(finished=done, delta=False)
+            outputs.append(CompletionOutput(
+                index=child.index, text=text, token_ids=list(child.token_ids),
+                cumulative_logprob=child.cumulative_logprob,
+                logprobs=None if child.logprobs is None else list(child.logprobs),
+                finish_reason=child.finish_reason, stop_reason=child.stop_reason,
+            ))
+        finished = all(o.finish_reason is not None for o in outputs)
+        if finished:
+            parent.metrics.finished_time = now
+            self.abort(pid)
+        return RequestOutput(
+            request_id=pid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=parent.prompt_logprobs, outputs=outputs, finished=finished,
+            num_cached_tokens=parent.num_cached_tokens, metrics=parent.metrics,
+        )

@@ -1,0 +1,144 @@
+"""Host-side state of one generation request, shared by the scheduler, the KV cache manager and the engine.
+
+The scheduler's model is vLLM v1's: a request has `num_tokens` known tokens (prompt plus outputs so far)
+and `num_computed_tokens` of them have their KV in the cache; each step lets the computed count catch up
+with the known count, and a step that makes them equal samples one more token.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
+
+from jengine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request. Every status from FINISHED_STOPPED on is terminal."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # lost its pages; waits to be recomputed (prompt + outputs so far)
+    FINISHED_STOPPED = 3  # EOS, a stop token, or a stop string (set by the output processor)
+    FINISHED_LENGTH = 4  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = 5  # client went away or asked to cancel
+    FINISHED_ERROR = 6  # the engine could not serve it (e.g. it cannot fit in the KV cache)
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+class Request:
+    """One sequence to generate. A plain mutable record: the scheduler and engine read and write its fields.
+
+    Append generated tokens with `append_output_token_ids` (keeps `all_token_ids` in step without copying);
+    appending to `output_token_ids` directly also works but costs a rebuild of `all_token_ids` on next read.
+    """
+
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "eos_token_ids",
+        "arrival_time",
+        "priority",
+        "extra_keys",
+        "output_token_ids",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "num_preemptions",
+        "status",
+        "stop_reason",
+        "block_hashes",
+        "_all_token_ids",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: Optional[SamplingParams] = None,
+        eos_token_ids: Union[int, Iterable[int], None] = (),
+        arrival_time: Optional[float] = None,
+        priority: int = 0,
+        extra_keys: tuple = (),
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.sampling_params = sampling_params if sampling_params is not None else SamplingParams()
+        if eos_token_ids is None:
+            eos_token_ids = ()
+        elif isinstance(eos_token_ids, int):
+            eos_token_ids = (eos_token_ids,)
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority  # lower = more urgent (vLLM convention); only used by the "priority" policy
+        # Folded into every page hash, so requests with different extra keys (LoRA id, cache salt) never
+        # share cached pages.
+        self.extra_keys: tuple = tuple(extra_keys)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Union[int, str, None] = None  # the stop token id or stop string that ended it
+        # Chained hashes of the full pages of all_token_ids, filled lazily by the KV cache manager. Tokens
+        # are append-only, so the list stays valid across preemption.
+        self.block_hashes: list[int] = []
+        self._all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    # ---- tokens -------------------------------------------------------------------------------------
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt + outputs. Read-only view: do not mutate the returned list."""
+        if len(self._all_token_ids) != len(self.prompt_token_ids) + len(self.output_token_ids):
+            self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+        return self._all_token_ids
+
+    def append_output_token_ids(self, token_ids: Union[int, Iterable[int]]) -> None:
+        if isinstance(token_ids, int):
+            token_ids = (token_ids,)
+        all_ids = self.all_token_ids  # resync first in case output_token_ids was edited directly
+        for t in token_ids:
+            self.output_token_ids.append(t)
+            all_ids.append(t)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    # ---- status -------------------------------------------------------------------------------------
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """OpenAI-style finish reason: "stop" | "length" | "abort" | "error", or None while unfinished."""
+        return _FINISH_REASONS.get(self.status)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+            f"output={self.num_output_tokens}, computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,449 @@
+"""On-device sampling over a fixed-shape batch of logits.
+
+`build_sampling_tensors` (host, numpy) turns the per-request state of the S rows of a batch into a
+`SamplingTensors` pytree whose array shapes depend only on (S, vocab size, and a fixed config:
+`history_len`, `prompt_history_len`, `max_stop_tokens`, `max_logprobs`). So the jitted `sample` compiles
+once per S bucket whatever the requests ask for; expensive stages are skipped at run time with
+`lax.cond` on host-computed scalar flags instead of being specialised at trace time.
+
+Order of operations (as vLLM's V1 sampler does):
+
+1. raw logprobs: `log_softmax` of the model's logits, before any processing (vLLM's default
+   ``logprobs_mode="raw_logprobs"``); only computed when some row asked for logprobs;
+2. min_tokens: the EOS and stop token ids of rows that have not yet produced `min_tokens` get -inf;
+3. penalties: repetition (over prompt + output tokens), then frequency and presence (output tokens);
+4. greedy rows (temperature 0) take the argmax (ties: lowest id) of the penalised logits;
+5. other rows: temperature, min_p, top_k, top_p, then one draw from what is left.
+
+Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s, far more than a decode
+step, so nothing here sorts over V. top-k / top-p thresholds come from `lax.top_k` over a small number of
+candidates (`num_candidates`, default 64); a row whose top_k is larger, or whose top_p mass is not reached
+inside its candidates, gets an exact threshold from a 32-step bisection over the float32 bit patterns
+(only run when some row needs it). Sampling uses one uniform per row and an inverse CDF computed with a
+two-level (block, then within-block) cumulative sum, so no [S, V] random numbers are drawn.
+
+Masks are thresholds on values: every token tied with the last kept token is kept too (vLLM does the same
+for top-k; for top-p it breaks ties by sort position instead, which only matters for exactly tied logits).
+
+Seeded reproducibility: row r draws its uniform from ``fold_in(key(seed_r), step_r)`` where ``step_r`` is
+the number of tokens the request has generated, and every stage is row-wise, so a seeded request gets the
+same tokens whatever else shares the batch and whichever row it sits in.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jengine.sampling_params import SamplingParams
+
+_SAMPLING_EPS = 1e-5
+DEFAULT_NUM_CANDIDATES = 64
+_CDF_BLOCK = 256
+
+
+# --------------------------------------------------------------------------------------------- pytrees
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling state of a batch of S rows (arrays; shapes fixed by S, V and the config).
+
+    Token-id arrays are padded with V (the vocab size): out-of-range ids are dropped by the scatters.
+    """
+
+    temperature: jax.Array  # f32[S]; 0 = greedy (padding rows are greedy)
+    top_k: jax.Array  # i32[S]; 0 = off
+    top_p: jax.Array  # f32[S]; 1 = off
+    min_p: jax.Array  # f32[S]; 0 = off
+    presence_penalty: jax.Array  # f32[S]
+    frequency_penalty: jax.Array  # f32[S]
+    repetition_penalty: jax.Array  # f32[S]; 1 = off
+    key_data: jax.Array  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
+    step: jax.Array  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
+    output_token_ids: jax.Array  # i32[S, W]; last W generated tokens (rows with penalties only)
+    prompt_token_ids: jax.Array  # i32[S, Wp]; last Wp prompt tokens (rows with repetition penalty only)
+    banned_token_ids: jax.Array  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
+    num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
+    all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
+    any_penalties: jax.Array  # bool[]
+    any_top_k_or_p: jax.Array  # bool[]
+    any_banned: jax.Array  # bool[]
+    any_logprobs: jax.Array  # bool[]
+
+
+jax.tree_util.register_dataclass(
+    SamplingTensors,
+    data_fields=[f.name for f in dataclasses.fields(SamplingTensors)],
+    meta_fields=[],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """What one sampling step returns. Logprob fields are zeros when no row asked for logprobs."""
+
+    token_ids: jax.Array  # i32[S]
+    logprobs: jax.Array  # f32[S]; raw logprob of the sampled token
+    ranks: jax.Array  # i32[S]; 1-based rank of the sampled token among the raw logprobs (ties count)
+    topk_ids: jax.Array  # i32[S, max_logprobs]
+    topk_logprobs: jax.Array  # f32[S, max_logprobs]
+
+
+jax.tree_util.register_dataclass(
+    SamplerOutput,
+    data_fields=[f.name for f in dataclasses.fields(SamplerOutput)],
+    meta_fields=[],
+)
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+
+@dataclasses.dataclass
+class RowState:
+    """What the builder needs to know about one running request (one sequence)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    seed: int  # the request's seed, or one the engine drew for an unseeded request
+    eos_token_ids: Sequence[int] = ()
+
+
+def seed_to_key_data(seed: int) -> tuple[int, int]:
+    """Splits a (possibly negative) 64-bit seed into threefry key words (high, low)."""
+    seed &= (1 << 64) - 1
+    return (seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF
+
+
+def build_sampling_tensors(
+    rows: Sequence[Optional[RowState]],
+    num_rows: int,
+    *,
+    vocab_size: int,
+    history_len: int = 64,
+    prompt_history_len: Optional[int] = None,
+    max_stop_tokens: int = 8,
+    max_logprobs: int = 20,
+) -> SamplingTensors:
+    """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
+
+    `None` entries are padding: greedy, no penalties, nothing banned. Penalty histories keep the last
+    `history_len` output tokens and the last `prompt_history_len` (default `history_len`) prompt tokens;
+    longer histories are truncated (penalties then see only the recent tokens). Raises ValueError when a
+    row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, or asks for more logprobs
+    than `max_logprobs`.
+    """
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
+    S, V = num_rows, vocab_size
+    Wp = history_len if prompt_history_len is None else prompt_history_len
+    temperature = np.zeros(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    presence = np.zeros(S, np.float32)
+    frequency = np.zeros(S, np.float32)
+    repetition = np.ones(S, np.float32)
+    key_data = np.zeros((S, 2), np.uint32)
+    step = np.zeros(S, np.int32)
+    out_hist = np.full((S, history_len), V, np.int32)
+    prompt_hist = np.full((S, Wp), V, np.int32)
+    banned = np.full((S, max_stop_tokens), V, np.int32)
+    num_logprobs = np.full(S, -1, np.int32)
+    all_greedy = True
+    any_pen = any_kp = any_banned = False
+
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        p = row.params
+        outs = row.output_token_ids
+        n_out = len(outs)
+        step[i] = n_out
+        key_data[i] = seed_to_key_data(int(row.seed))
+        if p.logprobs is not None:
+            if p.logprobs > max_logprobs:
+                raise ValueError(f"logprobs={p.logprobs} exceeds max_logprobs={max_logprobs}")
+            num_logprobs[i] = p.logprobs
+        if n_out < p.min_tokens:
+            stops = list(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                stops.extend(row.eos_token_ids)
+            if stops:
+                if len(stops) > max_stop_tokens:
+                    raise ValueError(
+                        f"{len(stops)} EOS/stop token ids exceed max_stop_tokens={max_stop_tokens}")
+                banned[i, : len(stops)] = stops
+                any_banned = True
+        has_freq_pres = abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
+        has_rep = abs(p.repetition_penalty - 1.0) > _SAMPLING_EPS
+        if has_freq_pres or has_rep:
+            any_pen = True
+            presence[i] = p.presence_penalty
+            frequency[i] = p.frequency_penalty
+            repetition[i] = p.repetition_penalty
+            if n_out and history_len:
+                tail = outs[-history_len:]
+                out_hist[i, : len(tail)] = tail
+            if has_rep and Wp and len(row.prompt_token_ids):
+                tail = row.prompt_token_ids[-Wp:]
+                prompt_hist[i, : len(tail)] = tail
+        if p.temperature < _SAMPLING_EPS:
+            continue  # greedy: top-k / top-p / min-p do not apply
+        all_greedy = False
+        temperature[i] = p.temperature
+        if p.top_k > 0 and p.top_k < V:
+            top_k[i] = p.top_k
+            any_kp = True
+        if p.top_p < 1.0 - _SAMPLING_EPS:
+            top_p[i] = p.top_p
+            any_kp = True
+        min_p[i] = p.min_p
+
+    any_lp = bool((num_logprobs >= 0).any())
+    return SamplingTensors(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+        key_data=key_data, step=step, output_token_ids=out_hist, prompt_token_ids=prompt_hist,
+        banned_token_ids=banned, num_logprobs=num_logprobs,
+        all_greedy=np.bool_(all_greedy), any_penalties=np.bool_(any_pen),
+        any_top_k_or_p=np.bool_(any_kp), any_banned=np.bool_(any_banned),
+        any_logprobs=np.bool_(any_lp),
+    )
+
+
+# -------------------------------------------------------------------------------------------- device
+
+
+def _row_scatter(shape: tuple[int, int], ids: jax.Array, value: float | jax.Array) -> jax.Array:
+    """[S, V] zeros with `value` added at (row, ids[row, j]); ids >= V are dropped."""
+    rows = jnp.arange(shape[0], dtype=jnp.int32)[:, None]
+    return jnp.zeros(shape, jnp.float32).at[rows, ids].add(value, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Repetition (prompt + output tokens), then frequency and presence (output tokens), as vLLM."""
+    shape = logits.shape
+    out_counts = _row_scatter(shape, t.output_token_ids, 1.0)
+    prompt_seen = _row_scatter(shape, t.prompt_token_ids, 1.0) > 0
+    out_seen = out_counts > 0
+    rep = t.repetition_penalty[:, None]
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(prompt_seen | out_seen, penalised, logits)
+    logits = logits - t.frequency_penalty[:, None] * out_counts
+    return logits - t.presence_penalty[:, None] * out_seen.astype(jnp.float32)
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """Maps float32 to uint32 so that the integer order is the float order (no NaNs expected)."""
+    b = lax.bitcast_convert_type(x, jnp.int32)
+    b = jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+    return lax.bitcast_convert_type(b ^ jnp.int32(-(2**31)), jnp.uint32)
+
+
+def _unordered_bits(u: jax.Array) -> jax.Array:
+    b = lax.bitcast_convert_type(u, jnp.int32) ^ jnp.int32(-(2**31))
+    b = jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+    return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _bisect_threshold(keys: jax.Array, score: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest value v of the row with sum(score[keys >= v]) >= target, as a float.
+
+    `keys` are `_ordered_bits` of the values; 32 halvings of the uint32 range find v exactly (it is
+    always one of the row's values). Rows where even the full row falls short get their minimum.
+    """
+    lo = jnp.min(keys, axis=-1)
+    hi = jnp.max(keys, axis=-1)
+
+    def body(_, carry):
+        lo, hi = carry
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)
+        ok = jnp.sum(jnp.where(keys >= mid[:, None], score, 0.0), axis=-1) >= target
+        # mid > lo unless lo == hi; then keep hi (no uint32 underflow when the sum rounds short).
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, jnp.where(mid > lo, mid - 1, lo))
+
+    lo, _ = lax.fori_loop(0, 32, body, (lo, jnp.maximum(hi, lo)))
+    return _unordered_bits(lo)
+
+
+def _filter_threshold(x: jax.Array, row_max: jax.Array, t: SamplingTensors,
+                      num_candidates: int) -> jax.Array:
+    """Per-row value threshold (keep x >= thr) implementing min_p, then top_k, then top_p."""
+    S, V = x.shape
+    min_p_thr = jnp.where(t.min_p > 0, row_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
+
+    def top_k_top_p(_):
+        C = min(num_candidates, V)
+        cand = lax.top_k(x, C)[0]  # [S, C], descending
+        k = t.top_k
+        # top-k threshold: the k-th largest value.
+        k_fast = jnp.take_along_axis(cand, jnp.clip(k - 1, 0, C - 1)[:, None], axis=-1)[:, 0]
+        need_k_bisect = (k > C)
+        keys = _ordered_bits(x)
+
+        def k_slow(_):
+            return _bisect_threshold(keys, jnp.float32(1.0), jnp.minimum(k, V).astype(jnp.float32))
+
+        k_thr = lax.cond(jnp.any(need_k_bisect), k_slow, lambda _: k_fast, None)
+        k_thr = jnp.where(need_k_bisect, k_thr, k_fast)
+        k_thr = jnp.where(k > 0, k_thr, -jnp.inf)
+        thr = jnp.maximum(min_p_thr, k_thr)
+
+        # top-p over what min_p and top_k left, renormalised (as vLLM: softmax of the masked logits).
+        e = jnp.where(x >= thr[:, None], jnp.exp(x - row_max[:, None]), 0.0)
+        z = jnp.sum(e, axis=-1)
+        target = t.top_p * z
+        cand_e = jnp.where(cand >= thr[:, None], jnp.exp(cand - row_max[:, None]), 0.0)
+        cum = jnp.cumsum(cand_e, axis=-1)
+        j = jnp.sum(cum < target[:, None], axis=-1)  # first position whose inclusive mass >= target
+        use_p = t.top_p < 1.0
+        need_p_bisect = use_p & (j >= C)
+        p_fast = jnp.take_along_axis(cand, jnp.minimum(j, C - 1)[:, None], axis=-1)[:, 0]
+
+        def p_slow(_):
+            return _bisect_threshold(keys, e, target)
+
+        p_thr = lax.cond(jnp.any(need_p_bisect), p_slow, lambda _: p_fast, None)
+        p_thr = jnp.where(need_p_bisect, p_thr, p_fast)
+        return jnp.maximum(thr, jnp.where(use_p, p_thr, -jnp.inf))
+
+    return lax.cond(t.any_top_k_or_p, top_k_top_p, lambda _: min_p_thr, None)
+
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Per row, the first index whose cumulative weight reaches u * total (u in (0, 1]).
+
+    Two levels (sums of blocks, then one block) keep the cumulative sums short; the pick always lands
+    on a positive weight.
+    """
+    S, V = weights.shape
+    B = _CDF_BLOCK
+    nb = -(-V // B)
+    w = jnp.pad(weights, ((0, 0), (0, nb * B - V))).reshape(S, nb, B)
+    block_cum = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [S, nb]
+    target = u * block_cum[:, -1]
+    blk = jnp.sum(block_cum < target[:, None], axis=-1)
+    pos_blocks = jnp.where(block_cum > jnp.concatenate(
+        [jnp.zeros((S, 1), w.dtype), block_cum[:, :-1]], axis=-1), jnp.arange(nb), -1)
+    blk = jnp.minimum(blk, jnp.max(pos_blocks, axis=-1))  # rounding: never past the last non-empty block
+    before = jnp.where(blk > 0, jnp.take_along_axis(block_cum, jnp.maximum(blk - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = w[jnp.arange(S), blk]  # [S, B]
+    inner_cum = jnp.cumsum(inner, axis=-1)
+    idx = jnp.sum(inner_cum < (target - before)[:, None], axis=-1)
+    last_pos = jnp.max(jnp.where(inner > 0, jnp.arange(B), 0), axis=-1)
+    idx = jnp.minimum(idx, last_pos)
+    return (blk * B + idx).astype(jnp.int32)
+
+
+def _row_uniforms(t: SamplingTensors) -> jax.Array:
+    """One uniform in (0, 1] per row from fold_in(key(seed), step): independent of the batch."""
+
+    def one(kd, step):
+        key = jax.random.wrap_key_data(kd, impl="threefry2x32")
+        return jax.random.uniform(jax.random.fold_in(key, step), (), jnp.float32)
+
+    return 1.0 - jax.vmap(one)(t.key_data, t.step)
+
+
+def _logprob_outputs(raw: jax.Array, tokens: jax.Array, t: SamplingTensors,
+                     max_logprobs: int) -> tuple[jax.Array, ...]:
+    S = raw.shape[0]
+
+    def compute(_):
+        lp = jax.nn.log_softmax(raw, axis=-1)
+        tok_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+        rank = jnp.sum(lp >= tok_lp[:, None], axis=-1).astype(jnp.int32)
+        if max_logprobs:
+            top_lp, top_ids = lax.top_k(lp, max_logprobs)
+        else:
+            top_lp, top_ids = jnp.zeros((S, 0), jnp.float32), jnp.zeros((S, 0), jnp.int32)
+        return tok_lp, rank, top_ids.astype(jnp.int32), top_lp
+
+    def skip(_):
+        return (jnp.zeros(S, jnp.float32), jnp.zeros(S, jnp.int32),
+                jnp.zeros((S, max_logprobs), jnp.int32), jnp.zeros((S, max_logprobs), jnp.float32))
+
+    return lax.cond(t.any_logprobs, compute, skip, None)
+
+
+def _constrain(raw: jax.Array, t: SamplingTensors) -> jax.Array:
+    """min_tokens masking, then penalties: the logits greedy rows take the argmax of."""
+    S, V = raw.shape
+    x = lax.cond(
+        t.any_banned,
+        lambda l: l + _row_scatter((S, V), t.banned_token_ids, -jnp.inf),
+        lambda l: l, raw)
+    return lax.cond(t.any_penalties, lambda l: apply_penalties(l, t), lambda l: l, x)
+
+
+def _scale_and_filter(x: jax.Array, t: SamplingTensors, num_candidates: int
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Temperature, then the min_p / top_k / top_p threshold: (scaled logits, row max, threshold)."""
+    temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
+    xs = x / temp[:, None]
+    row_max = jnp.max(xs, axis=-1)
+    return xs, row_max, _filter_threshold(xs, row_max, t, num_candidates)
+
+
+def filtered_logits(logits: jax.Array, t: SamplingTensors, *,
+                    num_candidates: int = DEFAULT_NUM_CANDIDATES) -> jax.Array:
+    """The logits each row samples from: processed, temperature-scaled, removed tokens at -inf.
+
+    Greedy rows get their (masked, penalised) logits unscaled and unfiltered. For tests and debugging;
+    `sample` computes the same thing without materialising it.
+    """
+    x = _constrain(logits.astype(jnp.float32), t)
+    xs, _, thr = _scale_and_filter(x, t, num_candidates)
+    kept = jnp.where(xs >= thr[:, None], xs, -jnp.inf)
+    return jnp.where((t.temperature > 0)[:, None], kept, x)
+
+
+def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
+           num_candidates: int = DEFAULT_NUM_CANDIDATES) -> SamplerOutput:
+    """Picks one token per row of `logits` [S, V] (float32). Jittable; `max_logprobs` (the width of
+    the top-logprobs outputs) and `num_candidates` are static: use `sample_jit` or close over them."""
+    raw = logits.astype(jnp.float32)
+    x = _constrain(raw, t)
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def draw(x):
+        xs, row_max, thr = _scale_and_filter(x, t, num_candidates)
+        w = jnp.where(xs >= thr[:, None], jnp.exp(xs - row_max[:, None]), 0.0)
+        sampled = _inverse_cdf(w, _row_uniforms(t))
+        return jnp.where(t.temperature > 0, sampled, greedy_tokens)
+
+    tokens = lax.cond(t.all_greedy, lambda _: greedy_tokens, draw, x)
+    tok_lp, rank, top_ids, top_lp = _logprob_outputs(raw, tokens, t, max_logprobs)
+    return SamplerOutput(token_ids=tokens, logprobs=tok_lp, ranks=rank, topk_ids=top_ids,
+                         topk_logprobs=top_lp)
+
+
+sample_jit = jax.jit(sample, static_argnames=("max_logprobs", "num_candidates"))
+
+
+def prompt_logprobs(logits: jax.Array, next_token_ids: jax.Array, k: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Raw logprobs for prompt positions: position i's logits predict `next_token_ids[i]`.
+
+    Returns (token_logprobs[T], token_ranks[T] (1-based, ties count), topk_ids[T, k], topk_logprobs[T, k]).
+    `k` is static. Padding positions may carry any id in [0, V); their results are meaningless.
+    """
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(lp, next_token_ids[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    rank = jnp.sum(lp >= tok_lp[:, None], axis=-1).astype(jnp.int32)
+    if k:
+        top_lp, top_ids = lax.top_k(lp, k)
+    else:
+        top_lp, top_ids = jnp.zeros((lp.shape[0], 0), jnp.float32), jnp.zeros((lp.shape[0], 0), jnp.int32)
+    return tok_lp, rank, top_ids.astype(jnp.int32), top_lp
+
+
+prompt_logprobs_jit = jax.jit(prompt_logprobs, static_argnames=("k",))

@@ -1,0 +1,88 @@
+"""`SamplingParams`: how to pick each next token, with vLLM's names and defaults.
+
+Validation lives here so every frontend (Python API, HTTP, gRPC) rejects bad values the same way:
+a `ValueError` whose message names the field and the allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+_SAMPLING_EPS = 1e-5
+DEFAULT_MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Sampling parameters of one request (vLLM-compatible; see each field's comment)."""
+
+    n: int = 1  # completions to return for the prompt
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the generated text
+    repetition_penalty: float = 1.0  # > 0; divides positive / multiplies negative logits of seen tokens
+    temperature: float = 1.0  # >= 0; 0 means greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 or -1 disables; else >= 1
+    min_p: float = 0.0  # in [0, 1]
+    seed: Optional[int] = None  # per-request seed: same tokens whatever shares the batch
+    stop: Optional[Union[str, list[str]]] = None  # stop strings (not included unless asked)
+    stop_token_ids: Optional[list[int]] = None  # extra tokens that end the sequence
+    ignore_eos: bool = False  # keep going past EOS
+    max_tokens: Optional[int] = 16  # None: up to the context window
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens are out
+    logprobs: Optional[int] = None  # top logprobs per generated token (the sampled one comes too)
+    prompt_logprobs: Optional[int] = None  # top logprobs per prompt token
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None:
+            self.seed = int(self.seed)
+        self.verify()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    def verify(self, max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
+        """Raises ValueError naming the first field out of range."""
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.max_tokens is not None:
+            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(isinstance(value, int) and 0 <= value <= max_logprobs, name, f"must be an integer in [0, {max_logprobs}], got {value!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
+        if self.seed is not None:
+            _check(-(2**63) <= self.seed < 2**64, "seed", f"must fit in 64 bits, got {self.seed}")
+
+    def clone(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{field} {message}")

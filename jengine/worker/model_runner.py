@@ -1,0 +1,235 @@
+"""The model runner: owns the device state (weights, KV cache) and the one jitted step.
+
+    forward(params, kv_cache, StepInputs) -> (kv_cache, logits[S, V], hidden[T, H])   # kv_cache donated
+    sample(logits, SamplingTensors) -> SamplerOutput
+
+The same compiled forward serves prefill, chunked prefill and decode. Every `(tokens, sequences)`
+bucket is compiled at warm-up (in parallel threads, through the persistent compilation cache), and
+a process-wide listener counts every compilation after warm-up so tests and `/metrics` can check
+that serving never compiles.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jengine import pallas_kernels
+from jengine.attention import AttentionMetadata
+from jengine.config import EngineConfig
+from jengine.sampler import SamplerOutput, build_sampling_tensors, prompt_logprobs, sample
+from jengine.worker.step_inputs import StepInputs, build_step_inputs, empty_step_inputs, make_buckets, pick_bucket
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 4 << 30
+MAX_STOP_TOKENS = 16  # EOS + stop_token_ids a request below min_tokens may ban
+_ACTIVATION_RESERVE_FRACTION = 0.1
+
+
+class _CompileCounter:
+    """Counts XLA lowerings process-wide through `jax.monitoring` (registered once)."""
+
+    _lock = threading.Lock()
+    _count = 0
+    _registered = False
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._registered:
+                return
+
+            def listener(event: str, *args: Any, **kwargs: Any) -> None:
+                if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                    with cls._lock:
+                        cls._count += 1
+
+            jax.monitoring.register_event_duration_secs_listener(listener)
+            cls._registered = True
+
+    @classmethod
+    def value(cls) -> int:
+        return cls._count
+
+
+@dataclasses.dataclass
+class StepOutputs:
+    """What one step sends back to the host (numpy); prompt fields are None unless asked for."""
+
+    token_ids: np.ndarray  # [S] sampled tokens
+    logprobs: np.ndarray  # [S] logprob of each sampled token
+    ranks: np.ndarray  # [S] 1-based rank of each sampled token
+    topk_ids: np.ndarray  # [S, max_logprobs]
+    topk_logprobs: np.ndarray  # [S, max_logprobs]
+    prompt_logprobs: Optional[np.ndarray]  # [T] logprob of the next prompt token at each position
+    prompt_ranks: Optional[np.ndarray]  # [T]
+    prompt_topk_ids: Optional[np.ndarray]  # [T, max_logprobs]
+    prompt_topk_logprobs: Optional[np.ndarray]  # [T, max_logprobs]
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+class ModelRunner:
+    """Runs the model over bucketed ragged batches; see the module docstring."""
+
+    def __init__(self, config: EngineConfig, loaded: Any, max_model_len: int, place_cache: Any = None):
+        self.config = config
+        self.model_config = mc = loaded.config
+        self.dtype = jnp.dtype(loaded.dtype)
+        self.cache_dtype = self.dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
+        self.backend = pallas_kernels.resolve_backend(config.attention_backend)
+        self.page_size = config.cache.block_size
+        self.max_model_len = max_model_len
+        self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
+        sc = config.scheduler
+        self.max_num_seqs = sc.max_num_seqs
+        self.token_buckets = make_buckets(sc.min_token_bucket, sc.max_num_batched_tokens)
+        self.seq_buckets = [s for s in make_buckets(min(sc.min_seq_bucket, sc.max_num_seqs), sc.max_num_seqs) if s <= self.token_buckets[-1]]
+        if self.seq_buckets[-1] < min(sc.max_num_seqs, self.token_buckets[-1]):
+            self.seq_buckets.append(min(sc.max_num_seqs, self.token_buckets[-1]))
+        self.max_logprobs = config.max_logprobs
+        self.vocab_size = mc.vocab_size
+
+        self.graphdef, self.params = nnx.split(loaded.model)
+        self.pages_per_layer = self._num_pages_per_layer()
+        total_pages = mc.num_layers * self.pages_per_layer
+        cache = pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
+        self.kv_cache = place_cache(cache) if place_cache is not None else cache
+        self.kv_cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.kv_cache))
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn)
+        self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
+        self._warm_compiles: Optional[int] = None
+        self.warmup_seconds = 0.0
+
+    # ----- sizing -------------------------------------------------------------------------------
+    def _page_bytes_all_layers(self) -> int:
+        mc = self.model_config
+        return self.page_size * 2 * mc.num_kv_heads * mc.head_dim * _dtype_bytes(self.cache_dtype) * mc.num_layers
+
+    def _num_pages_per_layer(self) -> int:
+        """Pages per layer from the memory budget (page 0 of each layer is the null page)."""
+        cc, sc = self.config.cache, self.config.scheduler
+        useful_cap = sc.max_num_seqs * self.max_pages_per_seq + 1  # more pages could never be used
+        if cc.num_gpu_blocks_override is not None:
+            pages = cc.num_gpu_blocks_override
+        else:
+            budget = cc.kv_cache_memory_bytes
+            if budget is None:
+                budget = self._device_kv_budget()
+            pages = min(int(budget // self._page_bytes_all_layers()), useful_cap)
+        if pages < self.max_pages_per_seq + 1:
+            need = (self.max_pages_per_seq + 1) * self._page_bytes_all_layers()
+            raise ValueError(
+                f"max_model_len={self.max_model_len} needs {self.max_pages_per_seq} KV-cache pages of "
+                f"{self.page_size} tokens per sequence, but the cache holds only {max(pages - 1, 0)} "
+                f"(about {need / 2**20:.0f} MiB needed). Lower max_model_len, or raise "
+                f"kv_cache_memory_bytes / gpu_memory_utilization (--kv-cache-memory-bytes, "
+                f"--gpu-memory-utilization)."
+            )
+        return pages
+
+    def _device_kv_budget(self) -> int:
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return _CPU_DEFAULT_KV_BYTES
+        limit = stats["bytes_limit"] * self.config.cache.gpu_memory_utilization
+        in_use = stats.get("bytes_in_use", 0)
+        return max(0, int(limit - in_use - _ACTIVATION_RESERVE_FRACTION * stats["bytes_limit"]))
+
+    # ----- the step ---------------------------------------------------------------------------
+    # The step is three jitted pieces so each compiles only over the shapes it depends on:
+    # the model over (T, S) buckets, the sampler over S, prompt logprobs over T.
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs):
+        model = nnx.merge(self.graphdef, params)
+        md = AttentionMetadata(
+            slot_mapping=inputs.slot_mapping,
+            seq_lens=inputs.seq_lens,
+            block_tables=inputs.block_tables,
+            query_start_loc=inputs.query_start_loc,
+            num_seqs=inputs.num_seqs,
+            pages_per_layer=self.pages_per_layer,
+            page_size=self.page_size,
+            backend=self.backend,
+        )
+        kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
+        logits = model.compute_logits(hidden[inputs.logits_indices])
+        return kv_cache, logits, hidden
+
+    def _sample_fn(self, logits, sampling) -> SamplerOutput:
+        return sample(logits, sampling, max_logprobs=self.max_logprobs)
+
+    def _prompt_logprobs_fn(self, params, hidden, next_ids):
+        model = nnx.merge(self.graphdef, params)
+        return prompt_logprobs(model.compute_logits(hidden), jnp.maximum(next_ids, 0), self.max_logprobs)
+
+    def _sampling_tensors(self, rows: Sequence[Any], num_rows: int):
+        return build_sampling_tensors(
+            rows, num_rows, vocab_size=self.vocab_size, history_len=self.max_model_len,
+            max_stop_tokens=MAX_STOP_TOKENS, max_logprobs=self.max_logprobs,
+        )
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+    def warmup(self) -> None:
+        """Compiles every bucket (in parallel: XLA compiles release the GIL), then starts counting."""
+        _CompileCounter.install()
+        start = time.perf_counter()
+        hidden_size = self.model_config.hidden_size
+        lowered = []
+        for t, s in self.buckets():
+            lowered.append(self._forward.lower(self.params, self.kv_cache, empty_step_inputs(t, s, self.max_pages_per_seq)))
+        for s in self.seq_buckets:
+            logits = jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32)
+            lowered.append(self._sample.lower(logits, self._sampling_tensors([], s)))
+        for t in self.token_buckets:
+            hidden = jax.ShapeDtypeStruct((t, hidden_size), self.dtype)
+            lowered.append(self._prompt_lp.lower(self.params, hidden, np.zeros(t, np.int32)))
+        workers = max(1, min(len(lowered), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda low: low.compile(), lowered))
+        self.warmup_seconds = time.perf_counter() - start
+        self._warm_compiles = _CompileCounter.value()
+        logger.info("compiled %d step pieces in %.1f s", len(lowered), self.warmup_seconds)
+
+    @property
+    def compilations_after_warmup(self) -> int:
+        if self._warm_compiles is None:
+            return 0
+        return _CompileCounter.value() - self._warm_compiles
+
+    def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
+        """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""
+        t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
+        s = pick_bucket(self.seq_buckets, max(len(scheduled), 1))
+        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
+        sampling = self._sampling_tensors(sampling_rows, s)
+        self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
+        out = self._sample(logits, sampling)
+        prompt = None
+        if inputs.want_prompt_logprobs:
+            prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
+        out, prompt = jax.device_get((out, prompt))
+        return StepOutputs(
+            token_ids=out.token_ids, logprobs=out.logprobs, ranks=out.ranks, topk_ids=out.topk_ids,
+            topk_logprobs=out.topk_logprobs,
+            prompt_logprobs=None if prompt is None else prompt[0],
+            prompt_ranks=None if prompt is None else prompt[1],
+            prompt_topk_ids=None if prompt is None else prompt[2],
+            prompt_topk_logprobs=None if prompt is None else prompt[3],
+        )

@@ -1,0 +1,116 @@
+"""Fixed-shape step inputs, built on the host in numpy from a `SchedulerOutput`.
+
+Every array's shape depends only on the bucket `(T, S)` and the config, so one compiled step serves
+every batch that falls in the bucket. Buckets are powers of two: tokens from `min_token_bucket` up
+to `max_num_batched_tokens`, sequences from `min_seq_bucket` up to `max_num_seqs`.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+
+def make_buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` below `largest`, then `largest` itself."""
+    buckets, b = [], max(1, smallest)
+    while b < largest:
+        buckets.append(b)
+        b *= 2
+    buckets.append(largest)
+    return buckets
+
+
+def pick_bucket(buckets: Sequence[int], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """The ragged batch of one step (see docs/architecture.md). All int32.
+
+    token_ids, positions, slot_mapping: [T]; seq_lens, logits_indices: [S]; query_start_loc: [S + 1];
+    block_tables: [S, max_pages_per_seq]; num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
+    after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool.
+    """
+
+    token_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    num_seqs: np.ndarray
+    logits_indices: np.ndarray
+    prompt_next_ids: np.ndarray
+    want_prompt_logprobs: np.ndarray
+
+
+def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) -> StepInputs:
+    """All-padding inputs of one bucket (warm-up, and the base every step fills in)."""
+    i32 = np.int32
+    return StepInputs(
+        token_ids=np.zeros(num_tokens, i32),
+        positions=np.zeros(num_tokens, i32),
+        slot_mapping=np.zeros(num_tokens, i32),
+        query_start_loc=np.zeros(num_seqs + 1, i32),
+        seq_lens=np.zeros(num_seqs, i32),
+        block_tables=np.zeros((num_seqs, max_pages_per_seq), i32),
+        num_seqs=np.zeros(1, i32),
+        logits_indices=np.zeros(num_seqs, i32),
+        prompt_next_ids=np.full(num_tokens, -1, i32),
+        want_prompt_logprobs=np.zeros((), np.bool_),
+    )
+
+
+def build_step_inputs(scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int) -> StepInputs:
+    """Lays the scheduled sequences (decode rows first) into the bucket `(num_tokens, num_seqs)`.
+
+    Each item of `scheduled` has `.request` (with `prompt_token_ids`, `output_token_ids` and
+    `sampling_params`), `.start` (tokens already computed), `.num_new_tokens` and `.block_ids`.
+    """
+    x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq)
+    cursor = 0
+    for row, seq in enumerate(scheduled):
+        n, start = seq.num_new_tokens, seq.start
+        end = start + n
+        request = seq.request
+        prompt = request.prompt_token_ids
+        num_prompt = len(prompt)
+        x.token_ids[cursor:cursor + n] = _token_slice(prompt, request.output_token_ids, start, end)
+        pos = np.arange(start, end, dtype=np.int32)
+        x.positions[cursor:cursor + n] = pos
+        pages = np.asarray(seq.block_ids, dtype=np.int32)
+        x.slot_mapping[cursor:cursor + n] = pages[pos // page_size] * page_size + pos % page_size
+        x.block_tables[row, :len(pages)] = pages
+        x.seq_lens[row] = end
+        cursor += n
+        x.query_start_loc[row + 1] = cursor
+        x.logits_indices[row] = cursor - 1
+        if request.sampling_params.prompt_logprobs is not None and start < num_prompt:
+            # Position p's logits predict prompt token p + 1.
+            last = min(end, num_prompt - 1)
+            if last > start:
+                x.prompt_next_ids[cursor - n:cursor - n + (last - start)] = prompt[start + 1:last + 1]
+            x.want_prompt_logprobs = np.ones((), np.bool_)
+    rows = len(scheduled)
+    x.query_start_loc[rows + 1:] = cursor
+    x.num_seqs[0] = rows
+    return x
+
+
+def _token_slice(prompt: Sequence[int], output: Sequence[int], start: int, end: int) -> Sequence[int]:
+    """Tokens `[start, end)` of prompt + output without building the whole concatenation."""
+    p = len(prompt)
+    if start >= p:
+        return output[start - p:end - p]
+    if end <= p:
+        return prompt[start:end]
+    return list(prompt[start:]) + list(output[:end - p])

@@ -1,0 +1,68 @@
+"""Paged-attention backends behind one contract (imported as `jengine.pallas_kernels`).
+
+    new_kv_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, backend=None) -> cache
+    write_kv(cache, k[T, Hkv, D], v[T, Hkv, D], slot_mapping[T], backend=None) -> cache
+    ragged_paged_attention(q[T, Hq, D], cache, seq_lens[S], block_tables[S, P], query_start_loc[S + 1],
+                           num_seqs[1], *, sm_scale, sliding_window=None, soft_cap=None,
+                           backend=None, interpret=False) -> out[T, Hq, D]
+
+Backends: `reference` (pure jax.numpy: the CPU path and the test oracle), `gpu` (Pallas on NVIDIA
+GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from `jax.default_backend()`. The cache's
+layout belongs to its backend: callers only pass it back to these functions. Sequences come
+decode-first; rows past `num_seqs` and tokens past `query_start_loc[num_seqs]` are padding whose
+outputs are unspecified. Page 0 is the null page that padding tokens write to.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax
+
+BACKENDS = ("reference", "gpu", "tpu")
+_DEFAULT_FOR_PLATFORM = {"cpu": "reference", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The backend name to use: `backend` if given, else the one for `jax.default_backend()`."""
+    if backend is None:
+        return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "reference")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _module(backend: str | None) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{resolve_backend(backend)}")
+
+
+def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any, backend: str | None = None) -> Any:
+    """A zeroed paged KV cache in the backend's own layout."""
+    return _module(backend).new_kv_cache(num_pages, page_size, num_kv_heads, head_dim, dtype)
+
+
+def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, backend: str | None = None, interpret: bool = False) -> Any:
+    """Stores the new tokens' K/V at `slot_mapping` (`page * page_size + offset`)."""
+    return _module(backend).write_kv(cache, k, v, slot_mapping, interpret=interpret)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    cache: Any,
+    seq_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of each sequence's new tokens over its paged context (see module docstring)."""
+    return _module(backend).ragged_paged_attention(
+        q, cache, seq_lens, block_tables, query_start_loc, num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+    )

@@ -1,0 +1,118 @@
+"""Shared host-graph planning for the Pallas ragged paged-attention kernels (GPU and TPU).
+
+The kernels see a static grid of *query tiles*. A tile is `bq` consecutive new tokens of one sequence
+for one KV head, with the query heads of that KV head's group folded into the rows: row
+`r = i * group_pad + g` is token `i` of the tile and query head `g` of the group. Everything ragged
+(which sequence a tile belongs to, where its tokens sit in `[T]`, which KV positions it may see) is
+computed here in plain `jax.numpy` and handed to the kernel as a small int32 table `meta[NT, 8]`.
+
+Two groups are planned separately, each with its own tile size:
+- decode: one tile per sequence row, `bq = 1`, active only for rows with exactly one new token;
+- prefill: rows with two or more new tokens, cut into `bq`-token tiles; the static tile count
+  `ceil(T / bq) + min(S, T // 2)` bounds every possible ragged batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Columns of the per-tile `meta` table.
+SEQ, KV_LO, KV_END, POS0, QN = 0, 1, 2, 3, 4
+META_COLS = 8
+
+
+class TilePlan(NamedTuple):
+    """The tiles of one group: `meta[NT, 8]` int32 and the `[NT, bq]` token index of each tile row."""
+
+    meta: jax.Array
+    token_idx: jax.Array  # index into [T] of each (tile, token) row; T when the row is not a real token
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def seq_info(seq_lens: jax.Array, query_start_loc: jax.Array, num_seqs: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """(q_lens[S], seq_lens[S]) with rows past `num_seqs` forced to zero."""
+    n = jnp.minimum(jnp.reshape(num_seqs, (-1,))[0], num_rows).astype(jnp.int32)
+    real = jnp.arange(num_rows) < n
+    q_lens = jnp.where(real, query_start_loc[1:] - query_start_loc[:-1], 0).astype(jnp.int32)
+    return q_lens, jnp.where(real, seq_lens, 0).astype(jnp.int32)
+
+
+def _meta(seq, q0, qn, q_lens, seq_lens, sliding_window: int | None) -> jax.Array:
+    """meta rows for tiles (seq, first token q0 within the new tokens, qn valid tokens; qn == 0: idle)."""
+    pos0 = seq_lens[seq] - q_lens[seq] + q0  # absolute position of the tile's first token
+    kv_end = jnp.where(qn > 0, pos0 + qn, 0)  # keys < kv_end (causal end of the tile's last token)
+    kv_lo = jnp.zeros_like(pos0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    kv_lo = jnp.where(qn > 0, kv_lo, 0)
+    zeros = jnp.zeros_like(seq)
+    return jnp.stack([seq, kv_lo, kv_end, pos0, qn, zeros, zeros, zeros], axis=1).astype(jnp.int32)
+
+
+def plan_decode(q_lens, seq_lens, query_start_loc, num_tokens: int, sliding_window: int | None) -> TilePlan:
+    """One single-token tile per sequence row; rows without exactly one new token are idle."""
+    S = q_lens.shape[0]
+    seq = jnp.arange(S, dtype=jnp.int32)
+    qn = (q_lens == 1).astype(jnp.int32)
+    meta = _meta(seq, jnp.zeros_like(seq), qn, q_lens, seq_lens, sliding_window)
+    tok = jnp.where(qn > 0, query_start_loc[:S], num_tokens)[:, None]
+    return TilePlan(meta, tok.astype(jnp.int32))
+
+
+def num_prefill_tiles(num_tokens: int, num_rows: int, bq: int) -> int:
+    """Static bound on the prefill tiles of any batch of `num_tokens` tokens over `num_rows` rows."""
+    return -(-num_tokens // bq) + min(num_rows, num_tokens // 2)
+
+
+def plan_prefill(q_lens, seq_lens, query_start_loc, num_tokens: int, bq: int, sliding_window: int | None) -> TilePlan:
+    """`bq`-token tiles over every row with two or more new tokens, in row order."""
+    S = q_lens.shape[0]
+    NT = num_prefill_tiles(num_tokens, S, bq)
+    is_pre = q_lens > 1
+    tiles_per_row = jnp.where(is_pre, (q_lens + bq - 1) // bq, 0)
+    ends = jnp.cumsum(tiles_per_row)
+    j = jnp.arange(NT, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, j, side="right"), S - 1).astype(jnp.int32)
+    first_tile = ends[seq] - tiles_per_row[seq]
+    q0 = (j - first_tile) * bq
+    active = j < ends[-1]
+    qn = jnp.where(active, jnp.clip(q_lens[seq] - q0, 0, bq), 0)
+    meta = _meta(seq, q0, qn, q_lens, seq_lens, sliding_window)
+    i = jnp.arange(bq, dtype=jnp.int32)[None, :]
+    tok = jnp.where(i < qn[:, None], query_start_loc[seq][:, None] + q0[:, None] + i, num_tokens)
+    return TilePlan(meta, tok.astype(jnp.int32))
+
+
+def gather_q(q: jax.Array, token_idx: jax.Array, num_kv_heads: int, group_pad: int, rows: int) -> jax.Array:
+    """q[T, Hq, D] -> tiles [NT, Hkv, rows, D] with row i * group_pad + g (zeros where padded)."""
+    T, Hq, D = q.shape
+    NT, bq = token_idx.shape
+    G = Hq // num_kv_heads
+    qt = q[jnp.minimum(token_idx, T - 1)].reshape(NT, bq, num_kv_heads, G, D)
+    qt = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, group_pad - G), (0, 0)))
+    qt = qt.transpose(0, 2, 1, 3, 4).reshape(NT, num_kv_heads, bq * group_pad, D)
+    if rows > bq * group_pad:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, rows - bq * group_pad), (0, 0)))
+    return qt
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merges flash-decoding partials acc[NS, ..., R, D], m/l[NS, ..., R] -> normalized [..., R, D] (0 if empty)."""
+    m_all = m.max(axis=0)
+    w = jnp.exp(m - m_all[None])
+    denom = (w * l).sum(axis=0)
+    num = (w[..., None] * acc).sum(axis=0)
+    return jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+
+
+def scatter_out(out: jax.Array, tiles: jax.Array, token_idx: jax.Array, num_q_heads: int, group_pad: int) -> jax.Array:
+    """Writes tile outputs [NT, Hkv, rows, D] back into out[T, Hq, D] at their tokens (idle rows dropped)."""
+    NT, Hkv, _, D = tiles.shape
+    bq = token_idx.shape[1]
+    G = num_q_heads // Hkv
+    t = tiles[:, :, : bq * group_pad].reshape(NT, Hkv, bq, group_pad, D)[:, :, :, :G]
+    t = t.transpose(0, 2, 1, 3, 4).reshape(NT * bq, num_q_heads, D)
+    return out.at[token_idx.reshape(-1)].set(t.astype(out.dtype), mode="drop")

@@ -1,0 +1,221 @@
+"""Ragged paged attention for NVIDIA GPUs: a Pallas kernel lowered through Triton.
+
+Cache layout: one array `[2, num_kv_heads, num_pages, page_size, head_dim]` (K at index 0, V at 1),
+so that one (K or V, head, page) block is a contiguous `page_size x head_dim` tile.
+
+One `pallas_call` body serves two launches (see `_tiling`): the decode group (one token per tile,
+flash-decoding: the KV length is cut into `num_splits` parts whose partial softmax states are merged
+afterwards in `jax.numpy`) and the prefill group (`bq`-token query tiles, one split). Each program
+owns one tile and one KV head and loads every KV block once for all query heads of that head's group;
+the group is padded to a power of two and the rows to at least 16, as Triton's `dot` needs. KV is read
+`pages_per_block` pages at a time through a gather on the block table.
+
+Supports head_dim 64/128/256, page sizes 16/32/64/128, float32/bfloat16/float16 caches, sliding
+window and logit soft cap. `interpret=True` runs it on any backend (slowly) for tests.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jengine.pallas_kernels import _tiling as tiling
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_MIN_ROWS = 16  # Triton's dot wants every operand dimension >= 16
+_KV_BLOCK_TOKENS = 64  # KV tokens per inner step (several pages when pages are small)
+_PREFILL_ROWS = 64  # query rows (tokens x padded group) per prefill tile
+_SPLIT_TOKENS = 512  # flash-decoding: aim for at least this many KV tokens per split
+_MAX_SPLITS = 16
+_M_INIT = -1e30
+
+
+def _check_dtype(dtype: Any) -> None:
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise ValueError(f"gpu attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, float16")
+
+
+def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
+    """A zeroed cache `[2, num_kv_heads, num_pages, page_size, head_dim]`."""
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"gpu attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"gpu attention: unsupported head_dim {head_dim}; use one of {SUPPORTED_HEAD_DIMS}")
+    _check_dtype(dtype)
+    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+
+
+def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Scatters k/v[T, Hkv, D] into slots `page * page_size + offset` (in place when the cache is donated)."""
+    del interpret
+    _, hkv, num_pages, page_size, d = cache.shape
+    flat = cache.reshape(2, hkv, num_pages * page_size, d)
+    kv = jnp.stack([k, v]).astype(cache.dtype).transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
+    flat = flat.at[:, :, slot_mapping].set(kv, mode="drop")
+    return flat.reshape(cache.shape)
+
+
+def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
+            sm_scale: float, soft_cap: float | None, sliding_window: int | None, group_pad: int,
+            pages_per_block: int, blocks_per_split: int, precision: Any) -> None:
+    """One (tile, kv head, split): online softmax over the split's KV blocks that the tile may see."""
+    t, sp = pl.program_id(0), pl.program_id(2)
+    rows, _ = q_ref.shape
+    page_size = k_ref.shape[-2]
+    block_k = pages_per_block * page_size
+    seq = meta_ref[t, tiling.SEQ]
+    kv_lo = meta_ref[t, tiling.KV_LO]
+    kv_end = meta_ref[t, tiling.KV_END]
+    pos0 = meta_ref[t, tiling.POS0]
+
+    first_blk = sp * blocks_per_split
+    lo = jnp.maximum(kv_lo // block_k, first_blk)
+    hi = jnp.minimum((kv_end + block_k - 1) // block_k, first_blk + blocks_per_split)
+
+    q = q_ref[...]
+    qpos = pos0 + lax.broadcasted_iota(jnp.int32, (rows, block_k), 0) // group_pad
+
+    def body(j, carry):
+        acc, m, l = carry
+        pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, -1)
+        v = v_ref[pages].reshape(block_k, -1)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kpos = j * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+        mask = (kpos <= qpos) & (kpos < kv_end)
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l
+
+    d = q_ref.shape[-1]
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+    acc_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: int, pages_per_block: int,
+            group_pad: int, sm_scale, soft_cap, sliding_window, interpret: bool, num_warps: int):
+    """Runs the kernel over (tiles, kv heads, splits); returns normalized f32 outputs [NT, Hkv, rows, D]."""
+    NT, hkv, rows, d = q_tiles.shape
+    _, _, num_pages, page_size, _ = cache.shape
+    precision = lax.Precision.HIGHEST if cache.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, group_pad=group_pad,
+        pages_per_block=pages_per_block, blocks_per_split=blocks_per_split, precision=precision,
+    )
+    kv_block = (None, None, num_pages, page_size, d)
+    params = {}
+    if not interpret:
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(NT, hkv, num_splits),
+        in_specs=[
+            pl.BlockSpec(meta.shape, lambda t, h, s: (0, 0)),
+            pl.BlockSpec(tables.shape, lambda t, h, s: (0, 0)),
+            pl.BlockSpec((None, None, rows, d), lambda t, h, s: (t, h, 0, 0)),
+            pl.BlockSpec(kv_block, lambda t, h, s: (0, h, 0, 0, 0)),
+            pl.BlockSpec(kv_block, lambda t, h, s: (1, h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, d), lambda t, h, s: (s, t, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda t, h, s: (s, t, h, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda t, h, s: (s, t, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_splits, NT, hkv, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, NT, hkv, rows), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, NT, hkv, rows), jnp.float32),
+        ],
+        interpret=interpret,
+        name="jengine_ragged_paged_attention",
+        **params,
+    )(meta, tables, q_tiles, cache, cache)
+    return tiling.combine_splits(acc, m, l)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    cache: jax.Array,
+    seq_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
+    T, hq, d = q.shape
+    if cache.ndim != 5 or cache.shape[0] != 2:
+        raise ValueError(f"gpu attention: cache must be [2, Hkv, pages, page_size, D], got {cache.shape}")
+    _, hkv, _, page_size, dc = cache.shape
+    if dc != d:
+        raise ValueError(f"gpu attention: q head_dim {d} != cache head_dim {dc}")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"gpu attention: unsupported head_dim {d}; use one of {SUPPORTED_HEAD_DIMS}")
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"gpu attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
+    _check_dtype(cache.dtype)
+    if hq % hkv:
+        raise ValueError(f"gpu attention: num query heads {hq} must be a multiple of num kv heads {hkv}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"gpu attention: sliding_window must be >= 1, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"gpu attention: soft_cap must be > 0, got {soft_cap}")
+    S, P = block_tables.shape
+    group = hq // hkv
+    group_pad = tiling.next_pow2(group)
+    out_dtype = q.dtype
+    q = q.astype(cache.dtype)
+    q_lens, lens = tiling.seq_info(seq_lens, query_start_loc, num_seqs, S)
+
+    pages_per_block = max(1, _KV_BLOCK_TOKENS // page_size)
+    max_blocks = -(-P // pages_per_block)
+    num_splits = min(_MAX_SPLITS, tiling.next_pow2(-(-max_blocks * pages_per_block * page_size // _SPLIT_TOKENS)))
+    blocks_per_split = -(-max_blocks // num_splits)
+    cols = num_splits * blocks_per_split * pages_per_block
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, cols - P)))
+    warps = 4 if d <= 128 else 8
+    kw = dict(group_pad=group_pad, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+              interpret=interpret, pages_per_block=pages_per_block)
+
+    out = jnp.zeros((T, hq, d), jnp.float32)
+    # Decode group: one token per tile, KV split flash-decoding style.
+    dec = tiling.plan_decode(q_lens, lens, query_start_loc, T, sliding_window)
+    rows = max(_MIN_ROWS, group_pad)
+    qt = tiling.gather_q(q, dec.token_idx, hkv, group_pad, rows)
+    o = _launch(qt, dec.meta, tables, cache, num_splits=num_splits, blocks_per_split=blocks_per_split,
+                num_warps=warps, **kw)
+    out = tiling.scatter_out(out, o, dec.token_idx, hq, group_pad)
+    # Prefill group: bq-token tiles, one split covering the whole (causal) context.
+    if T >= 2:
+        bq = max(1, _PREFILL_ROWS // group_pad) if d <= 128 else max(1, (_PREFILL_ROWS // 2) // group_pad)
+        bq = min(bq, tiling.next_pow2(T))
+        pre = tiling.plan_prefill(q_lens, lens, query_start_loc, T, bq, sliding_window)
+        rows = max(_MIN_ROWS, bq * group_pad)
+        qt = tiling.gather_q(q, pre.token_idx, hkv, group_pad, rows)
+        o = _launch(qt, pre.meta, tables, cache, num_splits=1, blocks_per_split=num_splits * blocks_per_split,
+                    num_warps=warps, **kw)
+        out = tiling.scatter_out(out, o, pre.token_idx, hq, group_pad)
+    return out.astype(out_dtype)

@@ -1,0 +1,198 @@
+"""Reference paged attention in pure `jax.numpy`: the CPU backend and the kernels' test oracle.
+
+Cache layout: one array `[num_pages, page_size, 2, num_kv_heads, head_dim]` (K at index 0 of axis 2,
+V at index 1).
+
+Because this is also the production path on the CPU, it only reads the pages each sequence owns and
+never makes decode rows pay for prefill-sized work:
+
+- decode rows (one new token) are batched together and walk their pages in chunks under a
+  `while_loop` whose trip count is the longest decode context in the batch (online softmax);
+- rows with several new tokens (prefill and chunked prefill) are visited one at a time, tiled into
+  query blocks, and each block walks only the KV chunks its causal (and sliding-window) span covers.
+
+Everything is computed in float32 and cast back to the query dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DECODE_KV_TOKENS = 128  # KV tokens per decode iteration (across all decode rows at once)
+_PREFILL_KV_TOKENS = 256  # KV tokens per prefill inner iteration
+_PREFILL_Q_BLOCK = 64  # query rows per prefill block
+_MASKED = -1e30
+
+
+def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
+    """A zeroed cache `[num_pages, page_size, 2, num_kv_heads, head_dim]`."""
+    return jnp.zeros((num_pages, page_size, 2, num_kv_heads, head_dim), dtype)
+
+
+def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Scatters k/v[T, Hkv, D] into slots `page * page_size + offset` (in place when donated)."""
+    del interpret
+    num_pages, page_size = cache.shape[:2]
+    flat = cache.reshape((num_pages * page_size,) + cache.shape[2:])
+    kv = jnp.stack([k, v], axis=1).astype(cache.dtype)
+    flat = flat.at[slot_mapping].set(kv, mode="drop")
+    return flat.reshape(cache.shape)
+
+
+def _scores(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
+    s = s * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    return s
+
+
+def _online_update(m, l, acc, s, mask, v, pv_spec: str):
+    """One step of the streaming softmax: fold masked scores `s[..., K]` and values `v` into (m, l, acc)."""
+    s = jnp.where(mask, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + p.sum(axis=-1)
+    acc = acc * alpha[..., None] + jnp.einsum(pv_spec, p, v)
+    return m_new, l, acc
+
+
+def _pad_pages(block_tables: jax.Array, multiple: int) -> jax.Array:
+    pad = (-block_tables.shape[1]) % multiple
+    return jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
+
+
+def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):
+    """Attention for every row with exactly one new token; other rows come back as zeros. -> [S, Hq, D]."""
+    T, Hq, D = q.shape
+    S = block_tables.shape[0]
+    page_size, Hkv = cache.shape[1], cache.shape[3]
+    G = Hq // Hkv
+    chunk_pages = max(1, _DECODE_KV_TOKENS // page_size)
+    chunk = chunk_pages * page_size
+    tables = _pad_pages(block_tables, chunk_pages)
+
+    is_decode = q_lens == 1
+    lens = jnp.where(is_decode, seq_lens, 0)
+    qpos = lens - 1
+    dq = q[jnp.clip(query_start_loc[:S], 0, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D)
+
+    lo = jnp.zeros_like(lens)
+    if sliding_window is not None:
+        lo = jnp.maximum(qpos - sliding_window + 1, 0)
+    first = jnp.min(jnp.where(is_decode, lo, jnp.iinfo(jnp.int32).max)) // chunk
+    last = (jnp.max(lens) + chunk - 1) // chunk
+
+    def body(carry):
+        c, m, l, acc = carry
+        pages = lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [S, C]
+        kv = cache[pages].reshape(S, chunk, 2, Hkv, D).astype(jnp.float32)
+        s = _scores(jnp.einsum("shgd,skhd->shgk", dq, kv[:, :, 0]), sm_scale, soft_cap)
+        kpos = c * chunk + jnp.arange(chunk)
+        mask = (kpos[None, :] < lens[:, None]) & (kpos[None, :] >= lo[:, None])
+        m, l, acc = _online_update(m, l, acc, s, mask[:, None, None, :], kv[:, :, 1], "shgk,skhd->shgd")
+        return c + 1, m, l, acc
+
+    init = (
+        first,
+        jnp.full((S, Hkv, G), _MASKED, jnp.float32),
+        jnp.zeros((S, Hkv, G), jnp.float32),
+        jnp.zeros((S, Hkv, G, D), jnp.float32),
+    )
+    _, _, l, acc = lax.while_loop(lambda carry: carry[0] < last, body, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    return out.reshape(S, Hq, D)
+
+
+def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, num_seqs, *, sm_scale, sliding_window, soft_cap):
+    """Attention for every row with two or more new tokens, one sequence at a time. -> [T, Hq, D]."""
+    T, Hq, D = q.shape
+    page_size, Hkv = cache.shape[1], cache.shape[3]
+    G = Hq // Hkv
+    BQ = _PREFILL_Q_BLOCK
+    chunk_pages = max(1, _PREFILL_KV_TOKENS // page_size)
+    chunk = chunk_pages * page_size
+    tables = _pad_pages(block_tables, chunk_pages)
+    qp = jnp.pad(q.astype(jnp.float32), ((0, BQ), (0, 0), (0, 0)))
+    out0 = jnp.zeros((T + BQ, Hq, D), jnp.float32)
+
+    def one_sequence(s, out):
+        n, start, total = q_lens[s], query_start_loc[s], seq_lens[s]
+        ctx = total - n
+        row_pages = tables[s]
+
+        def q_block(b, out):
+            q0 = b * BQ
+            qb = lax.dynamic_slice_in_dim(qp, start + q0, BQ).reshape(BQ, Hkv, G, D)
+            rows = q0 + jnp.arange(BQ)
+            valid = rows < n
+            qpos = ctx + rows
+            last_pos = ctx + jnp.minimum(q0 + BQ, n) - 1
+            lo_first = 0 if sliding_window is None else jnp.maximum(ctx + q0 - sliding_window + 1, 0)
+
+            def kv_chunk(c, carry):
+                m, l, acc = carry
+                pages = lax.dynamic_slice_in_dim(row_pages, c * chunk_pages, chunk_pages)
+                kv = cache[pages].reshape(chunk, 2, Hkv, D).astype(jnp.float32)
+                sc = _scores(jnp.einsum("qhgd,khd->hgqk", qb, kv[:, 0]), sm_scale, soft_cap)
+                kpos = c * chunk + jnp.arange(chunk)
+                mask = kpos[None, :] <= qpos[:, None]
+                if sliding_window is not None:
+                    mask &= kpos[None, :] > qpos[:, None] - sliding_window
+                return _online_update(m, l, acc, sc, mask[None, None], kv[:, 1], "hgqk,khd->hgqd")
+
+            init = (
+                jnp.full((Hkv, G, BQ), _MASKED, jnp.float32),
+                jnp.zeros((Hkv, G, BQ), jnp.float32),
+                jnp.zeros((Hkv, G, BQ, D), jnp.float32),
+            )
+            _, l, acc = lax.fori_loop(lo_first // chunk, last_pos // chunk + 1, kv_chunk, init)
+            blk = (acc / jnp.maximum(l, 1e-30)[..., None]).transpose(2, 0, 1, 3).reshape(BQ, Hq, D)
+            cur = lax.dynamic_slice_in_dim(out, start + q0, BQ)
+            return lax.dynamic_update_slice_in_dim(out, jnp.where(valid[:, None, None], blk, cur), start + q0, axis=0)
+
+        return lax.fori_loop(0, (n + BQ - 1) // BQ, q_block, out)
+
+    def visit(s, out):
+        return lax.cond(q_lens[s] > 1, one_sequence, lambda s, out: out, s, out)
+
+    out = lax.fori_loop(0, num_seqs, visit, out0)
+    return out[:T]
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    cache: jax.Array,
+    seq_lens: jax.Array,
+    block_tables: jax.Array,
+    query_start_loc: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
+    del interpret
+    T, Hq, D = q.shape
+    S = block_tables.shape[0]
+    Hkv = cache.shape[3]
+    if cache.ndim != 5 or cache.shape[2] != 2 or cache.shape[4] != D:
+        raise ValueError(f"reference cache must be [pages, page_size, 2, Hkv, {D}], got {cache.shape}")
+    if Hq % Hkv:
+        raise ValueError(f"num query heads {Hq} must be a multiple of num kv heads {Hkv}")
+    n = jnp.minimum(jnp.reshape(num_seqs, (-1,))[0], S).astype(jnp.int32)
+    real = jnp.arange(S) < n
+    q_lens = jnp.where(real, query_start_loc[1:] - query_start_loc[:-1], 0)
+    seq_lens = jnp.where(real, seq_lens, 0)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+    out = _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, n, **kw)
+    dec = _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
+    rows = jnp.where(q_lens == 1, query_start_loc[:S], T)  # non-decode rows scatter out of bounds
+    out = out.at[rows].set(dec, mode="drop")
+    return out.astype(q.dtype)

@@ -1,0 +1,355 @@
+"""`jengine serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn) and the gRPC server, one process.
+
+    app = build_app(serving, metrics, api_keys=["sk-..."])      # the FastAPI app, for embedding
+    asyncio.run(run_servers(engine, settings))                 # HTTP + gRPC on one event loop
+    with BackgroundServer(engine, settings) as srv: ...         # the same on a thread (tests, notebooks)
+
+Both frontends run on one asyncio loop and share one `AsyncEngine` (whose device loop is its own
+thread). Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with 400 for
+invalid requests (malformed JSON and type errors included, which FastAPI would answer with 422),
+401 for a missing or wrong API key on `/v1/*` (compared in constant time), 404 for an unknown model
+or route, 500 when the engine loop has died (and `/health` answers 503), 503 when it is overloaded.
+A client that disconnects (streaming or not) aborts its request at the next engine step.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import jengine
+from jengine.engine.async_engine import AsyncEngine
+
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving import OpenAIServing
+
+logger = logging.getLogger("jengine.server")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """What the serve-only CLI flags configure."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: Optional[int] = None  # None: no gRPC server; 0: a free port
+    api_keys: Sequence[str] = ()
+    served_model_names: Sequence[str] = ()  # empty: derived from the model path
+    model_path: Optional[str] = None
+    chat_template: Optional[str] = None  # a file path or the template text
+    uvicorn_log_level: str = "info"
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """`--chat-template` takes a file path or the Jinja text itself (as vLLM's does)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def default_model_names(model_path: Optional[str]) -> list[str]:
+    if not model_path:
+        return [DEFAULT_MODEL_NAME]
+    return [model_path]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False, allow_nan=False), status_code=status, media_type="application/json")
+
+
+def _error(e: APIError) -> Response:
+    return _json(e.body(), e.status)
+
+
+async def _listen_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
+    """Runs `work` but cancels it (which aborts its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_listen_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - the client is gone; nothing to answer
+        pass
+    return None
+
+
+class _APIKeyMiddleware:
+    """Pure ASGI middleware (no body buffering, disconnects pass through) guarding `/v1/*` with API keys."""
+
+    def __init__(self, app: Any, keys: Sequence[bytes]) -> None:
+        self.app = app
+        self.keys = list(keys)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
+            header = b""
+            for name, value in scope.get("headers", ()):
+                if name == b"authorization":
+                    header = value
+                    break
+            given = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+            ok = False
+            for key in self.keys:  # no early exit: the time taken does not say which key matched
+                ok |= hmac.compare_digest(given, key)
+            if not ok:
+                response = _error(APIError(401, "Missing or invalid API key: pass `Authorization: Bearer <key>`.", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app over `serving`; `api_keys` (any of them) guard `/v1/*`."""
+    app = FastAPI(title="jengine", version=jengine.__version__, docs_url=None, redoc_url=None)
+    keys = [k.encode() for k in api_keys]
+    engine = serving.engine
+
+    if keys:
+        app.add_middleware(_APIKeyMiddleware, keys=keys)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        if first.get("type") == "json_invalid":
+            message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            param = None
+        else:
+            message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in errors[:5])
+        return _error(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return _error(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> Response:
+        logger.exception("unhandled error")
+        return _error(APIError(500, f"internal error: {e!r}"))
+
+    async def _respond(request: Request, handler: Callable[[], Awaitable[Any]]) -> Any:
+        result = await _with_cancellation(request, handler())
+        if result is None:
+            return Response(status_code=499)  # client closed the request; nobody reads this
+        if isinstance(result, dict):
+            return _json(result)
+        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await _respond(request, lambda: serving.create_completion(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await _respond(request, lambda: serving.create_chat_completion(body))
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return _json(serving.list_models())
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Any:
+        return _json(serving.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        return _json(serving.detokenize(body))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.healthy else 503)
+
+    @app.get("/version")
+    async def version() -> Any:
+        return _json({"version": jengine.__version__})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def make_serving(engine: AsyncEngine, settings: ServerSettings) -> tuple[OpenAIServing, ServerMetrics]:
+    names = list(settings.served_model_names) or default_model_names(settings.model_path)
+    serving = OpenAIServing(engine, names, model_path=settings.model_path or names[0], chat_template=load_chat_template(settings.chat_template))
+    metrics = ServerMetrics(serving.model_name)
+    metrics.attach(engine)
+    return serving, metrics
+
+
+async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started: Optional[Callable[[Any], None]] = None,
+                      stop: Optional[asyncio.Event] = None) -> None:
+    """Serves HTTP (and gRPC when `grpc_port` is set) until `stop` is set or uvicorn is told to exit.
+    `started(info)` is called once both listen, with `info.port` / `info.grpc_port` bound."""
+    import uvicorn
+
+    serving, metrics = make_serving(engine, settings)
+    app = build_app(serving, metrics, api_keys=settings.api_keys)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
+                            lifespan="off", timeout_graceful_shutdown=5)
+    http = uvicorn.Server(config)
+    grpc_server = None
+    info = _Bound()
+    if settings.grpc_port is not None:
+        from .grpc_server import start_grpc_server
+
+        grpc_server, info.grpc_port = await start_grpc_server(serving, settings.host, settings.grpc_port)
+        logger.info("gRPC server on %s:%d", settings.host, info.grpc_port)
+    serve_task = asyncio.ensure_future(http.serve())
+    try:
+        while not http.started:
+            if serve_task.done():
+                serve_task.result()  # raises the start-up error
+                raise OSError(f"the HTTP server did not start on {settings.host}:{settings.port}")
+            await asyncio.sleep(0.02)
+        info.port = http.servers[0].sockets[0].getsockname()[1]
+        info.http = http
+        logger.info("HTTP server on http://%s:%d (model %s)", settings.host, info.port, serving.model_name)
+        if started is not None:
+            started(info)
+        if stop is None:
+            await serve_task
+        else:
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({serve_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            http.should_exit = True
+            await serve_task
+    finally:
+        if not serve_task.done():
+            http.should_exit = True
+            await asyncio.wait({serve_task}, timeout=10)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1)
+
+
+@dataclasses.dataclass
+class _Bound:
+    port: int = 0
+    grpc_port: Optional[int] = None
+    http: Any = None
+
+
+class BackgroundServer:
+    """Runs `run_servers` on a daemon thread with its own event loop (tests, notebooks).
+
+    `port=0` / `grpc_port=0` in the settings pick free ports; read them from `.port` / `.grpc_port`."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, start_timeout: float = 60.0) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._info: Optional[_Bound] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._thread = threading.Thread(target=self._main, name="jengine-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(start_timeout):
+            raise TimeoutError("the server did not start in time")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def started(info: _Bound) -> None:
+                self._info = info
+                self._ready.set()
+
+            await run_servers(self.engine, self.settings, started=started, stop=self._stop)
+
+        try:
+            asyncio.run(body())
+        except BaseException as e:  # noqa: BLE001 - surfaced to the constructor
+            self._error = e
+        finally:
+            self._ready.set()
+
+    @property
+    def port(self) -> int:
+        assert self._info is not None
+        return self._info.port
+
+    @property
+    def grpc_port(self) -> Optional[int]:
+        assert self._info is not None
+        return self._info.grpc_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = True) -> int:
+    """The `jengine serve` entry point: build the engine (compiles), then serve until interrupted."""
+    if not 0 <= settings.port < 65536 or (settings.grpc_port is not None and not 0 <= settings.grpc_port < 65536):
+        raise ValueError("ports must be in [0, 65535]")
+    load_chat_template(settings.chat_template)  # fail before the slow engine start
+    engine_args.create_engine_config()  # validates every engine flag before loading anything
+    engine = AsyncEngine.from_engine_args(engine_args, log_requests=log_requests)
+    if settings.model_path is None:
+        settings.model_path = engine_args.model
+    try:
+        asyncio.run(run_servers(engine, settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+    return 0
+
+
+__all__ = ["BackgroundServer", "ServerSettings", "build_app", "make_serving", "run_servers", "serve"]

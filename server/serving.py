@@ -1,0 +1,533 @@
+"""The OpenAI-compatible request handlers, independent of the web framework.
+
+`OpenAIServing` turns a parsed request into engine requests (tokenize or render the chat template,
+build `SamplingParams`, check the context window) and the engine's cumulative `RequestOutput`s back
+into OpenAI responses: one JSON body, or SSE chunks whose deltas are the difference between
+consecutive cumulative outputs. Stop strings are held back by the engine's output processor, so the
+concatenated deltas equal the non-streamed text. Everything runs on the event loop; the engine's
+device work happens on its own thread (`AsyncEngine`).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Optional, Union
+
+from jengine.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from jengine.sampling_params import SamplingParams
+
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+_FIELD_RE = re.compile(r"^(?:SamplingParams\.)?([a-z_]+)\b")
+
+
+def clamp_logprob(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return _LOGPROB_FLOOR if math.isnan(value) or value < _LOGPROB_FLOOR else value
+
+
+def sse(payload: Union[dict, str]) -> str:
+    """One server-sent event line pair."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    return f"data: {data}\n\n"
+
+
+def bad_request(error: ValueError, *, prompt_param: str = "prompt", rename: Optional[dict[str, str]] = None) -> APIError:
+    """Maps an engine/SamplingParams ValueError to a 400 whose `param` names the request field."""
+    message = str(error)
+    m = _FIELD_RE.match(message)
+    param = m.group(1) if m else None
+    if param in ("prompt", "prompt_token_ids"):
+        param = prompt_param
+    if rename and param in rename:
+        param = rename[param]
+    return APIError(400, message, param=param)
+
+
+def build_sampling_params(fields: dict[str, Any], max_logprobs: int) -> SamplingParams:
+    """`SamplingParams` from request fields (None = default). Logprob counts are checked against the
+    server's `--max-logprobs` rather than the dataclass default."""
+    kw = {k: v for k, v in fields.items() if v is not None}
+    logprobs = kw.pop("logprobs", None)
+    prompt_logprobs = kw.pop("prompt_logprobs", None)
+    if kw.get("top_k") == -1:
+        kw["top_k"] = 0
+    params = SamplingParams(**kw)
+    params.logprobs = logprobs
+    params.prompt_logprobs = prompt_logprobs
+    params.verify(max_logprobs)
+    return params
+
+
+def normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """Chat messages with string contents (text parts joined by newlines), or a 400 saying what is wrong."""
+    if not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
+        content = msg.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise APIError(400, f"messages[{i}].content: part type {kind!r} is not supported (text only)", param="messages")
+            content = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string, a list of text parts or null", param="messages")
+        out.append({**msg, "content": "" if content is None else content})
+    return out
+
+
+class _Choice:
+    """What has been sent of one choice of a streamed response."""
+
+    __slots__ = ("text_len", "num_tokens", "started", "finished")
+
+    def __init__(self) -> None:
+        self.text_len = 0
+        self.num_tokens = 0
+        self.started = False
+        self.finished = False
+
+
+class OpenAIServing:
+    """Completions, chat completions, tokenize/detokenize and model listing over one `AsyncEngine`."""
+
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], *, model_path: Optional[str] = None,
+                 chat_template: Optional[str] = None) -> None:
+        if not served_model_names:
+            raise ValueError("served_model_names must not be empty")
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.model_name = self.served_model_names[0]
+        self.model_path = model_path or self.model_name
+        self.chat_template = chat_template
+        self.max_model_len = engine.max_model_len
+        self.max_logprobs = int(getattr(engine.config, "max_logprobs", 20))
+        self.created = int(time.time())
+        # A private copy: the engine thread decodes with its own tokenizer while this one encodes.
+        try:
+            self.tokenizer = copy.deepcopy(engine.tokenizer)
+        except Exception:  # noqa: BLE001 - some tokenizers do not copy; sharing is read-only anyway
+            self.tokenizer = engine.tokenizer
+
+    # ----- shared helpers -------------------------------------------------------------------------
+    def check_model(self, name: Optional[str]) -> None:
+        if name and name not in self.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found", type="NotFoundError")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: Sequence[Any], *, chat_template: Optional[str], add_generation_prompt: bool,
+                    continue_final_message: bool, kwargs: Optional[dict[str, Any]]) -> str:
+        msgs = normalize_messages(messages)
+        template = chat_template or self.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "the model has no chat template; start the server with --chat-template or pass chat_template", param="messages")
+        if add_generation_prompt and continue_final_message:
+            raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true", param="continue_final_message")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msgs, chat_template=template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **(kwargs or {}),
+            )
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+            raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
+        return text
+
+    def _token_str(self, token_id: int, lp: Any, as_ids: bool) -> str:
+        if as_ids:
+            return f"token_id:{token_id}"
+        if lp is not None and getattr(lp, "decoded_token", None) is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, token_ids: Sequence[int], logprobs: Sequence[Optional[dict]], num_top: int,
+                            offset: int, as_ids: bool) -> dict[str, Any]:
+        """OpenAI completions `logprobs` object for `token_ids` starting at text offset `offset`."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(token_ids, logprobs):
+            lp = None if entry is None else entry.get(tid)
+            s = self._token_str(tid, lp, as_ids)
+            tokens.append(s)
+            token_lps.append(None if lp is None else clamp_logprob(lp.logprob))
+            if entry is None:
+                tops.append(None)
+            else:
+                ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30))
+                tops.append({self._token_str(k, v, as_ids): clamp_logprob(v.logprob) for k, v in ranked
+                             if k == tid or (v.rank is not None and v.rank <= num_top)})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, token_ids: Sequence[int], logprobs: Sequence[dict], num_top: int, as_ids: bool) -> dict[str, Any]:
+        content = []
+        for tid, entry in zip(token_ids, logprobs):
+            lp = entry.get(tid)
+            s = self._token_str(tid, lp, as_ids)
+            ranked = sorted(((k, v) for k, v in entry.items() if v.rank is not None and v.rank <= num_top), key=lambda kv: kv[1].rank)
+            top = []
+            for k, v in ranked[:num_top]:
+                ts = self._token_str(k, v, as_ids)
+                top.append({"token": ts, "logprob": clamp_logprob(v.logprob), "bytes": list(ts.encode("utf-8"))})
+            content.append({"token": s, "logprob": clamp_logprob(None if lp is None else lp.logprob) if lp is not None else _LOGPROB_FLOOR,
+                            "bytes": list(s.encode("utf-8")), "top_logprobs": top})
+        return {"content": content}
+
+    @staticmethod
+    def usage(finals: Sequence[Any]) -> dict[str, Any]:
+        prompt = sum(len(o.prompt_token_ids or ()) for o in finals)
+        completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+        cached = sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in finals)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _max_tokens(self, requested: Optional[int], prompt_len: int, field: str) -> Optional[int]:
+        if requested is None:
+            return max(1, self.max_model_len - prompt_len)
+        if isinstance(requested, int) and requested >= 1 and prompt_len + requested > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the completion). "
+                f"Please reduce the length of the prompt or {field}.",
+                param=field,
+            )
+        return requested
+
+    def _params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int], rename: dict[str, str]) -> SamplingParams:
+        fields = dict(
+            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
+            prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        try:
+            return build_sampling_params(fields, self.max_logprobs)
+        except (ValueError, TypeError) as e:
+            raise bad_request(ValueError(str(e)), rename=rename) from e
+
+    def _start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: Optional[str],
+               priority: int, prompt_param: str, rename: dict[str, str]) -> RequestStream:
+        try:
+            return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority)
+        except EngineOverloadedError as e:
+            raise APIError(503, str(e)) from e
+        except EngineDeadError as e:
+            raise APIError(500, f"the engine is not running: {e}") from e
+        except ValueError as e:
+            raise bad_request(e, prompt_param=prompt_param, rename=rename) from e
+
+    @staticmethod
+    async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, output) from several streams as they come; aborts them all when closed early."""
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                queue.put_nowait((i, e))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.cancel()
+
+    @staticmethod
+    def _engine_error(e: BaseException) -> APIError:
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, EngineDeadError):
+            return APIError(500, f"the engine is not running: {e}")
+        if isinstance(e, ValueError):
+            return bad_request(e)
+        return APIError(500, f"internal error: {e!r}")
+
+    # ----- /v1/completions ------------------------------------------------------------------------
+    def _completion_prompts(self, req: CompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+        p = req.prompt
+        if isinstance(p, str):
+            items: list[Any] = [p]
+        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+            items = [p]
+        else:
+            items = list(p)
+        if not items:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                out.append((item, self.encode(item, req.add_special_tokens)))
+            else:
+                out.append((None, [int(t) for t in item]))
+        return out
+
+    async def create_completion(self, req: CompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        prompts = self._completion_prompts(req)
+        want_prompt_lps = req.prompt_logprobs
+        if req.echo and req.logprobs is not None and want_prompt_lps is None:
+            want_prompt_lps = req.logprobs
+        base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+        plans = []
+        for text, ids in prompts:
+            max_tokens = self._max_tokens(req.max_tokens, len(ids), "max_tokens")
+            req_fields = req.model_copy(update={"prompt_logprobs": want_prompt_lps})
+            params = self._params(req_fields, max_tokens=max_tokens, logprobs=req.logprobs, rename={})
+            try:
+                self.engine.validate(ids, params)
+            except ValueError as e:
+                raise bad_request(e) from e
+            plans.append((text, ids, params))
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids, params) in enumerate(plans):
+                rid = base if len(plans) == 1 else f"{base}-{i}"
+                streams.append(self._start(rid, ids, params, text, req.priority, "prompt", {}))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream_completion(base, created, req, plans, streams, include_usage)
+        finals: dict[int, Any] = {}
+        try:
+            async for i, out in self._merge(streams):
+                if out.finished:
+                    finals[i] = out
+        except BaseException as e:
+            for s in streams:
+                s.cancel()
+            if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt)):
+                raise
+            raise self._engine_error(e) from e
+        if len(finals) != len(streams):
+            raise APIError(500, "a request ended without a final output (aborted)")
+        choices = []
+        for i in range(len(plans)):
+            out = finals[i]
+            prefix, prefix_lps = self._echo(req, plans[i], out)
+            for c in out.outputs:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self.completion_logprobs(c.token_ids, c.logprobs or [], req.logprobs, len(prefix), req.return_tokens_as_token_ids)
+                    if prefix_lps is not None:
+                        logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
+                choices.append({"index": i * req.n + c.index, "text": prefix + c.text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "prompt_logprobs": None})
+        return {"id": base, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": self.usage([finals[i] for i in range(len(plans))])}
+
+    def _echo(self, req: CompletionRequest, plan: tuple, out: Any) -> tuple[str, Optional[dict[str, list]]]:
+        if not req.echo:
+            return "", None
+        text, ids, _ = plan
+        prefix = text if text is not None else self.tokenizer.decode(ids)
+        lps = None
+        if req.logprobs is not None:
+            plps = out.prompt_logprobs or [None] * len(ids)
+            lps = self.completion_logprobs(ids, list(plps), req.logprobs, 0, req.return_tokens_as_token_ids)
+        return prefix, lps
+
+    async def _stream_completion(self, base: str, created: int, req: CompletionRequest, plans: list, streams: list[RequestStream],
+                                 include_usage: bool) -> AsyncIterator[str]:
+        states = {(i, c): _Choice() for i in range(len(plans)) for c in range(req.n)}
+        finals: dict[int, Any] = {}
+        try:
+            async for i, out in self._merge(streams):
+                if out.finished:
+                    finals[i] = out
+                chunk_choices = []
+                for c in out.outputs:
+                    st = states[(i, c.index)]
+                    if st.finished:
+                        continue
+                    prefix, prefix_lps = ("", None)
+                    if not st.started:
+                        prefix, prefix_lps = self._echo(req, plans[i], out)
+                    delta = c.text[st.text_len:]
+                    if not delta and not prefix and c.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        new_ids = c.token_ids[st.num_tokens:]
+                        new_lps = (c.logprobs or [])[st.num_tokens:]
+                        logprobs = self.completion_logprobs(new_ids, new_lps, req.logprobs, st.text_len + len(prefix), req.return_tokens_as_token_ids)
+                        if prefix_lps is not None:
+                            logprobs = {k: prefix_lps[k] + logprobs[k] for k in logprobs}
+                    st.started = True
+                    st.text_len = len(c.text)
+                    st.num_tokens = len(c.token_ids)
+                    st.finished = c.finish_reason is not None
+                    chunk_choices.append({"index": i * req.n + c.index, "text": prefix + delta, "logprobs": logprobs,
+                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if chunk_choices:
+                    yield sse({"id": base, "object": "text_completion", "created": created, "model": self.model_name, "choices": chunk_choices})
+            if include_usage and len(finals) == len(plans):
+                yield sse({"id": base, "object": "text_completion", "created": created, "model": self.model_name,
+                           "choices": [], "usage": self.usage([finals[i] for i in range(len(plans))])})
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - reported in-band: the status line is already sent
+            yield sse(self._engine_error(e).body())
+        finally:
+            for s in streams:
+                s.cancel()
+        yield sse("[DONE]")
+
+    # ----- /v1/chat/completions -------------------------------------------------------------------
+    async def create_chat_completion(self, req: ChatCompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                                continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs)
+        ids = self.encode(text, req.add_special_tokens)
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        rename = {"max_tokens": field, "logprobs": "top_logprobs"}
+        max_tokens = self._max_tokens(requested, len(ids), field)
+        num_top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, max_tokens=max_tokens, logprobs=num_top, rename=rename)
+        base = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        stream = self._start(base, ids, params, text, req.priority, "messages", rename)
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream_chat(base, created, req, stream, num_top, include_usage)
+        final = None
+        try:
+            async for out in stream:
+                if out.finished:
+                    final = out
+        except BaseException as e:
+            stream.cancel()
+            if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt)):
+                raise
+            raise self._engine_error(e) from e
+        if final is None:
+            raise APIError(500, "the request ended without a final output (aborted)")
+        choices = []
+        for c in final.outputs:
+            logprobs = None if num_top is None else self.chat_logprobs(c.token_ids, c.logprobs or [], num_top, req.return_tokens_as_token_ids)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return {"id": base, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": self.usage([final])}
+
+    async def _stream_chat(self, base: str, created: int, req: ChatCompletionRequest, stream: RequestStream,
+                           num_top: Optional[int], include_usage: bool) -> AsyncIterator[str]:
+        head = {"id": base, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        states = [_Choice() for _ in range(req.n)]
+        final = None
+        try:
+            for c in range(req.n):  # the first delta of every choice carries the role
+                yield sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+            async for out in stream:
+                if out.finished:
+                    final = out
+                chunk_choices = []
+                for c in out.outputs:
+                    st = states[c.index]
+                    if st.finished:
+                        continue
+                    delta = c.text[st.text_len:]
+                    if not delta and c.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if num_top is not None:
+                        logprobs = self.chat_logprobs(c.token_ids[st.num_tokens:], (c.logprobs or [])[st.num_tokens:], num_top, req.return_tokens_as_token_ids)
+                    st.text_len, st.num_tokens, st.finished = len(c.text), len(c.token_ids), c.finish_reason is not None
+                    chunk_choices.append({"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
+                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if chunk_choices:
+                    yield sse({**head, "choices": chunk_choices})
+            if include_usage and final is not None:
+                yield sse({**head, "choices": [], "usage": self.usage([final])})
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            yield sse(self._engine_error(e).body())
+        finally:
+            stream.cancel()
+        yield sse("[DONE]")
+
+    # ----- tokenizer and models -------------------------------------------------------------------
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                                    continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs)
+            ids = self.encode(text, bool(req.add_special_tokens))
+        else:
+            ids = self.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return body
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        vocab = int(getattr(self.engine.core, "vocab_size", 0) or len(self.tokenizer))
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens contains {bad[0]}, outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def list_models(self) -> dict[str, Any]:
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "jengine", "root": self.model_path,
+                 "parent": None, "max_model_len": self.max_model_len} for name in self.served_model_names]
+        return {"object": "list", "data": data}

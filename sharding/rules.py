@@ -1,0 +1,253 @@
+"""Name-based partition rules: where each parameter and the KV cache live on the ("data", "model") mesh.
+
+Megatron-style tensor parallelism expressed as `PartitionSpec`s; XLA's partitioner (GSPMD) inserts
+the collectives (an all-reduce after each row-parallel matmul, gathers for the vocab-parallel
+embedding and LM head). Parameters are named as in `jengine.models.llama` and stored `[in, out]`
+with a leading layer axis for `layers.*`:
+
+    layers.wq / wk / wv / w_gate / w_up   [L, in, out]  column-parallel  P(None, None, "model")
+    layers.bq / bk / bv                   [L, out]      column-parallel  P(None, "model")
+    layers.wo / w_down                    [L, in, out]  row-parallel     P(None, "model", None)
+    embed / lm_head                       [V, H]        vocab-parallel   P("model", None)
+    norms, layers.bo, anything unknown                  replicated       P()
+
+K/V projections and the KV cache are sharded over KV heads only when the model axis divides the KV
+head count; otherwise (e.g. 2 KV heads on 4 devices) they are replicated, so every device holds the
+KV heads its query heads need. Query heads and the FFN width must divide by the model axis: a size
+that does not fails at start with the sizes that work (padding heads would change the checkpoint's
+math and waste memory). The vocabulary is replicated when the model axis does not divide it.
+
+`TensorParallelPlan` bundles the mesh, these rules, the loader's `place` hook, the runner's
+`place_cache` hook, the jit shardings of the step, and the per-device memory report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jengine.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL = "model"
+
+# Axis of the KV heads in each attention backend's cache layout (see `jengine.pallas_kernels`).
+KV_HEAD_AXIS = {"reference": 3, "gpu": 1, "tpu": 1}
+
+_COLUMN = re.compile(r"^layers\.(wq|w_gate|w_up)$")
+_COLUMN_KV = re.compile(r"^layers\.(wk|wv)$")
+_COLUMN_BIAS = re.compile(r"^layers\.bq$")
+_COLUMN_BIAS_KV = re.compile(r"^layers\.(bk|bv)$")
+_ROW = re.compile(r"^layers\.(wo|w_down)$")
+_VOCAB = re.compile(r"^(embed|lm_head)$")
+_REPLICATED = re.compile(r"(^|\.)(\w*norm|bo)$")
+
+
+def valid_tensor_parallel_sizes(cfg: ModelConfig, max_size: Optional[int] = None) -> list[int]:
+    """Model-axis sizes whose shards hold whole query heads and equal slices of the FFN."""
+    limit = max_size if max_size is not None else math.gcd(cfg.num_heads, cfg.intermediate_size)
+    return [n for n in range(1, limit + 1) if cfg.num_heads % n == 0 and cfg.intermediate_size % n == 0]
+
+
+def check_tensor_parallel_size(cfg: ModelConfig, tp: int) -> None:
+    """Raises a ValueError naming the sizes that work when `tp` does not divide heads and FFN."""
+    if tp >= 1 and cfg.num_heads % tp == 0 and cfg.intermediate_size % tp == 0:
+        return
+    sizes = valid_tensor_parallel_sizes(cfg)
+    raise ValueError(
+        f"tensor_parallel_size={tp} does not divide this model's {cfg.num_heads} query heads and FFN width "
+        f"{cfg.intermediate_size}; sizes that work: {', '.join(map(str, sizes))} "
+        f"(KV heads: {cfg.num_kv_heads}; they are sharded when the size divides them, replicated otherwise)"
+    )
+
+
+def shards_kv_heads(cfg: ModelConfig, tp: int) -> bool:
+    """True when K/V projections and the KV cache are split over KV heads (else replicated)."""
+    return tp > 1 and cfg.num_kv_heads % tp == 0
+
+
+def partition_spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int) -> P:
+    """The `PartitionSpec` of parameter `name` (see the module docstring's table)."""
+    if tp == 1 or _REPLICATED.search(name):
+        return P()
+    if _COLUMN.match(name):
+        return P(None, None, MODEL)
+    if _COLUMN_KV.match(name):
+        return P(None, None, MODEL) if shards_kv_heads(cfg, tp) else P()
+    if _COLUMN_BIAS.match(name):
+        return P(None, MODEL)
+    if _COLUMN_BIAS_KV.match(name):
+        return P(None, MODEL) if shards_kv_heads(cfg, tp) else P()
+    if _ROW.match(name):
+        return P(None, MODEL, None)
+    if _VOCAB.match(name):
+        return P(MODEL, None) if shape[0] % tp == 0 else P()
+    logger.warning("no partition rule for parameter %r; replicating it", name)
+    return P()
+
+
+def _check_divisible(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axis is not None and dim % mesh.shape[axis] != 0:
+            raise ValueError(f"{name}: dimension {dim} of shape {shape} does not divide over mesh axis {axis!r} of size {mesh.shape[axis]}")
+
+
+def _device_put_sharded(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Builds a global array from host data, copying to each (local) device only its own slice."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.ascontiguousarray(array[index]))
+
+
+@dataclasses.dataclass
+class TensorParallelPlan:
+    """Mesh + rules for one model; hands out the loader and runner hooks."""
+
+    mesh: Mesh
+    model_config: ModelConfig
+    backend: str = "reference"
+
+    def __post_init__(self) -> None:
+        check_tensor_parallel_size(self.model_config, self.tp)
+        if self.backend not in KV_HEAD_AXIS:
+            raise ValueError(f"unknown attention backend {self.backend!r}; expected one of {sorted(KV_HEAD_AXIS)}")
+
+    @property
+    def tp(self) -> int:
+        return int(self.mesh.shape[MODEL])
+
+    @property
+    def shard_kv(self) -> bool:
+        return shards_kv_heads(self.model_config, self.tp)
+
+    @property
+    def kv_shards(self) -> int:
+        """How many ways the KV cache is split (divide whole-cache bytes by this for per-device bytes)."""
+        return self.tp if self.shard_kv else 1
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    # ----- parameters ---------------------------------------------------------------------------
+    def spec(self, name: str, shape: tuple[int, ...]) -> P:
+        return partition_spec(name, tuple(shape), self.model_config, self.tp)
+
+    def param_specs(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, P]:
+        return {name: self.spec(name, shape) for name, shape in shapes.items()}
+
+    def place(self, name: str, array: np.ndarray) -> jax.Array:
+        """The loader's `place` hook: puts one host parameter straight onto the mesh, sharded."""
+        spec = self.spec(name, array.shape)
+        _check_divisible(name, tuple(array.shape), spec, self.mesh)
+        return _device_put_sharded(array, NamedSharding(self.mesh, spec))
+
+    # ----- KV cache -----------------------------------------------------------------------------
+    def cache_spec(self, ndim: int) -> P:
+        if not self.shard_kv:
+            return P()
+        axis = KV_HEAD_AXIS[self.backend]
+        return P(*([None] * axis + [MODEL] + [None] * (ndim - axis - 1)))
+
+    def cache_shardings(self, cache: Any) -> Any:
+        return jax.tree.map(lambda leaf: NamedSharding(self.mesh, self.cache_spec(len(leaf.shape))), cache)
+
+    def place_cache(self, cache: Any) -> Any:
+        """The runner's `place_cache` hook: the cache on the mesh, split over KV heads when they divide.
+
+        Pass a zero-argument callable that builds the cache (e.g. `lambda: new_kv_cache(...)`) to have
+        it created directly in shards, never whole on one device; an existing cache is resharded.
+        """
+        if callable(cache):
+            shapes = jax.eval_shape(cache)
+            return jax.jit(cache, out_shardings=self.cache_shardings(shapes))()
+        return jax.device_put(cache, self.cache_shardings(cache))
+
+    # ----- the jitted step ----------------------------------------------------------------------
+    def jit_kwargs(self, in_kinds: Sequence[str], out_kinds: "Sequence[str] | str", *, params: Any = None, kv_cache: Any = None) -> dict[str, Any]:
+        """`jax.jit` keyword arguments pinning every argument's and result's sharding.
+
+        Kinds: "params" (the parameters' own shardings), "cache" (the KV cache's), "replicated" (host
+        inputs, logits, sampled tokens). Pinning keeps the donated cache's sharding identical from call
+        to call and makes warm-up's `ShapeDtypeStruct` arguments compile exactly the executables that
+        serving then uses (no recompilation); replicated host inputs are also what multi-process jit
+        requires for numpy arguments, and replicated results can be read by every process. E.g.
+
+            forward: jit_kwargs(("params", "cache", "replicated"), ("cache", "replicated", "replicated"), params=p, kv_cache=c)
+            sample:  jit_kwargs(("replicated", "replicated"), "replicated")
+        """
+        table: dict[str, Any] = {"replicated": self.replicated}
+        if params is not None:
+            table["params"] = jax.tree.map(lambda x: x.sharding, params)
+        if kv_cache is not None:
+            table["cache"] = self.cache_shardings(kv_cache)
+
+        def pick(kind: str) -> Any:
+            if kind not in table:
+                raise ValueError(f"sharding kind {kind!r} needs its tree (params= / kv_cache=) or is unknown")
+            return table[kind]
+
+        outs = pick(out_kinds) if isinstance(out_kinds, str) else tuple(pick(k) for k in out_kinds)
+        return {"in_shardings": tuple(pick(k) for k in in_kinds), "out_shardings": outs}
+
+    # ----- memory -------------------------------------------------------------------------------
+    def memory_report(self, params: Any, kv_cache: Any) -> dict[str, dict[str, int]]:
+        return memory_report(params, kv_cache)
+
+
+def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
+    """Re-jits a `ModelRunner`'s three step pieces with pinned shardings (call before `warmup()`).
+
+    What `ModelRunner.__init__` should do itself when it is given a plan; kept here so the
+    sharding layer can be tested on its own.
+    """
+    rep = "replicated"
+    runner._forward = jax.jit(
+        runner._forward_fn, donate_argnums=(1,),
+        **plan.jit_kwargs(("params", "cache", rep), ("cache", rep, rep), params=runner.params, kv_cache=runner.kv_cache),
+    )
+    runner._sample = jax.jit(runner._sample_fn, **plan.jit_kwargs((rep, rep), rep))
+    runner._prompt_lp = jax.jit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
+
+
+def memory_report(params: Any, kv_cache: Any) -> dict[str, dict[str, int]]:
+    """Bytes of weights and KV cache held by each local device: {device: {"weights", "kv_cache"}}."""
+    report: dict[str, dict[str, int]] = {}
+
+    def add(tree: Any, key: str) -> None:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if not isinstance(leaf, jax.Array):
+                continue
+            for shard in leaf.addressable_shards:
+                entry = report.setdefault(str(shard.device), {"weights": 0, "kv_cache": 0})
+                entry[key] += shard.data.size * shard.data.dtype.itemsize
+
+    add(params, "weights")
+    add(kv_cache, "kv_cache")
+    return report
+
+
+def format_memory_report(report: Mapping[str, Mapping[str, int]]) -> str:
+    """One line per device, for start-up logging."""
+    mib = 2**20
+    lines = [f"{dev}: weights {v['weights'] / mib:.1f} MiB, KV cache {v['kv_cache'] / mib:.1f} MiB" for dev, v in sorted(report.items())]
+    return "per-device memory: " + "; ".join(lines)
+
+
+__all__ = [
+    "KV_HEAD_AXIS",
+    "TensorParallelPlan",
+    "check_tensor_parallel_size",
+    "format_memory_report",
+    "memory_report",
+    "partition_spec",
+    "pin_runner_shardings",
+    "shards_kv_heads",
+    "valid_tensor_parallel_sizes",
+]

@@ -1,0 +1,209 @@
+"""Paged-attention backends against the reference, and the reference against a dense per-token oracle.
+
+Kernels run on the CPU in interpret mode (GPU: `interpret=True`; TPU: the Mosaic interpreter, about
+1000x slower than jax.numpy), so shapes stay tiny and each case is one jitted call that covers several
+features at once (decode + prefill + chunked prefill + padding rows and tokens + pages spread over a
+large, layer-split page space in random order).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jengine import pallas_kernels as pk
+
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
+
+
+@dataclass
+class Batch:
+    """One ragged step: per-sequence (total length, new tokens), in decode-first order."""
+
+    seqs: list[tuple[int, int]]
+    hq: int = 4
+    hkv: int = 2
+    d: int = 64
+    page_size: int = 16
+    dtype: type = jnp.float32
+    pad_rows: int = 1  # extra rows past num_seqs (seq_len 0, q_len 0)
+    pad_tokens: int = 3  # extra tokens past query_start_loc[num_seqs]
+    layers: int = 3  # the page space is split per layer; the batch lives in a middle layer's pages
+    seed: int = 0
+    arrays: dict = field(default_factory=dict)
+
+    def build(self) -> "Batch":
+        rng = np.random.default_rng(self.seed)
+        ps, S = self.page_size, len(self.seqs) + self.pad_rows
+        pages_needed = [math.ceil(n / ps) for n, _ in self.seqs]
+        pages_per_layer = sum(pages_needed) + 5
+        num_pages = self.layers * pages_per_layer + 1  # + the null page 0
+        layer = self.layers // 2
+        owned = 1 + layer * pages_per_layer + rng.permutation(pages_per_layer)  # shuffled page order
+        P = max(pages_needed) + 1  # one spare column of junk page ids past every sequence's end
+        tables = rng.integers(0, num_pages, size=(S, P)).astype(np.int32)
+        kd, vd, slots, it = [], [], [], 0
+        for s, (n, _) in enumerate(self.seqs):
+            tables[s, : pages_needed[s]] = owned[it: it + pages_needed[s]]
+            it += pages_needed[s]
+            pos = np.arange(n)
+            slots.append(tables[s, pos // ps] * ps + pos % ps)
+            kd.append(rng.standard_normal((n, self.hkv, self.d)).astype(np.float32))
+            vd.append(rng.standard_normal((n, self.hkv, self.d)).astype(np.float32))
+        q_lens = [q for _, q in self.seqs] + [0] * self.pad_rows
+        T = sum(q_lens) + self.pad_tokens
+        q = rng.standard_normal((T, self.hq, self.d)).astype(np.float32)
+        cast = lambda x: np.asarray(jnp.asarray(x, self.dtype).astype(jnp.float32))  # noqa: E731
+        self.arrays = dict(
+            q=cast(q), k=[cast(x) for x in kd], v=[cast(x) for x in vd], slots=np.concatenate(slots).astype(np.int32),
+            seq_lens=np.array([n for n, _ in self.seqs] + [0] * self.pad_rows, np.int32),
+            block_tables=tables, query_start_loc=np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
+            num_seqs=np.array([len(self.seqs)], np.int32), num_pages=num_pages,
+        )
+        return self
+
+    def cache(self, backend: str, interpret: bool = False):
+        a = self.arrays
+        c = pk.new_kv_cache(a["num_pages"], self.page_size, self.hkv, self.d, self.dtype, backend=backend)
+        k = jnp.asarray(np.concatenate(a["k"]), self.dtype)
+        v = jnp.asarray(np.concatenate(a["v"]), self.dtype)
+        # Some padding tokens also write (to the null page), as the engine's padding does.
+        junk = jnp.ones((4, self.hkv, self.d), self.dtype) * 7
+        k, v = jnp.concatenate([k, junk]), jnp.concatenate([v, junk])
+        slots = jnp.asarray(np.concatenate([a["slots"], np.arange(4) % self.page_size]), jnp.int32)
+        return pk.write_kv(c, k, v, slots, backend=backend, interpret=interpret)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return int(self.arrays["query_start_loc"][len(self.seqs)])
+
+
+def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, interpret: bool = False) -> np.ndarray:
+    a = batch.arrays
+    fn = jax.jit(functools.partial(pk.ragged_paged_attention, sm_scale=1 / math.sqrt(batch.d),
+                                   sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
+                                   interpret=interpret))
+    out = fn(jnp.asarray(a["q"], batch.dtype), batch.cache(backend, interpret), jnp.asarray(a["seq_lens"]),
+             jnp.asarray(a["block_tables"]), jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == a["q"].shape
+    assert np.isfinite(out).all(), "padding must not poison the output with NaN/inf"
+    return out
+
+
+def dense_oracle(batch: Batch, *, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Naive per-token attention straight from the generated K/V (no pages, no cache)."""
+    a = batch.arrays
+    out = np.zeros_like(a["q"])
+    g = batch.hq // batch.hkv
+    for s, (n, qn) in enumerate(batch.seqs):
+        k = np.repeat(a["k"][s], g, axis=1)
+        v = np.repeat(a["v"][s], g, axis=1)
+        for i in range(qn):
+            t, p = a["query_start_loc"][s] + i, n - qn + i
+            lo = 0 if sliding_window is None else max(0, p - sliding_window + 1)
+            sc = np.einsum("hd,khd->hk", a["q"][t], k[lo: p + 1]) / math.sqrt(batch.d)
+            if soft_cap is not None:
+                sc = soft_cap * np.tanh(sc / soft_cap)
+            w = np.exp(sc - sc.max(axis=1, keepdims=True))
+            out[t] = np.einsum("hk,khd->hd", w / w.sum(axis=1, keepdims=True), v[lo: p + 1])
+    return out
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray, n: int) -> float:
+    return float(np.linalg.norm(x[:n] - ref[:n]) / np.linalg.norm(ref[:n]))
+
+
+def check(batch: Batch, backend: str, **kw) -> None:
+    ref = run(batch, "reference", **kw)
+    out = run(batch, backend, interpret=True, **kw)
+    err = rel_err(out, ref, batch.num_real_tokens)
+    assert err < TOL[batch.dtype], f"{backend}: relative error {err:.2e}"
+
+
+# decode x2 (one ending mid-page, one on a page boundary), chunked prefill (context + new tokens),
+# a fresh prompt ending mid-page.
+MIXED = [(37, 1), (32, 1), (45, 7), (23, 23)]
+
+
+# ---------------------------------------------------------------- the reference against the oracle
+
+
+@pytest.mark.parametrize("window,cap", [(None, None), (9, 5.0)])
+def test_reference_matches_dense_oracle(window, cap):
+    b = Batch(MIXED + [(130, 1), (70, 66)], hq=6, hkv=2).build()
+    ref = run(b, "reference", sliding_window=window, soft_cap=cap)
+    dense = dense_oracle(b, sliding_window=window, soft_cap=cap)
+    assert rel_err(ref, dense, b.num_real_tokens) < 1e-5
+    if window is not None:  # the comparison can fail: an off-by-one window is caught
+        assert rel_err(ref, dense_oracle(b, sliding_window=window + 1, soft_cap=cap), b.num_real_tokens) > 1e-3
+
+
+# ---------------------------------------------------------------- GPU kernel (Triton), interpret mode
+
+
+DECODE_ONLY = [(5, 1), (16, 1), (17, 1), (100, 1), (1, 1)]
+PREFILL_ONLY = [(19, 19), (40, 12), (3, 2)]  # one fresh prompt, one chunked prefill, one tiny
+
+
+@pytest.mark.parametrize("seqs,hq,hkv,d,ps,dtype", [
+    (MIXED, 6, 2, 64, 16, jnp.float32),           # GQA 3 (group padded to a power of two)
+    (MIXED, 2, 2, 128, 32, jnp.bfloat16),         # MHA
+    (PREFILL_ONLY, 8, 2, 256, 64, jnp.float16),   # GQA 4, largest head dim, no decode rows
+    (DECODE_ONLY, 8, 1, 64, 128, jnp.bfloat16),   # MQA, largest page, no prefill rows
+    (MIXED, 9, 3, 64, 16, jnp.bfloat16),          # SmolLM2's heads
+], ids=["gqa3-f32", "mha-bf16", "prefill-d256-f16", "decode-mqa-ps128", "smollm2"])
+def test_gpu_matches_reference(seqs, hq, hkv, d, ps, dtype):
+    check(Batch(seqs, hq=hq, hkv=hkv, d=d, page_size=ps, dtype=dtype).build(), "gpu")
+
+
+def test_gpu_sliding_window_and_soft_cap():
+    check(Batch(MIXED + [(90, 1)], hq=8, hkv=2, page_size=16).build(), "gpu", sliding_window=20, soft_cap=3.0)
+
+
+def test_gpu_long_context_decode():
+    """One sequence over 1000 tokens: the decode path splits the KV length (flash-decoding)."""
+    check(Batch([(1203, 1)], hq=4, hkv=2, page_size=32, pad_rows=0).build(), "gpu")
+
+
+# ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)
+
+
+def test_tpu_mixed_gqa3_f32():
+    check(Batch(MIXED, hq=6, hkv=2, page_size=16).build(), "tpu")
+
+
+def test_tpu_window_cap_mqa_bf16():
+    b = Batch([(50, 1), (30, 9)], hq=4, hkv=1, d=128, page_size=32, dtype=jnp.bfloat16, pad_tokens=1).build()
+    check(b, "tpu", sliding_window=20, soft_cap=4.0)
+
+
+def test_tpu_long_context_decode_d256_f16():
+    check(Batch([(1100, 1)], hq=2, hkv=1, d=256, page_size=128, dtype=jnp.float16, pad_rows=0, pad_tokens=1).build(), "tpu")
+
+
+# ---------------------------------------------------------------- inputs the kernels cannot serve
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_unsupported_inputs_raise(backend):
+    with pytest.raises(ValueError, match="head_dim"):
+        pk.new_kv_cache(8, 16, 1, 96, jnp.float32, backend=backend)
+    with pytest.raises(ValueError, match="page_size"):
+        pk.new_kv_cache(8, 8, 1, 64, jnp.float32, backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        pk.new_kv_cache(8, 16, 1, 64, jnp.int8, backend=backend)
+    cache = pk.new_kv_cache(8, 16, 2, 64, jnp.float32, backend=backend)
+    args = (jnp.ones((1,), jnp.int32), jnp.ones((1, 1), jnp.int32), jnp.array([0, 1], jnp.int32), jnp.ones((1,), jnp.int32))
+    with pytest.raises(ValueError, match="head_dim"):
+        pk.ragged_paged_attention(jnp.ones((1, 2, 128)), cache, *args, sm_scale=1.0, backend=backend, interpret=True)
+    with pytest.raises(ValueError, match="multiple"):
+        pk.ragged_paged_attention(jnp.ones((1, 3, 64)), cache, *args, sm_scale=1.0, backend=backend, interpret=True)
+    with pytest.raises(ValueError, match="cache"):
+        ref_cache = pk.new_kv_cache(8, 16, 2, 64, jnp.float32, backend="reference")
+        pk.ragged_paged_attention(jnp.ones((1, 2, 64)), ref_cache, *args, sm_scale=1.0, backend=backend, interpret=True)

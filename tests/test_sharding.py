@@ -1,0 +1,314 @@
+"""Tensor parallelism and multi-process serving on fake CPU devices (`jengine.sharding`).
+
+Every check runs in a fresh subprocess (this file run as a script), because the fake-device count
+(`--xla_force_host_platform_device_count`) must be set before JAX starts and the rest of the test
+session runs with one device. The child prints one `RESULT <json>` line.
+
+Runner-level cases drive `ModelRunner` directly with hand-built scheduled rows (no scheduler), so the
+sharding layer is tested on its own; the `LLM` cases check the engine's integration of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = [[5, 6, 7, 8, 9], [12, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+MAX_TOKENS = 8
+CHILD_TIMEOUT_S = 420
+
+
+# ----------------------------------------------------------------------------------------------
+# child side
+# ----------------------------------------------------------------------------------------------
+def _engine_config(model: str, tp: int, **parallel: Any) -> Any:
+    from jengine.config import EngineArgs
+
+    return EngineArgs(
+        model=model, dtype="float32", tensor_parallel_size=tp, max_num_seqs=2, max_num_batched_tokens=32,
+        max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="", **parallel,
+    ).create_engine_config()
+
+
+def _build_runner(config: Any) -> tuple[Any, Any]:
+    """Loads the model through the plan's `place`, builds the runner with pinned step shardings."""
+    from jengine import sharding
+    from jengine.loader import load_model
+    from jengine.worker.model_runner import ModelRunner
+
+    plan = sharding.plan_for_engine(config)
+    loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=None if plan is None else plan.place)
+    runner = ModelRunner(config, loaded, config.scheduler.max_model_len, place_cache=None if plan is None else plan.place_cache)
+    if plan is not None:
+        sharding.pin_runner_shardings(runner, plan)
+    runner.warmup()
+    return runner, plan
+
+
+def _greedy(execute: Any, page_size: int, max_pages: int) -> list[list[int]]:
+    """Greedy decoding of PROMPTS as one batch: a prefill step, then one decode step per token."""
+    from jengine.sampler import RowState
+    from jengine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    reqs = [SimpleNamespace(prompt_token_ids=p, output_token_ids=[], sampling_params=params) for p in PROMPTS]
+    pages = [list(range(1 + i * max_pages, 1 + (i + 1) * max_pages)) for i in range(len(reqs))]
+    computed = [0] * len(reqs)
+    for _ in range(MAX_TOKENS):
+        rows = []
+        for i, r in enumerate(reqs):
+            total = len(r.prompt_token_ids) + len(r.output_token_ids)
+            rows.append(SimpleNamespace(request=r, start=computed[i], num_new_tokens=total - computed[i], block_ids=pages[i]))
+        states = [RowState(params, r.prompt_token_ids, r.output_token_ids, seed=0) for r in reqs]
+        out = execute(rows, states, sum(s.num_new_tokens for s in rows))
+        for i, r in enumerate(reqs):
+            computed[i] += rows[i].num_new_tokens
+            r.output_token_ids.append(int(out.token_ids[i]))
+    return [r.output_token_ids for r in reqs]
+
+
+def _specs(runner: Any) -> dict[str, Any]:
+    import jax
+
+    specs = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(runner.params):
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        specs[name] = str(tuple(leaf.sharding.spec)) if hasattr(leaf.sharding, "spec") else "single"
+    cache = jax.tree_util.tree_leaves(runner.kv_cache)[0]
+    specs["kv_cache"] = str(tuple(cache.sharding.spec)) if hasattr(cache.sharding, "spec") else "single"
+    return specs
+
+
+def _child_runner(model: str, tp: int) -> dict[str, Any]:
+    from jengine import sharding
+
+    runner, plan = _build_runner(_engine_config(model, tp))
+    tokens = _greedy(runner.execute, runner.page_size, runner.max_pages_per_seq)
+    report = sharding.memory_report(runner.params, runner.kv_cache)
+    return {
+        "tokens": tokens, "specs": _specs(runner), "compiles_after_warmup": runner.compilations_after_warmup,
+        "devices_with_weights": sum(1 for v in report.values() if v["weights"] > 0), "memory": report,
+    }
+
+
+def _child_distributed(model: str, coordinator: str, num_processes: int, process_id: int) -> dict[str, Any]:
+    import jax
+
+    from jengine.sharding import distributed
+
+    parallel = dict(distributed_coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+    config = _engine_config(model, 1, **parallel)
+    distributed.initialize(config.parallel, heartbeat_timeout_s=10)
+    config = _engine_config(model, jax.device_count(), **parallel)  # the model axis spans every process
+    runner, _ = _build_runner(config)
+    if process_id != 0:
+        steps = distributed.run_worker(runner, idle_timeout_s=120)
+        return {"worker_steps": steps, "compiles_after_warmup": runner.compilations_after_warmup}
+    leader = distributed.LeaderRunner(runner, peer_timeout_s=30, step_timeout_s=120)
+    tokens = _greedy(leader.execute, runner.page_size, runner.max_pages_per_seq)
+    leader.shutdown()
+    return {"tokens": tokens, "specs": _specs(runner), "compiles_after_warmup": runner.compilations_after_warmup,
+            "global_devices": jax.device_count()}
+
+
+def _child_dead_worker(model: str, coordinator: str, process_id: int) -> dict[str, Any]:
+    """Worker exits right after warm-up; the leader must raise WorkerFailedError, not hang."""
+    import jax
+
+    from jengine.sharding import distributed
+
+    parallel = dict(distributed_coordinator=coordinator, num_processes=2, process_id=process_id)
+    distributed.initialize(_engine_config(model, 1, **parallel).parallel, heartbeat_timeout_s=10)
+    runner, _ = _build_runner(_engine_config(model, jax.device_count(), **parallel))
+    if process_id != 0:
+        os._exit(0)  # dies without telling anyone
+    leader = distributed.LeaderRunner(runner, peer_timeout_s=10, step_timeout_s=40)
+    try:
+        _greedy(leader.execute, runner.page_size, runner.max_pages_per_seq)
+    except distributed.WorkerFailedError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a collective may fail first, with the runtime's own error
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+def _child_llm(model: str, tp: int) -> dict[str, Any]:
+    from jengine import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", tensor_parallel_size=tp, max_num_seqs=2, max_num_batched_tokens=32,
+              max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="")
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": _specs(llm.engine.runner),
+            "compiles_after_warmup": llm.engine.compilations_after_warmup}
+
+
+def _child_main(argv: list[str]) -> None:
+    case, devices, args = argv[0], int(argv[1]), argv[2:]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, HERE)
+    if case == "runner":
+        result = _child_runner(args[0], int(args[1]))
+    elif case == "llm":
+        result = _child_llm(args[0], int(args[1]))
+    elif case == "distributed":
+        result = _child_distributed(args[0], args[1], int(args[2]), int(args[3]))
+    elif case == "dead_worker":
+        result = _child_dead_worker(args[0], args[1], int(args[2]))
+    elif case == "plan":
+        from jengine import sharding
+
+        result = {"error": None}
+        try:
+            sharding.plan_for_engine(_engine_config(args[0], int(args[1])))
+        except ValueError as exc:
+            result["error"] = str(exc)
+    else:
+        raise SystemExit(f"unknown case {case}")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# parent side
+# ----------------------------------------------------------------------------------------------
+def _spawn(*args: Any) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, __file__, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _result(proc: subprocess.Popen, timeout: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"child timed out after {timeout} s:\n{out[-4000:]}")
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"child failed (rc {proc.returncode}):\n{out[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _run(*args: Any) -> dict[str, Any]:
+    return _result(_spawn(*args))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """2 layers, 8 query / 2 KV heads (head_dim 8), FFN 128, vocab 320."""
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tp"), arch="llama", num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(tiny_llama: str) -> list[list[int]]:
+    res = _run("runner", 1, tiny_llama, 1)
+    assert res["specs"]["kv_cache"] == "single"
+    return res["tokens"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+COL, ROW, VOCAB, REP = "(None, None, 'model')", "(None, 'model', None)", "('model', None)", "()"
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_matches_tp1(tiny_llama: str, tp1_tokens: list[list[int]], tp: int) -> None:
+    res = _run("runner", 8, tiny_llama, tp)
+    assert res["tokens"] == tp1_tokens
+    specs = res["specs"]
+    kv = COL if tp == 2 else REP  # 2 KV heads: split at TP 2, replicated at TP 4 and 8
+    expected = {
+        "layers.wq": COL, "layers.w_gate": COL, "layers.w_up": COL, "layers.wk": kv, "layers.wv": kv,
+        "layers.wo": ROW, "layers.w_down": ROW, "embed": VOCAB, "lm_head": VOCAB,
+        "layers.attn_norm": REP, "layers.mlp_norm": REP, "final_norm": REP,
+        "kv_cache": "(None, None, None, 'model', None)" if tp == 2 else REP,
+    }
+    got = {k: v for k, v in specs.items() if any(k == e or k.startswith(e + ".") for e in expected)}
+    for name, spec in expected.items():
+        matches = [v for k, v in got.items() if k == name or k.startswith(name + ".")]
+        assert matches == [spec], f"{name}: {matches} != {spec}"
+    assert res["compiles_after_warmup"] == 0
+    assert res["devices_with_weights"] == tp
+    # Column/row-parallel weights are split: each device holds less than the whole model.
+    per_device = [v["weights"] for v in res["memory"].values() if v["weights"]]
+    assert max(per_device) < sum(per_device) / tp * 1.5 or tp == 1
+
+
+def test_smollm2_tp3_matches_tp1() -> None:
+    from jengine.loader import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    one, three = _spawn("runner", 1, path, 1), _spawn("runner", 8, path, 3)
+    one, three = _result(one), _result(three)
+    assert three["tokens"] == one["tokens"]
+    assert three["specs"]["kv_cache"] == "(None, None, None, 'model', None)"  # 3 KV heads over 3 devices
+    assert three["compiles_after_warmup"] == 0
+
+
+def test_indivisible_head_count_fails_with_valid_sizes() -> None:
+    from jengine.loader import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    res = _run("plan", 8, path, 2)
+    assert res["error"] is not None and "tensor_parallel_size=2" in res["error"] and "sizes that work: 1, 3" in res["error"]
+
+
+def test_two_processes_match_one(tiny_llama: str, tp1_tokens: list[list[int]]) -> None:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [_spawn("distributed", 2, tiny_llama, coordinator, 2, pid) for pid in (0, 1)]
+    leader, worker = (_result(p) for p in procs)
+    assert leader["global_devices"] == 4
+    assert leader["tokens"] == tp1_tokens
+    assert worker["worker_steps"] == MAX_TOKENS
+    assert leader["compiles_after_warmup"] == 0 and worker["compiles_after_warmup"] == 0
+
+
+def test_dead_worker_fails_the_leader(tiny_llama: str) -> None:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [_spawn("dead_worker", 2, tiny_llama, coordinator, pid) for pid in (0, 1)]
+    leader = procs[0]
+    try:
+        out, _ = leader.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    if lines:  # the leader noticed and returned an error
+        error = json.loads(lines[-1][len("RESULT "):])["error"]
+        assert error, "leader finished generation with a dead worker"
+    else:  # or the watchdog / coordination service killed it: non-zero, with a message
+        assert leader.returncode != 0, out[-3000:]
+        assert "did not finish" in out or "worker" in out.lower(), out[-3000:]
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_llm_tensor_parallel_size(tiny_llama: str, tp1_tokens: list[list[int]], tp: int) -> None:
+    """The engine wires the plan in: `LLM(tensor_parallel_size=N)` shards and never recompiles."""
+    res = _run("llm", 8, tiny_llama, tp)
+    assert res["tokens"] == tp1_tokens
+    assert any(v == COL for k, v in res["specs"].items() if k.startswith("layers.wq"))
+    assert res["compiles_after_warmup"] == 0
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
