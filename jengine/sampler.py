@@ -15,6 +15,9 @@ Order of operations (as vLLM's V1 sampler does):
 4. greedy rows (temperature 0) take the argmax (ties: lowest id) of the penalised logits;
 5. other rows: temperature, min_p, top_k, top_p, then one draw from what is left.
 
+Penalties and min_tokens touch only the few ids involved: the builder de-duplicates each row's history on
+the host (ids + output counts), the device gathers those logits, penalises them and scatters them back.
+
 Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s, far more than a decode
 step, so nothing here sorts over V. top-k / top-p thresholds come from `lax.top_k` over a small number of
 candidates (`num_candidates`, default 64); a row whose top_k is larger, or whose top_p mass is not reached
@@ -32,6 +35,7 @@ same tokens whatever else shares the batch and whichever row it sits in.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional, Sequence
 
 import jax
@@ -65,14 +69,13 @@ class SamplingTensors:
     repetition_penalty: jax.Array  # f32[S]; 1 = off
     key_data: jax.Array  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
     step: jax.Array  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
-    output_token_ids: jax.Array  # i32[S, W]; last W generated tokens (rows with penalties only)
-    prompt_token_ids: jax.Array  # i32[S, Wp]; last Wp prompt tokens (rows with repetition penalty only)
+    penalty_token_ids: jax.Array  # i32[S, W + Wp]; distinct ids of the prompt/output history (rows with
+    #   penalties only): the last W output tokens, plus the last Wp prompt tokens if repetition applies
+    penalty_output_counts: jax.Array  # f32[S, W + Wp]; how often each of those ids is in the output
     banned_token_ids: jax.Array  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
     num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
     all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
-    any_penalties: jax.Array  # bool[]
     any_top_k_or_p: jax.Array  # bool[]
-    any_banned: jax.Array  # bool[]
     any_logprobs: jax.Array  # bool[]
 
 
@@ -152,12 +155,14 @@ def build_sampling_tensors(
     repetition = np.ones(S, np.float32)
     key_data = np.zeros((S, 2), np.uint32)
     step = np.zeros(S, np.int32)
-    out_hist = np.full((S, history_len), V, np.int32)
-    prompt_hist = np.full((S, Wp), V, np.int32)
+    pen_ids = np.full((S, history_len + Wp), V, np.int32)
+    pen_counts = np.zeros((S, history_len + Wp), np.float32)
     banned = np.full((S, max_stop_tokens), V, np.int32)
     num_logprobs = np.full(S, -1, np.int32)
     all_greedy = True
-    any_pen = any_kp = any_banned = False
+    any_kp = False
+    hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
+    hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
 
     for i, row in enumerate(rows):
         if row is None:
@@ -180,20 +185,17 @@ def build_sampling_tensors(
                     raise ValueError(
                         f"{len(stops)} EOS/stop token ids exceed max_stop_tokens={max_stop_tokens}")
                 banned[i, : len(stops)] = stops
-                any_banned = True
         has_freq_pres = abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
         has_rep = abs(p.repetition_penalty - 1.0) > _SAMPLING_EPS
         if has_freq_pres or has_rep:
-            any_pen = True
             presence[i] = p.presence_penalty
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
-            if n_out and history_len:
-                tail = outs[-history_len:]
-                out_hist[i, : len(tail)] = tail
-            if has_rep and Wp and len(row.prompt_token_ids):
-                tail = row.prompt_token_ids[-Wp:]
-                prompt_hist[i, : len(tail)] = tail
+            out_tail = outs[-history_len:] if (n_out and history_len) else ()
+            prompt_tail = row.prompt_token_ids[-Wp:] if (has_rep and Wp) else ()
+            hist_parts.append(out_tail)
+            hist_parts.append(prompt_tail)
+            hist_rows.append((i, len(out_tail), len(prompt_tail)))
         if p.temperature < _SAMPLING_EPS:
             continue  # greedy: top-k / top-p / min-p do not apply
         all_greedy = False
@@ -206,38 +208,53 @@ def build_sampling_tensors(
             any_kp = True
         min_p[i] = p.min_p
 
+    if hist_rows:
+        _fill_penalty_history(hist_parts, hist_rows, V, pen_ids, pen_counts)
     any_lp = bool((num_logprobs >= 0).any())
     return SamplingTensors(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
-        key_data=key_data, step=step, output_token_ids=out_hist, prompt_token_ids=prompt_hist,
+        key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
         banned_token_ids=banned, num_logprobs=num_logprobs,
-        all_greedy=np.bool_(all_greedy), any_penalties=np.bool_(any_pen),
-        any_top_k_or_p=np.bool_(any_kp), any_banned=np.bool_(any_banned),
+        all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
         any_logprobs=np.bool_(any_lp),
     )
+
+
+def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int, int]], vocab_size: int,
+                          pen_ids: np.ndarray, pen_counts: np.ndarray) -> None:
+    """Writes each row's distinct history ids (sorted) and their output counts, for all rows at once."""
+    flat = np.fromiter(itertools.chain.from_iterable(parts), np.int64)
+    lens = np.array([(n_out, n_prompt) for _, n_out, n_prompt in rows], np.int64).reshape(-1)
+    row_of = np.repeat(np.repeat(np.array([r for r, _, _ in rows], np.int64), 2), lens)
+    is_out = np.repeat(np.tile(np.array([1.0, 0.0]), len(rows)), lens)
+    keys = row_of * (vocab_size + 1) + flat
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse.reshape(-1), weights=is_out, minlength=uniq.size)
+    r, ids = np.divmod(uniq, vocab_size + 1)
+    pos = np.arange(uniq.size) - np.searchsorted(r, r, side="left")
+    pen_ids[r, pos] = ids
+    pen_counts[r, pos] = counts
 
 
 # -------------------------------------------------------------------------------------------- device
 
 
-def _row_scatter(shape: tuple[int, int], ids: jax.Array, value: float | jax.Array) -> jax.Array:
-    """[S, V] zeros with `value` added at (row, ids[row, j]); ids >= V are dropped."""
-    rows = jnp.arange(shape[0], dtype=jnp.int32)[:, None]
-    return jnp.zeros(shape, jnp.float32).at[rows, ids].add(value, mode="drop")
-
-
-def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """Repetition (prompt + output tokens), then frequency and presence (output tokens), as vLLM."""
-    shape = logits.shape
-    out_counts = _row_scatter(shape, t.output_token_ids, 1.0)
-    prompt_seen = _row_scatter(shape, t.prompt_token_ids, 1.0) > 0
-    out_seen = out_counts > 0
+def apply_min_tokens_and_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """min_tokens masking, then repetition (prompt + output tokens), frequency and presence (output
+    tokens), as vLLM. Only the few history ids are gathered and scattered back (padding ids, == V, are
+    dropped), so rows without penalties pass through bit-exactly and nothing of size [S, V] is built
+    besides the one copy of the logits the scatters write into."""
+    S, V = logits.shape
+    rows = jnp.arange(S, dtype=jnp.int32)[:, None]
+    x = logits.at[rows, t.banned_token_ids].set(-jnp.inf, mode="drop")
+    ids = t.penalty_token_ids
+    vals = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)
     rep = t.repetition_penalty[:, None]
-    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
-    logits = jnp.where(prompt_seen | out_seen, penalised, logits)
-    logits = logits - t.frequency_penalty[:, None] * out_counts
-    return logits - t.presence_penalty[:, None] * out_seen.astype(jnp.float32)
+    counts = t.penalty_output_counts
+    vals = jnp.where(vals > 0, vals / rep, vals * rep)
+    vals = vals - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    return x.at[rows, ids].set(vals, mode="drop")
 
 
 def _ordered_bits(x: jax.Array) -> jax.Array:
@@ -274,48 +291,54 @@ def _bisect_threshold(keys: jax.Array, score: jax.Array, target: jax.Array) -> j
     return _unordered_bits(lo)
 
 
-def _filter_threshold(x: jax.Array, row_max: jax.Array, t: SamplingTensors,
-                      num_candidates: int) -> jax.Array:
-    """Per-row value threshold (keep x >= thr) implementing min_p, then top_k, then top_p."""
-    S, V = x.shape
+def _filter_weights(xs: jax.Array, row_max: jax.Array, t: SamplingTensors, num_candidates: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """min_p, then top_k, then top_p on temperature-scaled logits `xs`.
+
+    Returns (weights [S, V]: unnormalised probabilities of the kept tokens, 0 elsewhere; the per-row
+    value threshold: tokens with xs >= threshold are kept). One exp pass over [S, V].
+    """
+    S, V = xs.shape
+    C = min(num_candidates, V)
     min_p_thr = jnp.where(t.min_p > 0, row_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
+    k = t.top_k
 
-    def top_k_top_p(_):
-        C = min(num_candidates, V)
-        cand = lax.top_k(x, C)[0]  # [S, C], descending
-        k = t.top_k
-        # top-k threshold: the k-th largest value.
+    def top_k_threshold(_):
+        cand = lax.top_k(xs, C)[0]  # [S, C], descending
         k_fast = jnp.take_along_axis(cand, jnp.clip(k - 1, 0, C - 1)[:, None], axis=-1)[:, 0]
-        need_k_bisect = (k > C)
-        keys = _ordered_bits(x)
+        need_bisect = k > C
 
-        def k_slow(_):
-            return _bisect_threshold(keys, jnp.float32(1.0), jnp.minimum(k, V).astype(jnp.float32))
+        def slow(_):
+            counts = jnp.minimum(k, V).astype(jnp.float32)
+            return _bisect_threshold(_ordered_bits(xs), jnp.float32(1.0), counts)
 
-        k_thr = lax.cond(jnp.any(need_k_bisect), k_slow, lambda _: k_fast, None)
-        k_thr = jnp.where(need_k_bisect, k_thr, k_fast)
-        k_thr = jnp.where(k > 0, k_thr, -jnp.inf)
-        thr = jnp.maximum(min_p_thr, k_thr)
+        k_thr = jnp.where(need_bisect, lax.cond(jnp.any(need_bisect), slow, lambda _: k_fast, None), k_fast)
+        return cand, jnp.maximum(min_p_thr, jnp.where(k > 0, k_thr, -jnp.inf))
 
-        # top-p over what min_p and top_k left, renormalised (as vLLM: softmax of the masked logits).
-        e = jnp.where(x >= thr[:, None], jnp.exp(x - row_max[:, None]), 0.0)
-        z = jnp.sum(e, axis=-1)
-        target = t.top_p * z
+    def no_top_k(_):
+        return jnp.zeros((S, C), xs.dtype), min_p_thr
+
+    cand, thr = lax.cond(t.any_top_k_or_p, top_k_threshold, no_top_k, None)
+    e = jnp.where(xs >= thr[:, None], jnp.exp(xs - row_max[:, None]), 0.0)
+
+    def top_p_threshold(_):
+        # Over what min_p and top_k left, renormalised (vLLM: softmax of the masked logits).
+        target = t.top_p * jnp.sum(e, axis=-1)
         cand_e = jnp.where(cand >= thr[:, None], jnp.exp(cand - row_max[:, None]), 0.0)
         cum = jnp.cumsum(cand_e, axis=-1)
         j = jnp.sum(cum < target[:, None], axis=-1)  # first position whose inclusive mass >= target
         use_p = t.top_p < 1.0
-        need_p_bisect = use_p & (j >= C)
+        need_bisect = use_p & (j >= C)
         p_fast = jnp.take_along_axis(cand, jnp.minimum(j, C - 1)[:, None], axis=-1)[:, 0]
 
-        def p_slow(_):
-            return _bisect_threshold(keys, e, target)
+        def slow(_):
+            return _bisect_threshold(_ordered_bits(xs), e, target)
 
-        p_thr = lax.cond(jnp.any(need_p_bisect), p_slow, lambda _: p_fast, None)
-        p_thr = jnp.where(need_p_bisect, p_thr, p_fast)
+        p_thr = jnp.where(need_bisect, lax.cond(jnp.any(need_bisect), slow, lambda _: p_fast, None), p_fast)
         return jnp.maximum(thr, jnp.where(use_p, p_thr, -jnp.inf))
 
-    return lax.cond(t.any_top_k_or_p, top_k_top_p, lambda _: min_p_thr, None)
+    thr = lax.cond(t.any_top_k_or_p, top_p_threshold, lambda _: thr, None)
+    return jnp.where(xs >= thr[:, None], e, 0.0), thr
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -374,23 +397,10 @@ def _logprob_outputs(raw: jax.Array, tokens: jax.Array, t: SamplingTensors,
     return lax.cond(t.any_logprobs, compute, skip, None)
 
 
-def _constrain(raw: jax.Array, t: SamplingTensors) -> jax.Array:
-    """min_tokens masking, then penalties: the logits greedy rows take the argmax of."""
-    S, V = raw.shape
-    x = lax.cond(
-        t.any_banned,
-        lambda l: l + _row_scatter((S, V), t.banned_token_ids, -jnp.inf),
-        lambda l: l, raw)
-    return lax.cond(t.any_penalties, lambda l: apply_penalties(l, t), lambda l: l, x)
-
-
-def _scale_and_filter(x: jax.Array, t: SamplingTensors, num_candidates: int
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Temperature, then the min_p / top_k / top_p threshold: (scaled logits, row max, threshold)."""
+def _scale(x: jax.Array, t: SamplingTensors) -> tuple[jax.Array, jax.Array]:
     temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
     xs = x / temp[:, None]
-    row_max = jnp.max(xs, axis=-1)
-    return xs, row_max, _filter_threshold(xs, row_max, t, num_candidates)
+    return xs, jnp.max(xs, axis=-1)
 
 
 def filtered_logits(logits: jax.Array, t: SamplingTensors, *,
@@ -400,8 +410,9 @@ def filtered_logits(logits: jax.Array, t: SamplingTensors, *,
     Greedy rows get their (masked, penalised) logits unscaled and unfiltered. For tests and debugging;
     `sample` computes the same thing without materialising it.
     """
-    x = _constrain(logits.astype(jnp.float32), t)
-    xs, _, thr = _scale_and_filter(x, t, num_candidates)
+    x = apply_min_tokens_and_penalties(logits.astype(jnp.float32), t)
+    xs, row_max = _scale(x, t)
+    _, thr = _filter_weights(xs, row_max, t, num_candidates)
     kept = jnp.where(xs >= thr[:, None], xs, -jnp.inf)
     return jnp.where((t.temperature > 0)[:, None], kept, x)
 
@@ -411,12 +422,12 @@ def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
     """Picks one token per row of `logits` [S, V] (float32). Jittable; `max_logprobs` (the width of
     the top-logprobs outputs) and `num_candidates` are static: use `sample_jit` or close over them."""
     raw = logits.astype(jnp.float32)
-    x = _constrain(raw, t)
+    x = apply_min_tokens_and_penalties(raw, t)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def draw(x):
-        xs, row_max, thr = _scale_and_filter(x, t, num_candidates)
-        w = jnp.where(xs >= thr[:, None], jnp.exp(xs - row_max[:, None]), 0.0)
+        xs, row_max = _scale(x, t)
+        w, _ = _filter_weights(xs, row_max, t, num_candidates)
         sampled = _inverse_cdf(w, _row_uniforms(t))
         return jnp.where(t.temperature > 0, sampled, greedy_tokens)
 

@@ -49,14 +49,14 @@ class SamplingParams:
             self.top_k = 0
         if self.seed is not None:
             self.seed = int(self.seed)
-        self.verify()
+        self.verify(max_logprobs=None)  # the engine checks logprobs against its own max_logprobs
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 
-    def verify(self, max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
-        """Raises ValueError naming the first field out of range."""
+    def verify(self, max_logprobs: Optional[int] = DEFAULT_MAX_LOGPROBS) -> None:
+        """Raises ValueError naming the first field out of range (`max_logprobs=None`: no upper bound)."""
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
@@ -73,7 +73,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(isinstance(value, int) and 0 <= value <= max_logprobs, name, f"must be an integer in [0, {max_logprobs}], got {value!r}")
+                _check(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
+                if max_logprobs is not None:
+                    _check(value <= max_logprobs, name, f"must be <= max_logprobs={max_logprobs}, got {value}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
         if self.seed is not None:

@@ -16,7 +16,6 @@ window and logit soft cap. `interpret=True` runs it on any backend (slowly) for 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax

@@ -195,10 +195,13 @@ async def start_grpc_server(serving: OpenAIServing, host: str, port: int) -> tup
     await set_status(health_pb2.HealthCheckResponse.SERVING if serving.engine.healthy else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def on_death() -> None:  # runs on the engine thread
+        if loop.is_closed():
+            return
+        coro = set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            asyncio.run_coroutine_threadsafe(set_status(health_pb2.HealthCheckResponse.NOT_SERVING), loop)
-        except RuntimeError:
-            pass
+            asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop closed meanwhile
+            coro.close()
 
     serving.engine.add_death_callback(on_death)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from jengine.sharding.mesh import AXES, make_mesh
 from jengine.sharding.rules import (
     KV_HEAD_AXIS,
+    PinnedJit,
     TensorParallelPlan,
     check_tensor_parallel_size,
     format_memory_report,
@@ -68,6 +69,7 @@ def plan_for_engine(engine_config: Any, model_config: Any = None) -> Optional[Te
 __all__ = [
     "AXES",
     "KV_HEAD_AXIS",
+    "PinnedJit",
     "TensorParallelPlan",
     "check_tensor_parallel_size",
     "format_memory_report",

@@ -24,15 +24,16 @@ Values are pickled numpy pytrees; keys are deleted once every worker has acknowl
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,38 @@ class WorkerFailedError(RuntimeError):
     """A peer process of a multi-host engine died or stopped answering."""
 
 
-def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = 30, initialization_timeout_s: int = 300) -> None:
+_fatal_hooks: list[Callable[[str], None]] = []
+
+
+def add_fatal_hook(hook: Callable[[str], None]) -> None:
+    """Registers `hook(message)`, called before the process exits because a peer died (fail requests here)."""
+    _fatal_hooks.append(hook)
+
+
+def _die(message: str) -> None:
+    logger.error(message)
+    print(f"jengine: {message}", file=sys.stderr, flush=True)
+    for hook in list(_fatal_hooks):
+        try:
+            hook(message)
+        except Exception:  # the process exits regardless
+            logger.exception("fatal hook failed")
+    os._exit(EXIT_WORKER_FAILED)
+
+
+def _on_service_error(*args: Any) -> None:
+    """The coordination service reported a dead peer (missed heartbeats): fail clearly, exit non-zero."""
+    detail = " ".join(str(a) for a in args)
+    _die(f"a jengine process stopped responding (jax.distributed heartbeat): {detail.strip()}")
+
+
+def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = 60, initialization_timeout_s: int = 300) -> None:
     """`jax.distributed.initialize` from a `ParallelConfig` (no-op for one process).
 
     Must run before anything touches a JAX backend. On CPU the cross-process collectives use gloo.
+    JAX's default reaction to a dead peer is to abort the process from C++ (SIGABRT) once its
+    heartbeats stop; where this JAX lets us, a callback replaces that with `_die`, which runs the
+    fatal hooks (failing requests) and exits with status 3.
     """
     if parallel_config.num_processes <= 1:
         return
@@ -56,17 +85,48 @@ def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = 30, initializ
         raise ValueError("num_processes > 1 needs distributed_coordinator (HOST:PORT of process 0)")
     if not 0 <= parallel_config.process_id < parallel_config.num_processes:
         raise ValueError(f"process_id must be in [0, {parallel_config.num_processes}), got {parallel_config.process_id}")
-    jax.distributed.initialize(
-        coordinator_address=parallel_config.distributed_coordinator,
-        num_processes=parallel_config.num_processes,
-        process_id=parallel_config.process_id,
-        initialization_timeout=initialization_timeout_s,
-        heartbeat_timeout_seconds=heartbeat_timeout_s,
-    )
+    with _heartbeat_callback(_on_service_error):
+        jax.distributed.initialize(
+            coordinator_address=parallel_config.distributed_coordinator,
+            num_processes=parallel_config.num_processes,
+            process_id=parallel_config.process_id,
+            initialization_timeout=initialization_timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )
+
+
+@contextlib.contextmanager
+def _heartbeat_callback(callback: Callable[..., None]) -> Iterator[None]:
+    """Passes `missed_heartbeat_callback` to the runtime client `jax.distributed.initialize` creates.
+
+    `initialize` has no parameter for it; the client factory does. Skipped (JAX's abort stays) when
+    this JAX's factory lacks the parameter.
+    """
+    try:
+        from jax._src import distributed as _dist
+        from jax._src.lib import _jax
+    except ImportError:
+        yield
+        return
+    factory = getattr(_jax, "get_distributed_runtime_client", None)
+    if factory is None or "missed_heartbeat_callback" not in (factory.__doc__ or ""):
+        yield
+        return
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("missed_heartbeat_callback", callback)
+        return factory(*args, **kwargs)
+
+    holder = _dist._jax if getattr(_dist, "_jax", None) is _jax else _jax
+    holder.get_distributed_runtime_client = patched
+    try:
+        yield
+    finally:
+        holder.get_distributed_runtime_client = factory
 
 
 def _client() -> Any:
@@ -87,19 +147,20 @@ class StepChannel:
         self.size = jax.process_count()
         self.peer_timeout_ms = int(peer_timeout_s * 1000)
 
-    def publish(self, n: int, payload: Any) -> None:
-        """Leader: waits for every worker's ack of step n-1, then publishes step n."""
-        if n > 0:
-            self.wait_acks(n - 1)
+    def publish(self, n: int, payload: Any, ready_timeout_s: float = 600.0) -> None:
+        """Leader: waits for every worker's ack of step n-1 (step -1: warmed up), then publishes step n."""
+        self.wait_acks(n - 1, None if n > 0 else ready_timeout_s)
         self.client.key_value_set_bytes(f"{_PREFIX}/{n}", pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
-    def wait_acks(self, n: int) -> None:
+    def wait_acks(self, n: int, timeout_s: Optional[float] = None) -> None:
+        timeout_ms = self.peer_timeout_ms if timeout_s is None else int(timeout_s * 1000)
         for rank in range(1, self.size):
             try:
-                self.client.blocking_key_value_get_bytes(f"{_PREFIX}/{n}/ack/{rank}", self.peer_timeout_ms)
+                self.client.blocking_key_value_get_bytes(f"{_PREFIX}/{n}/ack/{rank}", timeout_ms)
             except Exception as exc:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED / UNAVAILABLE)
+                what = "become ready" if n < 0 else f"finish step {n}"
                 raise WorkerFailedError(
-                    f"worker process {rank} did not finish step {n} within {self.peer_timeout_ms / 1000:.0f} s "
+                    f"worker process {rank} did not {what} within {timeout_ms / 1000:.0f} s "
                     f"(dead or unreachable): {exc}"
                 ) from exc
         self._delete(f"{_PREFIX}/{n}")
@@ -121,7 +182,7 @@ class StepChannel:
 class _Watchdog:
     """Kills the process if a step overruns: a collective waiting on a dead peer never returns."""
 
-    def __init__(self, timeout_s: float, on_fatal: Optional[Callable[[str], None]]):
+    def __init__(self, timeout_s: float, on_fatal: Optional[Callable[[str], None]] = None):
         self.timeout_s = timeout_s
         self.on_fatal = on_fatal
         self._deadline: Optional[float] = None
@@ -148,14 +209,9 @@ class _Watchdog:
                     self._cond.wait(left)
                     continue
                 what = self._what
-            message = f"{what} did not finish within {self.timeout_s:.0f} s: a peer process died or hangs; exiting"
-            logger.error(message)
             if self.on_fatal is not None:
-                try:
-                    self.on_fatal(message)
-                except Exception:  # the process exits regardless
-                    logger.exception("on_fatal hook failed")
-            os._exit(EXIT_WORKER_FAILED)
+                add_fatal_hook(self.on_fatal)
+            _die(f"{what} did not finish within {self.timeout_s:.0f} s: a peer process died or hangs; exiting")
 
 
 def prepare_step(runner: Any, scheduled: Any, sampling_rows: Any, num_batched_tokens: int) -> tuple[Any, Any]:
@@ -195,11 +251,14 @@ class LeaderRunner:
     (`engine.runner = LeaderRunner(engine.runner)`).
     """
 
-    def __init__(self, runner: Any, *, peer_timeout_s: float = 60.0, step_timeout_s: float = 300.0,
-                 on_fatal: Optional[Callable[[str], None]] = None):
+    def __init__(self, runner: Any, *, peer_timeout_s: float = 60.0, step_timeout_s: float = 30.0,
+                 ready_timeout_s: float = 600.0, on_fatal: Optional[Callable[[str], None]] = None):
         self._runner = runner
         self._channel = StepChannel(peer_timeout_s)
-        self._watchdog = _Watchdog(step_timeout_s, on_fatal)
+        self._ready_timeout_s = ready_timeout_s
+        if on_fatal is not None:
+            add_fatal_hook(on_fatal)
+        self._watchdog = _Watchdog(step_timeout_s, None)
         self._n = 0
         self._closed = False
 
@@ -208,7 +267,7 @@ class LeaderRunner:
 
     def execute(self, scheduled: Any, sampling_rows: Any, num_batched_tokens: int) -> Any:
         inputs, sampling = prepare_step(self._runner, scheduled, sampling_rows, num_batched_tokens)
-        self._channel.publish(self._n, (inputs, sampling))
+        self._channel.publish(self._n, (inputs, sampling), self._ready_timeout_s)
         self._watchdog.arm(f"step {self._n}")
         try:
             out = run_step(self._runner, inputs, sampling)
@@ -227,7 +286,7 @@ class LeaderRunner:
         self._channel.wait_acks(self._n)
 
 
-def run_worker(runner: Any, *, idle_timeout_s: float = 3600.0, step_timeout_s: float = 300.0) -> int:
+def run_worker(runner: Any, *, idle_timeout_s: float = 3600.0, step_timeout_s: float = 30.0) -> int:
     """A worker's serving loop: runs every step the leader publishes until it publishes stop.
 
     Returns the number of steps run. Raises `WorkerFailedError` when the leader is silent for
@@ -236,6 +295,7 @@ def run_worker(runner: Any, *, idle_timeout_s: float = 3600.0, step_timeout_s: f
     """
     channel = StepChannel()
     watchdog = _Watchdog(step_timeout_s, None)
+    channel.ack(-1)  # warmed up: the leader may publish step 0
     n = 0
     while True:
         try:
@@ -266,6 +326,6 @@ def agree_min(name: str, value: int, timeout_s: float = 300.0) -> int:
 
 
 __all__ = [
-    "EXIT_WORKER_FAILED", "LeaderRunner", "StepChannel", "WorkerFailedError", "agree_min", "initialize",
+    "EXIT_WORKER_FAILED", "add_fatal_hook", "LeaderRunner", "StepChannel", "WorkerFailedError", "agree_min", "initialize",
     "prepare_step", "run_step", "run_worker",
 ]

@@ -201,6 +201,38 @@ class TensorParallelPlan:
         return memory_report(params, kv_cache)
 
 
+class PinnedJit:
+    """`jax.jit` with pinned shardings whose `lower()` accepts sharding-less `ShapeDtypeStruct`s.
+
+    Warm-up lowers with `ShapeDtypeStruct`s; one without a sharding lowers to an executable that the
+    later call with a real (replicated, committed) array does not reuse, so serving would compile
+    again. `lower()` fills each missing sharding in from the pinned `in_shardings`.
+    """
+
+    def __init__(self, fn: Any, **jit_kwargs: Any):
+        self._in_shardings = jit_kwargs.get("in_shardings")
+        self._jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        if self._in_shardings is not None:
+            args = tuple(_with_shardings(a, s) for a, s in zip(args, self._in_shardings))
+        return self._jitted.lower(*args)
+
+
+def _with_shardings(arg: Any, shardings: Any) -> Any:
+    def fill(leaf: Any, sharding: Any) -> Any:
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        return leaf
+
+    if isinstance(shardings, jax.sharding.Sharding):  # one sharding for the whole argument tree
+        return jax.tree.map(lambda leaf: fill(leaf, shardings), arg)
+    return jax.tree.map(fill, arg, shardings)
+
+
 def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
     """Re-jits a `ModelRunner`'s three step pieces with pinned shardings (call before `warmup()`).
 
@@ -208,12 +240,12 @@ def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
     sharding layer can be tested on its own.
     """
     rep = "replicated"
-    runner._forward = jax.jit(
+    runner._forward = PinnedJit(
         runner._forward_fn, donate_argnums=(1,),
         **plan.jit_kwargs(("params", "cache", rep), ("cache", rep, rep), params=runner.params, kv_cache=runner.kv_cache),
     )
-    runner._sample = jax.jit(runner._sample_fn, **plan.jit_kwargs((rep, rep), rep))
-    runner._prompt_lp = jax.jit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
+    runner._sample = PinnedJit(runner._sample_fn, **plan.jit_kwargs((rep, rep), rep))
+    runner._prompt_lp = PinnedJit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
 
 
 def memory_report(params: Any, kv_cache: Any) -> dict[str, dict[str, int]]:
@@ -242,6 +274,7 @@ def format_memory_report(report: Mapping[str, Mapping[str, int]]) -> str:
 
 __all__ = [
     "KV_HEAD_AXIS",
+    "PinnedJit",
     "TensorParallelPlan",
     "check_tensor_parallel_size",
     "format_memory_report",

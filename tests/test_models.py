@@ -6,7 +6,6 @@ transformers in float32: all-token prefill logits, then decode steps and greedy 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -22,69 +21,11 @@ from jengine.attention import AttentionMetadata
 from jengine.loader import load_model, read_hf_config
 from jengine.models import SUPPORTED_ARCHITECTURES, ModelConfig, get_model_class
 from jengine.models.config import RopeScaling
-from jengine.pallas_kernels import new_kv_cache
-from tiny_models import make_tiny_checkpoint, to_transformers4_config
+from tiny_models import PagedRunner, make_tiny_checkpoint, to_transformers4_config
 
 torch.set_num_threads(1)
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 PROMPT = [5, 17, 42, 99, 3, 250, 77, 12, 61, 200, 8]  # 11 tokens: ends mid-page with page_size 4
-
-
-class PagedRunner:
-    """A minimal stand-in for the engine: a page allocator and one jitted padded step."""
-
-    def __init__(self, model, *, page_size: int = 4, pages_per_layer: int = 24, max_tokens: int = 16, max_seqs: int = 2, seed: int = 0):
-        cfg = model.config
-        self.page_size, self.pages_per_layer, self.T, self.S = page_size, pages_per_layer, max_tokens, max_seqs
-        self.P = pages_per_layer - 1
-        self.cache = new_kv_cache(cfg.num_layers * pages_per_layer, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
-        self.free = list(np.random.default_rng(seed).permutation(np.arange(1, pages_per_layer)))  # page 0 = null page
-        self.pages: dict[int, list[int]] = {}
-        self.lens: dict[int, int] = {}
-        graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def step(state, cache, ids, pos, md):
-            m = nnx.merge(graphdef, state)
-            cache, hidden = m(cache, ids, pos, md)
-            return cache, m.compute_logits(hidden)
-
-        self._step, self._state = step, state
-
-    def step(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
-        """Runs the new tokens of each (seq_id, tokens) in one ragged call; returns each one's logits[n, V]."""
-        ids, pos, slots, qsl, seq_lens = [], [], [], [0], []
-        tables = np.zeros((self.S, self.P), np.int32)
-        for row, (sid, toks) in enumerate(batch):
-            start = self.lens.get(sid, 0)
-            pages = self.pages.setdefault(sid, [])
-            for p in range(start, start + len(toks)):
-                if p // self.page_size >= len(pages):
-                    pages.append(int(self.free.pop()))
-                slots.append(pages[p // self.page_size] * self.page_size + p % self.page_size)
-                pos.append(p)
-            ids += toks
-            self.lens[sid] = start + len(toks)
-            qsl.append(len(ids))
-            seq_lens.append(self.lens[sid])
-            tables[row, : len(pages)] = pages
-        n = len(ids)
-        assert n <= self.T and len(batch) <= self.S
-        pad = self.T - n
-        md = AttentionMetadata(
-            slot_mapping=jnp.asarray(slots + [0] * pad, jnp.int32),
-            seq_lens=jnp.asarray(seq_lens + [0] * (self.S - len(batch)), jnp.int32),
-            block_tables=jnp.asarray(tables),
-            query_start_loc=jnp.asarray(qsl + [n] * (self.S - len(batch)), jnp.int32),
-            num_seqs=jnp.asarray([len(batch)], jnp.int32),
-            pages_per_layer=self.pages_per_layer,
-            page_size=self.page_size,
-        )
-        self.cache, logits = self._step(
-            self._state, self.cache, jnp.asarray(ids + [0] * pad, jnp.int32), jnp.asarray(pos + [0] * pad, jnp.int32), md
-        )
-        logits = np.asarray(logits)
-        return [logits[qsl[i] : qsl[i + 1]] for i in range(len(batch))]
 
 
 def hf_model(path: str):
@@ -135,11 +76,15 @@ def test_llama_tied_sharded(tmp_path):
     check_parity(path)
 
 
-def test_llama3_rope_scaling(tmp_path):
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 3.0},
+], ids=["llama3", "linear"])
+def test_rope_scaling(tmp_path, rope):
     path = make_tiny_checkpoint(tmp_path, "llama", rope_scaling=rope, rope_theta=500.0)
     cfg = read_hf_config(path)
-    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 16) and cfg.rope_theta == 500.0
+    expected = RopeScaling("llama3", 8.0, 1.0, 4.0, 16) if rope["rope_type"] == "llama3" else RopeScaling("linear", 3.0)
+    assert cfg.rope_scaling == expected and cfg.rope_theta == 500.0
     check_parity(path, decode_steps=2)
 
 
@@ -218,7 +163,6 @@ def test_dummy_load_format(tmp_path):
         assert d_flat[name].shape == r_flat[name].shape and d_flat[name].dtype == jnp.bfloat16
     assert real.dtype == "float32" and r_flat["layers.wq"].dtype == jnp.float32
     runner = PagedRunner(dummy.model)
-    runner.cache = runner.cache.astype(jnp.bfloat16)
     (out,) = runner.step([(0, PROMPT)])
     assert out.dtype == np.float32 and np.isfinite(out).all()
 

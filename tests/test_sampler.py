@@ -150,7 +150,7 @@ def test_min_tokens_masks_eos_and_stop_tokens():
         _row(seed=3, temperature=1.0, min_tokens=2, out=(), eos=(2,), stop_token_ids=[5]),
     ]
     t = _tensors(rows, 4)
-    assert bool(t.any_banned)
+    assert sorted(np.asarray(t.banned_token_ids)[0][:2]) == [2, 5] and (np.asarray(t.banned_token_ids)[1] == V).all()
     assert list(np.asarray(sample_jit(logits, t, max_logprobs=MAXLP).token_ids)[:3]) == [8, 2, 2]
     for step_seed in range(20):  # the sampling row never draws a banned token
         rows[3] = _row(seed=step_seed, temperature=1.0, min_tokens=2, eos=(2,), stop_token_ids=[5])

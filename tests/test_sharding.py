@@ -129,7 +129,7 @@ def _child_dead_worker(model: str, coordinator: str, process_id: int) -> dict[st
     runner, _ = _build_runner(_engine_config(model, jax.device_count(), **parallel))
     if process_id != 0:
         os._exit(0)  # dies without telling anyone
-    leader = distributed.LeaderRunner(runner, peer_timeout_s=10, step_timeout_s=40)
+    leader = distributed.LeaderRunner(runner, peer_timeout_s=10, step_timeout_s=40, ready_timeout_s=5)
     try:
         _greedy(leader.execute, runner.page_size, runner.max_pages_per_seq)
     except distributed.WorkerFailedError as exc:

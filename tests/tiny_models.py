@@ -3,6 +3,8 @@
     make_tiny_checkpoint(tmp_path, arch="llama", *, seed=0, sharded=False, tokenizer=True, **overrides) -> str
     make_tiny_tokenizer() -> PreTrainedTokenizerFast
     to_transformers4_config(path) -> None     # rewrites config.json in the transformers-4 spelling
+    make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", **overrides) -> str   # path of a .gguf
+    PagedRunner(model, page_size=4, ...).step([(seq_id, new_token_ids), ...]) -> [logits[n, V], ...]
     ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 A checkpoint is 2 layers, hidden 64, 4 query / 2 KV heads, vocab 320, float32 safetensors, plus a
@@ -121,3 +123,168 @@ def to_transformers4_config(path: str) -> None:
         cfg["torch_dtype"] = cfg.pop("dtype")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def _llama_cpp_permute(w: Any, n_heads: int) -> Any:
+    """llama.cpp's Q/K row order for its interleaved RoPE (what its converter writes for `llama`)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", seed: int = 0, **overrides: Any) -> str:
+    """A GGUF of the same tiny model `make_tiny_checkpoint` builds (its directory sits next to it).
+
+    Written the way llama.cpp's converter does for these architectures (Q/K rows permuted for
+    `llama`, byte-level BPE vocabulary, merges and chat template in the metadata), so the GGUF path can
+    be checked against transformers' GGUF loader in seconds. `quant`: "F32", "F16" or "Q8_0".
+    """
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError("make_tiny_gguf supports llama, qwen2 and qwen3")
+    src = make_tiny_checkpoint(tmp_path, arch, seed=seed, **overrides)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    tok = json.loads(_tokenizer_json())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"<|unused{i}|>" for i in range(cfg["vocab_size"] - len(vocab))]
+    specials = {a["content"] for a in tok["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+
+    path = os.path.join(str(tmp_path), f"tiny-{arch}-{quant}-{seed}.gguf")
+    w = gguf.GGUFWriter(path, arch)
+    L, H, heads, kv_heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or H // heads
+    w.add_block_count(L)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float((cfg.get("rope_parameters") or cfg)["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials or t.startswith("<|unused") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    names = {
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for name, arr in weights.items():
+        arr = arr.astype(np.float32)
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{names[rest]}"
+            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+                arr = _llama_cpp_permute(arr, heads)
+            elif arch == "llama" and rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
+                arr = _llama_cpp_permute(arr, kv_heads)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+class PagedRunner:
+    """A minimal stand-in for the engine in model tests: a page allocator and one jitted padded step.
+
+    Pages are handed out in a shuffled order (page 0 stays the null page); every call pads to
+    `max_tokens` tokens and `max_seqs` rows so prefill and decode share one compiled step.
+    """
+
+    def __init__(self, model: Any, *, page_size: int = 4, pages_per_layer: int = 24, max_tokens: int = 16,
+                 max_seqs: int = 2, seed: int = 0, cache_dtype: Any = None):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from jengine.pallas_kernels import new_kv_cache
+
+        cfg = model.config
+        self.page_size, self.pages_per_layer, self.T, self.S = page_size, pages_per_layer, max_tokens, max_seqs
+        self.P = pages_per_layer - 1
+        self.cache = new_kv_cache(cfg.num_layers * pages_per_layer, page_size, cfg.num_kv_heads, cfg.head_dim,
+                                  cache_dtype or model.dtype)
+        self.free = [int(p) for p in np.random.default_rng(seed).permutation(np.arange(1, pages_per_layer))]
+        self.pages: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def step(state, cache, ids, pos, md):
+            m = nnx.merge(graphdef, state)
+            cache, hidden = m(cache, ids, pos, md)
+            return cache, m.compute_logits(hidden)
+
+        self._step, self._state = step, state
+
+    def step(self, batch: list[tuple[int, list[int]]]) -> list[Any]:
+        """Runs the new tokens of each (seq_id, tokens) in one ragged call; returns each one's logits[n, V]."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        from jengine.attention import AttentionMetadata
+
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl, seq_lens = [0], []
+        tables = np.zeros((self.S, self.P), np.int32)
+        for row, (sid, toks) in enumerate(batch):
+            start = self.lens.get(sid, 0)
+            pages = self.pages.setdefault(sid, [])
+            for p in range(start, start + len(toks)):
+                if p // self.page_size >= len(pages):
+                    pages.append(self.free.pop())
+                slots.append(pages[p // self.page_size] * self.page_size + p % self.page_size)
+                pos.append(p)
+            ids += toks
+            self.lens[sid] = start + len(toks)
+            qsl.append(len(ids))
+            seq_lens.append(self.lens[sid])
+            tables[row, : len(pages)] = pages
+        n = len(ids)
+        assert n <= self.T and len(batch) <= self.S
+        pad = self.T - n
+        md = AttentionMetadata(
+            slot_mapping=jnp.asarray(slots + [0] * pad, jnp.int32),
+            seq_lens=jnp.asarray(seq_lens + [0] * (self.S - len(batch)), jnp.int32),
+            block_tables=jnp.asarray(tables),
+            query_start_loc=jnp.asarray(qsl + [n] * (self.S - len(batch)), jnp.int32),
+            num_seqs=jnp.asarray([len(batch)], jnp.int32),
+            pages_per_layer=self.pages_per_layer,
+            page_size=self.page_size,
+        )
+        self.cache, logits = self._step(
+            self._state, self.cache, jnp.asarray(ids + [0] * pad, jnp.int32), jnp.asarray(pos + [0] * pad, jnp.int32), md
+        )
+        logits = np.asarray(logits)
+        return [logits[qsl[i] : qsl[i + 1]] for i in range(len(batch))]

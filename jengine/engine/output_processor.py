@@ -108,7 +108,7 @@ class OutputProcessor:
                 parent.metrics.first_scheduled_time = now
             if parent.prompt_logprobs is not None and child.index == 0 and step_out is not None and step_out.prompt_logprobs is not None:
                 self._add_prompt_logprobs(parent, seq, step_out, first_token)
-            if seq.start == 0 and parent.num_cached_tokens is None and req.num_cached_tokens >= 0:
+            if parent.num_cached_tokens is None and req.num_cached_tokens >= 0:
                 parent.num_cached_tokens = req.num_cached_tokens
             if not seq.samples or child.finish_reason is not None:
                 continue

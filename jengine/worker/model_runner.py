@@ -5,12 +5,13 @@
 
 The same compiled forward serves prefill, chunked prefill and decode. Every `(tokens, sequences)`
 bucket is compiled at warm-up (in parallel threads, through the persistent compilation cache), and
-a process-wide listener counts every compilation after warm-up so tests and `/metrics` can check
-that serving never compiles.
+a `jax.monitoring` listener counts every compilation a later step triggers, so tests and `/metrics`
+can check that serving never compiles.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -34,15 +35,20 @@ logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 4 << 30
 MAX_STOP_TOKENS = 16  # EOS + stop_token_ids a request below min_tokens may ban
+PENALTY_HISTORY = 2048  # penalties see the most recent this-many prompt and output tokens
 _ACTIVATION_RESERVE_FRACTION = 0.1
 
 
 class _CompileCounter:
-    """Counts XLA lowerings process-wide through `jax.monitoring` (registered once)."""
+    """Counts XLA lowerings that happen while a runner executes a step (listener registered once).
+
+    `execute` marks its thread with the running runner, so each runner counts only the compilations
+    its own steps trigger, however many engines share the process.
+    """
 
     _lock = threading.Lock()
-    _count = 0
     _registered = False
+    _active = threading.local()
 
     @classmethod
     def install(cls) -> None:
@@ -50,17 +56,22 @@ class _CompileCounter:
             if cls._registered:
                 return
 
-            def listener(event: str, *args: Any, **kwargs: Any) -> None:
-                if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-                    with cls._lock:
-                        cls._count += 1
+            def listener(event: str, duration: float, **kwargs: Any) -> None:
+                runner = getattr(cls._active, "runner", None)
+                if runner is not None and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                    runner._compilations += 1
 
             jax.monitoring.register_event_duration_secs_listener(listener)
             cls._registered = True
 
     @classmethod
-    def value(cls) -> int:
-        return cls._count
+    @contextlib.contextmanager
+    def watching(cls, runner: "ModelRunner"):
+        cls._active.runner = runner
+        try:
+            yield
+        finally:
+            cls._active.runner = None
 
 
 @dataclasses.dataclass
@@ -109,10 +120,11 @@ class ModelRunner:
         cache = pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
         self.kv_cache = place_cache(cache) if place_cache is not None else cache
         self.kv_cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.kv_cache))
+        _CompileCounter.install()
+        self._compilations = 0  # lowerings during execute(), i.e. after warm-up
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
-        self._warm_compiles: Optional[int] = None
         self.warmup_seconds = 0.0
 
     # ----- sizing -------------------------------------------------------------------------------
@@ -179,7 +191,7 @@ class ModelRunner:
 
     def _sampling_tensors(self, rows: Sequence[Any], num_rows: int):
         return build_sampling_tensors(
-            rows, num_rows, vocab_size=self.vocab_size, history_len=self.max_model_len,
+            rows, num_rows, vocab_size=self.vocab_size, history_len=min(self.max_model_len, PENALTY_HISTORY),
             max_stop_tokens=MAX_STOP_TOKENS, max_logprobs=self.max_logprobs,
         )
 
@@ -188,7 +200,6 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compiles every bucket (in parallel: XLA compiles release the GIL), then starts counting."""
-        _CompileCounter.install()
         start = time.perf_counter()
         hidden_size = self.model_config.hidden_size
         lowered = []
@@ -204,14 +215,11 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda low: low.compile(), lowered))
         self.warmup_seconds = time.perf_counter() - start
-        self._warm_compiles = _CompileCounter.value()
         logger.info("compiled %d step pieces in %.1f s", len(lowered), self.warmup_seconds)
 
     @property
     def compilations_after_warmup(self) -> int:
-        if self._warm_compiles is None:
-            return 0
-        return _CompileCounter.value() - self._warm_compiles
+        return self._compilations
 
     def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
         """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""
@@ -219,12 +227,13 @@ class ModelRunner:
         s = pick_bucket(self.seq_buckets, max(len(scheduled), 1))
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
         sampling = self._sampling_tensors(sampling_rows, s)
-        self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
-        out = self._sample(logits, sampling)
-        prompt = None
-        if inputs.want_prompt_logprobs:
-            prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
-        out, prompt = jax.device_get((out, prompt))
+        with _CompileCounter.watching(self):
+            self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
+            out = self._sample(logits, sampling)
+            prompt = None
+            if inputs.want_prompt_logprobs:
+                prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
+            out, prompt = jax.device_get((out, prompt))
         return StepOutputs(
             token_ids=out.token_ids, logprobs=out.logprobs, ranks=out.ranks, topk_ids=out.topk_ids,
             topk_logprobs=out.topk_logprobs,
