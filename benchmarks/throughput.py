@@ -116,10 +116,14 @@ def _child(a: argparse.Namespace) -> None:
         json.dump(_rates(result), f)
 
 
-def _vocab_size(model: str, load_format: str) -> int:
-    from jengine.loader import read_model_config
+def _vocab_size(model: str) -> int:
+    if model.endswith(".gguf"):
+        from jengine.loader.gguf_format import GGUFCheckpoint
 
-    return read_model_config(model).vocab_size
+        return GGUFCheckpoint(model).config().vocab_size
+    from jengine.loader import read_hf_config
+
+    return read_hf_config(model).vocab_size
 
 
 def main() -> None:
@@ -151,7 +155,7 @@ def main() -> None:
         _child(a)
         return
 
-    vocab = _vocab_size(a.model, a.load_format)
+    vocab = _vocab_size(a.model)
     results = {}
     for side in a.sides.split(","):
         runs = []

@@ -40,6 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     parser.add_argument("--max-logprobs", type=_positive_int, default=20)
     parser.add_argument("--compilation-cache-dir", default=None, help='persistent XLA cache folder ("" disables)')
+    parser.add_argument("--distributed-coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    parser.add_argument("--num-processes", type=_positive_int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -51,6 +54,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
         load_format=ns.load_format, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
+        distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
     )
 
 
@@ -93,7 +97,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     )
     if ns.log_level.upper() == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
-    return serve(engine_args_from(ns), settings, log_requests=not ns.disable_log_requests)
+    return serve(engine_args_from(ns), settings, log_requests=not ns.disable_log_requests, max_pending_requests=ns.max_pending_requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use; default: the model path")
     srv.add_argument("--chat-template", default=None, help="chat template file or Jinja text; default: the tokenizer's")
     srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    srv.add_argument("--max-pending-requests", type=_positive_int, default=None, help="answer 503 beyond this many unfinished requests (default: no limit)")
     srv.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     srv.set_defaults(func=_cmd_serve)
     return parser

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jengine
@@ -334,13 +334,13 @@ class BackgroundServer:
         self.stop()
 
 
-def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = True) -> int:
+def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = True, max_pending_requests: Optional[int] = None) -> int:
     """The `jengine serve` entry point: build the engine (compiles), then serve until interrupted."""
     if not 0 <= settings.port < 65536 or (settings.grpc_port is not None and not 0 <= settings.grpc_port < 65536):
         raise ValueError("ports must be in [0, 65535]")
     load_chat_template(settings.chat_template)  # fail before the slow engine start
     engine_args.create_engine_config()  # validates every engine flag before loading anything
-    engine = AsyncEngine.from_engine_args(engine_args, log_requests=log_requests)
+    engine = AsyncEngine.from_engine_args(engine_args, log_requests=log_requests, max_pending_requests=max_pending_requests)
     if settings.model_path is None:
         settings.model_path = engine_args.model
     try:

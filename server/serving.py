@@ -190,7 +190,7 @@ class OpenAIServing:
             for k, v in ranked[:num_top]:
                 ts = self._token_str(k, v, as_ids)
                 top.append({"token": ts, "logprob": clamp_logprob(v.logprob), "bytes": list(ts.encode("utf-8"))})
-            content.append({"token": s, "logprob": clamp_logprob(None if lp is None else lp.logprob) if lp is not None else _LOGPROB_FLOOR,
+            content.append({"token": s, "logprob": _LOGPROB_FLOOR if lp is None else clamp_logprob(lp.logprob),
                             "bytes": list(s.encode("utf-8")), "top_logprobs": top})
         return {"content": content}
 

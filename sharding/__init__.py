@@ -62,6 +62,15 @@ def plan_for_engine(engine_config: Any, model_config: Any = None) -> Optional[Te
         return None
     if model_config is None:
         model_config = read_model_config(engine_config.model, engine_config.load_format)
+    if par.num_processes > 1:
+        import jax
+
+        if par.tensor_parallel_size != jax.device_count():
+            raise ValueError(
+                f"with num_processes={par.num_processes} the model axis must span every process's devices: "
+                f"tensor_parallel_size must be {jax.device_count()} ({jax.process_count()} processes x "
+                f"{jax.local_device_count()} local devices), got {par.tensor_parallel_size}"
+            )
     mesh = make_mesh(par.tensor_parallel_size)
     return TensorParallelPlan(mesh, model_config, backend=pallas_kernels.resolve_backend(engine_config.attention_backend))
 

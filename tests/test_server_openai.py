@@ -44,8 +44,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
 
 
 @pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=TIMEOUT)
+def client(server: BackgroundServer):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=TIMEOUT) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -315,10 +316,10 @@ def test_openai_client_errors(client: openai.OpenAI, server: BackgroundServer) -
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     for key in ("wrong-key", ""):
-        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0, timeout=TIMEOUT,
-                            default_headers=None if key else {"Authorization": ""})
-        with pytest.raises(openai.AuthenticationError):
-            bad.models.list()
+        with openai.OpenAI(base_url=server.url + "/v1", api_key=key or "x", max_retries=0, timeout=TIMEOUT,
+                           default_headers=None if key else {"Authorization": ""}) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
 
 
 def test_api_keys(server: BackgroundServer) -> None:
@@ -385,7 +386,7 @@ def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.C
 def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: httpx.Client) -> None:
     aborted_before = _metric(http, "request_success_total", 'finished_reason="abort"')
     body = _greedy(prompt="Hello", max_tokens=MAX_MODEL_LEN - 8)
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=0.3) as c:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=httpx.Timeout(10.0, read=0.2)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json=body)
     assert _wait_for(lambda: _metric(http, "request_success_total", 'finished_reason="abort"') == aborted_before + 1)
@@ -481,3 +482,25 @@ def test_overloaded_engine_gives_503() -> None:
             assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
             t.join(10)
     engine.shutdown()
+
+
+# ----- the CLI fails fast on bad flags (before loading any model) ------------------------------------
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--dtype", "float8"], ["--max-num-seqs", "0"], ["--uvicorn-log-level", "loud"]])
+def test_serve_rejects_bad_flags_at_parse(argv: list[str]) -> None:
+    from jengine.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", *argv])
+
+
+@pytest.mark.parametrize("argv,needle", [(["--chat-template", "no-such-file"], "chat-template"),
+                                          (["--gpu-memory-utilization", "2"], "gpu_memory_utilization")])
+def test_serve_rejects_bad_values_before_loading(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
+    from jengine.cli import main
+
+    t0 = time.monotonic()
+    assert main(["serve", "/nonexistent/model", *argv]) == 2
+    assert needle in capsys.readouterr().err and time.monotonic() - t0 < 5
+    ns = __import__("jengine.cli", fromlist=["build_parser"]).build_parser().parse_args(
+        ["serve", "m", "--api-key", "a", "--api-key", "b", "--served-model-name", "x", "y", "--grpc-port", "0"])
+    assert (ns.api_key, ns.served_model_name, ns.grpc_port, ns.host, ns.port) == (["a", "b"], ["x", "y"], 0, "127.0.0.1", 8000)

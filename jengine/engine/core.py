@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jengine.config import EngineConfig, default_compilation_cache_dir
+from jengine import sharding
 from jengine.core.kv_cache_manager import KVCacheManager
 from jengine.core.scheduler import Scheduler
 from jengine.engine.output_processor import OutputProcessor
@@ -24,6 +25,7 @@ from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
 from jengine.sampler import RowState
 from jengine.sampling_params import SamplingParams
+from jengine.sharding import distributed
 from jengine.tokenizer import load_tokenizer
 from jengine.worker.model_runner import MAX_STOP_TOKENS, ModelRunner
 
@@ -42,10 +44,13 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
 class EngineCore:
     """Loads the model, sizes the KV cache, warms up, then serves `add_request` / `step`."""
 
-    def __init__(self, config: EngineConfig, *, place: Any = None, place_cache: Any = None):
+    def __init__(self, config: EngineConfig):
         self.config = config
+        distributed.initialize(config.parallel)  # no-op for one process; must precede any backend use
         enable_compilation_cache(config.compilation_cache_dir)
         t0 = time.perf_counter()
+        self.plan = sharding.plan_for_engine(config)  # None: one device, nothing to shard
+        place = self.plan.place if self.plan is not None else None
         loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
         self.model_config = mc = loaded.config
         self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer)
@@ -55,7 +60,7 @@ class EngineCore:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
 
-        self.runner = ModelRunner(config, loaded, self.max_model_len, place_cache=place_cache)
+        self.runner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
         sc = config.scheduler
         self.kv_cache_manager = KVCacheManager(self.runner.pages_per_layer, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -70,6 +75,10 @@ class EngineCore:
         self._seeds: dict[str, int] = {}
         self.load_seconds = time.perf_counter() - t0
         self.runner.warmup()
+        if self.plan is not None:
+            logger.info("per-device memory:\n%s", sharding.format_memory_report(sharding.memory_report(self.runner.params, self.runner.kv_cache)))
+        if config.parallel.num_processes > 1 and jax.process_index() == 0:
+            self.runner = distributed.LeaderRunner(self.runner)
         logger.info(
             "engine ready: %s, %d layers, KV cache %d pages/layer x %d tokens (%.1f MiB), max_model_len %d, load %.1f s, warm-up %.1f s",
             mc.architecture, mc.num_layers, self.runner.pages_per_layer, config.cache.block_size,
@@ -167,6 +176,20 @@ class EngineCore:
         for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
             self._seeds.pop(child_id, None)
         return outputs
+
+    @property
+    def is_worker(self) -> bool:
+        """A non-leader process of a multi-host engine: it only runs the steps the leader sends."""
+        return self.config.parallel.num_processes > 1 and jax.process_index() != 0
+
+    def run_worker(self) -> int:
+        """A worker's whole life: run the leader's steps until it stops (returns the step count)."""
+        return distributed.run_worker(self.runner)
+
+    def shutdown(self) -> None:
+        """Tells multi-host workers to stop (no-op for one process)."""
+        if isinstance(self.runner, distributed.LeaderRunner):
+            self.runner.shutdown()
 
     # ----- stats --------------------------------------------------------------------------------
     @property

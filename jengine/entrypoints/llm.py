@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import itertools
+import sys
 import time
 from typing import Any, Optional, Sequence, Union
 
@@ -18,6 +20,23 @@ from jengine.outputs import RequestOutput
 from jengine.sampling_params import SamplingParams
 
 PromptType = Union[str, dict, Sequence[int]]
+
+
+def run_as_multihost_process(engine: EngineCore) -> None:
+    """Multi-host: a worker process serves the leader's steps and exits here; the leader stops them at exit.
+
+    The same script runs on every host; only process 0 gets past this point on a worker host.
+    """
+    from jengine.sharding.distributed import WorkerFailedError
+
+    if engine.is_worker:
+        try:
+            engine.run_worker()
+        except WorkerFailedError as e:
+            print(f"jengine worker: {e}", file=sys.stderr)
+            raise SystemExit(3)
+        raise SystemExit(0)
+    atexit.register(engine.shutdown)
 
 
 class LLM:
@@ -52,6 +71,8 @@ class LLM:
         )
         self.engine = EngineCore(args.create_engine_config())
         self._counter = itertools.count()
+        if self.engine.config.parallel.num_processes > 1:
+            run_as_multihost_process(self.engine)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

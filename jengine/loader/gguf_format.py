@@ -66,8 +66,8 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     if buf[:4] != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is not supported (need 2 or 3)")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (need a little-endian v2 or v3 file)")
     pos = 24
 
     def read(fmt: str):

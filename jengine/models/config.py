@@ -14,7 +14,7 @@ ARCH_QWEN2 = "Qwen2ForCausalLM"
 ARCH_QWEN3 = "Qwen3ForCausalLM"
 
 # GGUF `general.architecture` -> HF architecture name.
-GGUF_ARCHITECTURES = {"llama": ARCH_LLAMA, "mistral": ARCH_MISTRAL, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3}
+GGUF_ARCHITECTURES = {"llama": ARCH_LLAMA, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3}  # Mistral GGUFs use "llama"
 
 
 @dataclasses.dataclass(frozen=True)

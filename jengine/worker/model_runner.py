@@ -96,7 +96,7 @@ def _dtype_bytes(dtype: Any) -> int:
 class ModelRunner:
     """Runs the model over bucketed ragged batches; see the module docstring."""
 
-    def __init__(self, config: EngineConfig, loaded: Any, max_model_len: int, place_cache: Any = None):
+    def __init__(self, config: EngineConfig, loaded: Any, max_model_len: int, plan: Any = None):
         self.config = config
         self.model_config = mc = loaded.config
         self.dtype = jnp.dtype(loaded.dtype)
@@ -114,23 +114,36 @@ class ModelRunner:
         self.max_logprobs = config.max_logprobs
         self.vocab_size = mc.vocab_size
 
+        self.plan = plan  # jengine.sharding.TensorParallelPlan, or None on one device
         self.graphdef, self.params = nnx.split(loaded.model)
         self.pages_per_layer = self._num_pages_per_layer()
+        if config.parallel.num_processes > 1:
+            from jengine.sharding import distributed
+
+            self.pages_per_layer = distributed.agree_min("pages_per_layer", self.pages_per_layer)
         total_pages = mc.num_layers * self.pages_per_layer
-        cache = pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
-        self.kv_cache = place_cache(cache) if place_cache is not None else cache
+
+        def make_cache() -> Any:
+            return pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
+
+        self.kv_cache = plan.place_cache(make_cache) if plan is not None else make_cache()
         self.kv_cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.kv_cache))
         _CompileCounter.install()
         self._compilations = 0  # lowerings during execute(), i.e. after warm-up
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
+        if plan is not None:
+            from jengine.sharding import pin_runner_shardings
+
+            pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
         self.warmup_seconds = 0.0
 
     # ----- sizing -------------------------------------------------------------------------------
     def _page_bytes_all_layers(self) -> int:
         mc = self.model_config
-        return self.page_size * 2 * mc.num_kv_heads * mc.head_dim * _dtype_bytes(self.cache_dtype) * mc.num_layers
+        shards = self.plan.kv_shards if self.plan is not None else 1
+        return self.page_size * 2 * mc.num_kv_heads * mc.head_dim * _dtype_bytes(self.cache_dtype) * mc.num_layers // shards
 
     def _num_pages_per_layer(self) -> int:
         """Pages per layer from the memory budget (page 0 of each layer is the null page)."""
@@ -155,7 +168,7 @@ class ModelRunner:
         return pages
 
     def _device_kv_budget(self) -> int:
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats or "bytes_limit" not in stats:
             return _CPU_DEFAULT_KV_BYTES
@@ -221,12 +234,15 @@ class ModelRunner:
     def compilations_after_warmup(self) -> int:
         return self._compilations
 
-    def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
-        """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""
+    def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> tuple[StepInputs, Any]:
+        """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts)."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
         s = pick_bucket(self.seq_buckets, max(len(scheduled), 1))
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
-        sampling = self._sampling_tensors(sampling_rows, s)
+        return inputs, self._sampling_tensors(sampling_rows, s)
+
+    def run(self, inputs: StepInputs, sampling: Any) -> StepOutputs:
+        """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
         with _CompileCounter.watching(self):
             self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
             out = self._sample(logits, sampling)
@@ -242,3 +258,7 @@ class ModelRunner:
             prompt_topk_ids=None if prompt is None else prompt[2],
             prompt_topk_logprobs=None if prompt is None else prompt[3],
         )
+
+    def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
+        """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""
+        return self.run(*self.prepare(scheduled, sampling_rows, num_batched_tokens))
