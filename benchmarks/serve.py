@@ -82,6 +82,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
                                "stream": True, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         payload["ignore_eos"] = True
+    payload.update(args.extra_body)
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
@@ -246,6 +247,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-concurrency", type=int, nargs="+", default=[0], help="one run per value; 0 = unlimited")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--extra-body", type=json.loads, default={}, help='JSON merged into every request, e.g. \'{"logit_bias": {"2": -100}}\' '
+                   "to keep a server without ignore_eos (llama.cpp) from stopping at EOS")
     p.add_argument("--warmup", type=int, default=1, help="short requests before each run (not measured)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)

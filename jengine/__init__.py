@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs", "__version__"]
+__all__ = ["LLM", "AsyncEngine", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs", "__version__"]
 
 _LAZY = {
     "LLM": ("jengine.entrypoints.llm", "LLM"),
@@ -20,6 +20,8 @@ _LAZY = {
     "RequestOutput": ("jengine.outputs", "RequestOutput"),
     "CompletionOutput": ("jengine.outputs", "CompletionOutput"),
     "EngineArgs": ("jengine.config", "EngineArgs"),
+    "AsyncEngine": ("jengine.engine.async_engine", "AsyncEngine"),
+    "AsyncLLM": ("jengine.engine.async_engine", "AsyncEngine"),
 }
 
 
@@ -35,6 +37,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from jengine.config import EngineArgs
+    from jengine.engine.async_engine import AsyncEngine
+    from jengine.engine.async_engine import AsyncEngine as AsyncLLM
     from jengine.entrypoints.llm import LLM
     from jengine.outputs import CompletionOutput, RequestOutput
     from jengine.sampling_params import SamplingParams

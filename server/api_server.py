@@ -339,8 +339,15 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
     if not 0 <= settings.port < 65536 or (settings.grpc_port is not None and not 0 <= settings.grpc_port < 65536):
         raise ValueError("ports must be in [0, 65535]")
     load_chat_template(settings.chat_template)  # fail before the slow engine start
-    engine_args.create_engine_config()  # validates every engine flag before loading anything
-    engine = AsyncEngine.from_engine_args(engine_args, log_requests=log_requests, max_pending_requests=max_pending_requests)
+    config = engine_args.create_engine_config()  # validates every engine flag before loading anything
+    from jengine.engine.core import EngineCore
+
+    core = EngineCore(config)
+    if core.is_worker:  # multi-host: workers run the leader's steps and serve no frontend
+        return core.run_worker()
+    engine = AsyncEngine(core, log_requests=log_requests, max_pending_requests=max_pending_requests)
+    if config.parallel.num_processes > 1:
+        _exit_when_workers_fail(engine)
     if settings.model_path is None:
         settings.model_path = engine_args.model
     try:
@@ -349,7 +356,24 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
         pass
     finally:
         engine.shutdown()
+        core.shutdown()
     return 0
+
+
+def _exit_when_workers_fail(engine: AsyncEngine) -> None:
+    """Multi-host leader: when a worker dies, fail every request (the engine is marked dead) and exit 3."""
+    import os
+    import threading
+
+    from jengine.sharding import distributed
+
+    def die(reason: Any = "the engine loop stopped") -> None:
+        logger.error("multi-host engine failed: %s; exiting", reason)
+        engine.shutdown(timeout=0)
+        threading.Timer(2.0, os._exit, (3,)).start()  # let in-flight error responses go out first
+
+    distributed.add_fatal_hook(die)
+    engine.add_death_callback(die)
 
 
 __all__ = ["BackgroundServer", "ServerSettings", "build_app", "make_serving", "run_servers", "serve"]

@@ -126,3 +126,22 @@ def test_logits_and_greedy_match_transformers(ours, hf, tokenizer):
     assert tokens == ref_tokens.tolist()
     assert tok.decode(tokens).startswith("The capital of France is Paris.")
 
+
+
+@needs_smollm2
+def test_engine_greedy_matches_transformers_on_smollm2(hf, tokenizer, xla_cache_dir):
+    """The whole engine (paged cache, chunked prefill, batching) against HF greedy on the default model."""
+    from jengine import LLM, SamplingParams
+
+    llm = LLM(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache_dir=xla_cache_dir)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in (chat, "The quick brown fox", "def fibonacci(n):")]
+    steps = 12
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
+    hf.generation_config.eos_token_id = None
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=steps, do_sample=False, pad_token_id=2)[0, len(p):]
+        assert out.outputs[0].token_ids == ref.tolist()
+    assert outs[0].outputs[0].text.startswith("The capital of France is Paris.")
+    assert llm.engine.compilations_after_warmup == 0

@@ -205,5 +205,5 @@ def test_unsupported_inputs_raise(backend):
     with pytest.raises(ValueError, match="multiple"):
         pk.ragged_paged_attention(jnp.ones((1, 3, 64)), cache, *args, sm_scale=1.0, backend=backend, interpret=True)
     with pytest.raises(ValueError, match="cache"):
-        ref_cache = pk.new_kv_cache(8, 16, 2, 64, jnp.float32, backend="reference")
-        pk.ragged_paged_attention(jnp.ones((1, 2, 64)), ref_cache, *args, sm_scale=1.0, backend=backend, interpret=True)
+        page_major = jnp.zeros((8, 16, 2, 2, 64), jnp.float32)  # [pages, page_size, 2, Hkv, D]: not this layout
+        pk.ragged_paged_attention(jnp.ones((1, 2, 64)), page_major, *args, sm_scale=1.0, backend=backend, interpret=True)

@@ -183,8 +183,14 @@ class EngineCore:
         return self.config.parallel.num_processes > 1 and jax.process_index() != 0
 
     def run_worker(self) -> int:
-        """A worker's whole life: run the leader's steps until it stops (returns the step count)."""
-        return distributed.run_worker(self.runner)
+        """A worker's whole life: run the leader's steps until it stops. Returns the exit status:
+        0 when the leader stopped it, 3 when the leader went silent."""
+        try:
+            distributed.run_worker(self.runner)
+        except distributed.WorkerFailedError as e:
+            logger.error("jengine worker %d: %s", jax.process_index(), e)
+            return 3
+        return 0
 
     def shutdown(self) -> None:
         """Tells multi-host workers to stop (no-op for one process)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import sys
 import time
 from typing import Any, Optional, Sequence, Union
 
@@ -25,17 +24,10 @@ PromptType = Union[str, dict, Sequence[int]]
 def run_as_multihost_process(engine: EngineCore) -> None:
     """Multi-host: a worker process serves the leader's steps and exits here; the leader stops them at exit.
 
-    The same script runs on every host; only process 0 gets past this point on a worker host.
+    The same script runs on every host; only process 0 gets past this point.
     """
-    from jengine.sharding.distributed import WorkerFailedError
-
     if engine.is_worker:
-        try:
-            engine.run_worker()
-        except WorkerFailedError as e:
-            print(f"jengine worker: {e}", file=sys.stderr)
-            raise SystemExit(3)
-        raise SystemExit(0)
+        raise SystemExit(engine.run_worker())
     atexit.register(engine.shutdown)
 
 
