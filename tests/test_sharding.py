@@ -45,9 +45,7 @@ def _build_runner(config: Any) -> tuple[Any, Any]:
 
     plan = sharding.plan_for_engine(config)
     loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=None if plan is None else plan.place)
-    runner = ModelRunner(config, loaded, config.scheduler.max_model_len, place_cache=None if plan is None else plan.place_cache)
-    if plan is not None:
-        sharding.pin_runner_shardings(runner, plan)
+    runner = ModelRunner(config, loaded, config.scheduler.max_model_len, plan=plan)  # pins its step shardings
     runner.warmup()
     return runner, plan
 
@@ -234,7 +232,7 @@ def test_tensor_parallel_matches_tp1(tiny_llama: str, tp1_tokens: list[list[int]
         "layers.wq": COL, "layers.w_gate": COL, "layers.w_up": COL, "layers.wk": kv, "layers.wv": kv,
         "layers.wo": ROW, "layers.w_down": ROW, "embed": VOCAB, "lm_head": VOCAB,
         "layers.attn_norm": REP, "layers.mlp_norm": REP, "final_norm": REP,
-        "kv_cache": "(None, None, None, 'model', None)" if tp == 2 else REP,
+        "kv_cache": "(None, 'model', None, None, None)" if tp == 2 else REP,
     }
     got = {k: v for k, v in specs.items() if any(k == e or k.startswith(e + ".") for e in expected)}
     for name, spec in expected.items():
@@ -257,7 +255,7 @@ def test_smollm2_tp3_matches_tp1() -> None:
     one, three = _spawn("runner", 1, path, 1), _spawn("runner", 8, path, 3)
     one, three = _result(one), _result(three)
     assert three["tokens"] == one["tokens"]
-    assert three["specs"]["kv_cache"] == "(None, None, None, 'model', None)"  # 3 KV heads over 3 devices
+    assert three["specs"]["kv_cache"] == "(None, 'model', None, None, None)"  # 3 KV heads over 3 devices
     assert three["compiles_after_warmup"] == 0
 
 
