@@ -28,15 +28,6 @@ import time
 import numpy as np
 
 
-def make_workload(n: int, input_min: int, input_max: int, output_min: int, output_max: int, vocab: int, seed: int):
-    rng = np.random.default_rng(seed)
-    in_lens = rng.integers(input_min, input_max + 1, size=n)
-    out_lens = rng.integers(output_min, output_max + 1, size=n)
-    # Avoid the first ids (often special tokens) so prompts are plain text tokens.
-    prompts = [rng.integers(100, vocab, size=int(k)).tolist() for k in in_lens]
-    return prompts, [int(x) for x in out_lens]
-
-
 def _default_model() -> str:
     from jengine.loader import default_model_path
 
@@ -44,7 +35,8 @@ def _default_model() -> str:
 
 
 def run_jengine(a: argparse.Namespace, prompts, out_lens) -> dict:
-    from jengine import LLM, SamplingParams
+    from jengine import LLM
+    from jengine.bench import run_offline
 
     t0 = time.perf_counter()
     llm = LLM(
@@ -53,15 +45,9 @@ def run_jengine(a: argparse.Namespace, prompts, out_lens) -> dict:
         max_model_len=a.max_model_len, enable_prefix_caching=False,
     )
     startup = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in out_lens]
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(out_lens), (produced, sum(out_lens))
-    return {"side": "jengine", "elapsed_s": elapsed, "startup_s": startup, "num_requests": len(prompts),
-            "prompt_tokens": sum(map(len, prompts)), "output_tokens": produced,
-            "compilations_after_warmup": llm.engine.compilations_after_warmup}
+    result = run_offline(llm, prompts, out_lens)
+    result.update(side="jengine", startup_s=startup, compilations_after_warmup=llm.engine.compilations_after_warmup)
+    return result
 
 
 def run_hf(a: argparse.Namespace, prompts, out_lens, batch_size: int) -> dict:
@@ -107,6 +93,8 @@ def _rates(r: dict) -> dict:
 
 def _child(a: argparse.Namespace) -> None:
     vocab = a.vocab_size
+    from jengine.bench import make_workload
+
     prompts, out_lens = make_workload(a.num_prompts, a.input_min, a.input_max, a.output_min, a.output_max, vocab, a.seed)
     if a.side == "jengine":
         result = run_jengine(a, prompts, out_lens)

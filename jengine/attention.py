@@ -11,12 +11,16 @@ XLA updates in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jengine import pallas_kernels
+
+MODEL_AXIS = "model"  # the mesh axis tensor parallelism splits heads over (jengine.sharding)
 
 
 @jax.tree_util.register_dataclass
@@ -39,6 +43,11 @@ class AttentionMetadata:
     pages_per_layer: int = dataclasses.field(metadata=dict(static=True), default=0)
     page_size: int = dataclasses.field(metadata=dict(static=True), default=16)
     backend: str | None = dataclasses.field(metadata=dict(static=True), default=None)
+    # Tensor parallelism with a Pallas backend: the kernel runs per device under `shard_map` over this
+    # mesh's "model" axis (XLA cannot partition a kernel); None on one device or for `reference`.
+    mesh: Any = dataclasses.field(metadata=dict(static=True), default=None)
+    shard_kv: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)  # Pallas interpret mode
 
 
 def paged_attention(
@@ -59,17 +68,28 @@ def paged_attention(
     """
     page_offset = jnp.asarray(layer, jnp.int32) * md.pages_per_layer
     slots = md.slot_mapping + page_offset * md.page_size
-    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend)
-    out = pallas_kernels.ragged_paged_attention(
-        q,
-        kv_cache,
-        md.seq_lens,
-        md.block_tables + page_offset,
-        md.query_start_loc,
-        md.num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        backend=md.backend,
+    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret)
+    attend = functools.partial(
+        pallas_kernels.ragged_paged_attention,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, backend=md.backend, interpret=md.interpret,
     )
-    return kv_cache, out
+    args = (q, kv_cache, md.seq_lens, md.block_tables + page_offset, md.query_start_loc, md.num_seqs)
+    if md.mesh is None:
+        return kv_cache, attend(*args)
+    return kv_cache, _per_device(attend, md)(*args)
+
+
+def _per_device(attend: Any, md: AttentionMetadata) -> Any:
+    """The kernel under `shard_map`: each device attends its own query heads.
+
+    With the cache split over KV heads, device i holds query heads whose KV heads it also holds
+    (both split contiguously by head). With the cache replicated (fewer KV heads than devices), each
+    device attends every query head and keeps the output replicated; XLA then slices its heads.
+    """
+    heads = P(None, MODEL_AXIS, None)
+    meta = (P(), P(), P(), P())
+    if md.shard_kv:
+        specs, out = (heads, P(None, MODEL_AXIS)) + meta, heads
+    else:
+        specs, out = (P(), P()) + meta, P()
+    return jax.shard_map(attend, mesh=md.mesh, in_specs=specs, out_specs=out, check_vma=False)

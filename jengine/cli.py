@@ -100,6 +100,32 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return serve(engine_args_from(ns), settings, log_requests=not ns.disable_log_requests, max_pending_requests=ns.max_pending_requests)
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    import json
+
+    from jengine.bench import make_workload, run_offline
+    from jengine.entrypoints.llm import LLM
+
+    llm = LLM(**vars(engine_args_from(ns)))
+    prompts, out_lens = make_workload(ns.num_prompts, ns.input_len[0], ns.input_len[1], ns.output_len[0], ns.output_len[1], llm.engine.vocab_size, ns.workload_seed)
+    result = run_offline(llm, prompts, out_lens)
+    result.update(warmup_s=llm.engine.runner.warmup_seconds, compilations_after_warmup=llm.engine.compilations_after_warmup)
+    print(f"{result['num_requests']} requests, {result['prompt_tokens']} prompt + {result['output_tokens']} output tokens in {result['elapsed_s']:.1f} s")
+    print(f"{result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output tokens/s, {result['total_tokens_per_s']:.1f} total tokens/s")
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo_i, hi_i
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jengine", description="Serve and run LLMs with JAX.")
     parser.add_argument("--log-level", default="WARNING")
@@ -118,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="offline throughput on a synthetic workload (random prompts, ignore_eos)")
+    add_engine_args(bench)
+    bench.add_argument("--num-prompts", type=_positive_int, default=128)
+    bench.add_argument("--input-len", type=_range, default=(16, 512), help="MIN:MAX prompt tokens (default 16:512)")
+    bench.add_argument("--output-len", type=_range, default=(16, 256), help="MIN:MAX output tokens (default 16:256)")
+    bench.add_argument("--workload-seed", type=int, default=0)
+    bench.add_argument("--output-json", default=None)
+    bench.set_defaults(func=_cmd_bench)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (and gRPC with --grpc-port)")
     add_engine_args(srv)

@@ -13,7 +13,7 @@ Two groups are planned separately, each with its own tile size:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +116,46 @@ def scatter_out(out: jax.Array, tiles: jax.Array, token_idx: jax.Array, num_q_he
     t = tiles[:, :, : bq * group_pad].reshape(NT, Hkv, bq, group_pad, D)[:, :, :, :G]
     t = t.transpose(0, 2, 1, 3, 4).reshape(NT * bq, num_q_heads, D)
     return out.at[token_idx.reshape(-1)].set(t.astype(out.dtype), mode="drop")
+
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_dtype(backend: str, dtype: Any) -> None:
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise ValueError(f"{backend} attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, float16")
+
+
+def new_checked_kv_cache(backend: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
+    """A zeroed `[2, Hkv, pages, page_size, D]` cache, after checking the kernel can serve its shape."""
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"{backend} attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{backend} attention: unsupported head_dim {head_dim}; use one of {SUPPORTED_HEAD_DIMS}")
+    check_dtype(backend, dtype)
+    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+
+
+def check_attention_inputs(backend: str, q: jax.Array, cache: jax.Array, sliding_window: int | None, soft_cap: float | None) -> tuple[int, int]:
+    """Validates what both Pallas kernels serve (ValueError naming the input); returns (Hkv, page_size)."""
+    hq, d = q.shape[1], q.shape[2]
+    if cache.ndim != 5 or cache.shape[0] != 2:
+        raise ValueError(f"{backend} attention: cache must be [2, Hkv, pages, page_size, D], got {cache.shape}")
+    _, hkv, _, page_size, dc = cache.shape
+    if dc != d:
+        raise ValueError(f"{backend} attention: q head_dim {d} != cache head_dim {dc}")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{backend} attention: unsupported head_dim {d}; use one of {SUPPORTED_HEAD_DIMS}")
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"{backend} attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
+    check_dtype(backend, cache.dtype)
+    if hq % hkv:
+        raise ValueError(f"{backend} attention: num query heads {hq} must be a multiple of num kv heads {hkv}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"{backend} attention: sliding_window must be >= 1, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"{backend} attention: soft_cap must be > 0, got {soft_cap}")
+    return hkv, page_size
+

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_DECODE_KV_TOKENS = 128  # KV tokens per decode iteration (across all decode rows at once)
+_DECODE_KV_TOKENS = 64  # KV tokens per decode iteration (across all decode rows at once)
 _PREFILL_KV_TOKENS = 256  # KV tokens per prefill inner iteration
 _PREFILL_Q_BLOCK = 64  # query rows per prefill block
 _MASKED = -1e30
@@ -51,15 +51,25 @@ def _scores(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
     return s
 
 
-def _online_update(m, l, acc, s, mask, v, pv_spec: str):
-    """One step of the streaming softmax: fold masked scores `s[..., K]` and values `v` into (m, l, acc)."""
+def _online_update(m, l, acc, s, mask, pv):
+    """One step of the streaming softmax: fold masked scores `s[..., K]` into (m, l, acc);
+    `pv(p)` multiplies the probabilities by the chunk's values."""
     s = jnp.where(mask, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     l = l * alpha + p.sum(axis=-1)
-    acc = acc * alpha[..., None] + jnp.einsum(pv_spec, p, v)
+    acc = acc * alpha[..., None] + pv(p)
     return m_new, l, acc
+
+
+def _per_group(spec: str, a: jax.Array, b: jax.Array, groups: int) -> jax.Array:
+    """einsum over axis 2 of `a` (the query heads sharing a KV head) one head at a time.
+
+    For decode the group is tiny (often 1-8 rows), and XLA on the CPU runs a batch of matrix-vector
+    products much faster than the same work as a batch of [group x D] matmuls (1.7x here).
+    """
+    return jnp.stack([jnp.einsum(spec, a[:, :, g], b) for g in range(groups)], axis=2)
 
 
 def _pad_pages(block_tables: jax.Array, multiple: int) -> jax.Array:
@@ -93,10 +103,10 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
         pages = lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [S, C]
         k = cache[0][:, pages].reshape(Hkv, S, chunk, D).astype(jnp.float32)
         v = cache[1][:, pages].reshape(Hkv, S, chunk, D).astype(jnp.float32)
-        s = _scores(jnp.einsum("hsgd,hskd->hsgk", dq, k), sm_scale, soft_cap)
+        s = _scores(_per_group("hsd,hskd->hsk", dq, k, G), sm_scale, soft_cap)
         kpos = c * chunk + jnp.arange(chunk)
         mask = (kpos[None, :] < lens[:, None]) & (kpos[None, :] >= lo[:, None])
-        m, l, acc = _online_update(m, l, acc, s, mask[None, :, None, :], v, "hsgk,hskd->hsgd")
+        m, l, acc = _online_update(m, l, acc, s, mask[None, :, None, :], lambda p: _per_group("hsk,hskd->hsd", p, v, G))
         return c + 1, m, l, acc
 
     init = (
@@ -145,7 +155,7 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
                 mask = kpos[None, :] <= qpos[:, None]
                 if sliding_window is not None:
                     mask &= kpos[None, :] > qpos[:, None] - sliding_window
-                return _online_update(m, l, acc, sc, mask[None, None], kv[1], "hgqk,hkd->hgqd")
+                return _online_update(m, l, acc, sc, mask[None, None], lambda p: jnp.einsum("hgqk,hkd->hgqd", p, kv[1]))
 
             init = (
                 jnp.full((Hkv, G, BQ), _MASKED, jnp.float32),

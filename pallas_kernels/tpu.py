@@ -27,38 +27,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jengine.pallas_kernels import _tiling as tiling
+from jengine.pallas_kernels import reference
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+SUPPORTED_HEAD_DIMS, SUPPORTED_PAGE_SIZES, SUPPORTED_DTYPES = tiling.SUPPORTED_HEAD_DIMS, tiling.SUPPORTED_PAGE_SIZES, tiling.SUPPORTED_DTYPES
 _KV_BLOCK_TOKENS = 128  # KV tokens per grid step
 _DECODE_MIN_ROWS = 8  # f32 sublane count
 _PREFILL_ROWS = 128  # query rows (tokens x padded group) per prefill tile
 _M_INIT = -1e30
 
 
-def _check_dtype(dtype: Any) -> None:
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise ValueError(f"tpu attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, float16")
-
-
 def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
-    """A zeroed cache `[2, num_kv_heads, num_pages, page_size, head_dim]`."""
-    if page_size not in SUPPORTED_PAGE_SIZES:
-        raise ValueError(f"tpu attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"tpu attention: unsupported head_dim {head_dim}; use one of {SUPPORTED_HEAD_DIMS}")
-    _check_dtype(dtype)
-    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+    """A zeroed cache `[2, num_kv_heads, num_pages, page_size, head_dim]` (the reference's layout)."""
+    return tiling.new_checked_kv_cache("tpu", num_pages, page_size, num_kv_heads, head_dim, dtype)
 
 
-def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """Scatters k/v[T, Hkv, D] into slots `page * page_size + offset` (in place when the cache is donated)."""
-    del interpret
-    _, hkv, num_pages, page_size, d = cache.shape
-    flat = cache.reshape(2, hkv, num_pages * page_size, d)
-    kv = jnp.stack([k, v]).astype(cache.dtype).transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
-    return flat.at[:, :, slot_mapping].set(kv, mode="drop").reshape(cache.shape)
+# The KV write is the reference's scatter: the layouts are the same (not fused into the kernel yet).
+write_kv = reference.write_kv
 
 
 def _block_range(meta_ref, t, block_k: int):
@@ -182,22 +166,7 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     T, hq, d = q.shape
-    if cache.ndim != 5 or cache.shape[0] != 2:
-        raise ValueError(f"tpu attention: cache must be [2, Hkv, pages, page_size, D], got {cache.shape}")
-    _, hkv, _, page_size, dc = cache.shape
-    if dc != d:
-        raise ValueError(f"tpu attention: q head_dim {d} != cache head_dim {dc}")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"tpu attention: unsupported head_dim {d}; use one of {SUPPORTED_HEAD_DIMS}")
-    if page_size not in SUPPORTED_PAGE_SIZES:
-        raise ValueError(f"tpu attention: unsupported page_size {page_size}; use one of {SUPPORTED_PAGE_SIZES}")
-    _check_dtype(cache.dtype)
-    if hq % hkv:
-        raise ValueError(f"tpu attention: num query heads {hq} must be a multiple of num kv heads {hkv}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"tpu attention: sliding_window must be >= 1, got {sliding_window}")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"tpu attention: soft_cap must be > 0, got {soft_cap}")
+    hkv, page_size = tiling.check_attention_inputs("tpu", q, cache, sliding_window, soft_cap)
     S, P = block_tables.shape
     group_pad = tiling.next_pow2(hq // hkv)
     out_dtype = q.dtype

@@ -137,11 +137,11 @@ def _child_dead_worker(model: str, coordinator: str, process_id: int) -> dict[st
     return {"error": None}
 
 
-def _child_llm(model: str, tp: int) -> dict[str, Any]:
+def _child_llm(model: str, tp: int, backend: str = "reference") -> dict[str, Any]:
     from jengine import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", tensor_parallel_size=tp, max_num_seqs=2, max_num_batched_tokens=32,
-              max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="")
+              max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="", attention_backend=backend)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": _specs(llm.engine.runner),
             "compiles_after_warmup": llm.engine.compilations_after_warmup}
@@ -155,7 +155,7 @@ def _child_main(argv: list[str]) -> None:
     if case == "runner":
         result = _child_runner(args[0], int(args[1]))
     elif case == "llm":
-        result = _child_llm(args[0], int(args[1]))
+        result = _child_llm(args[0], int(args[1]), *args[2:])
     elif case == "distributed":
         result = _child_distributed(args[0], args[1], int(args[2]), int(args[3]))
     elif case == "dead_worker":
@@ -306,6 +306,20 @@ def test_llm_tensor_parallel_size(tiny_llama: str, tp1_tokens: list[list[int]], 
     assert res["tokens"] == tp1_tokens
     assert any(v == COL for k, v in res["specs"].items() if k.startswith("layers.wq"))
     assert res["compiles_after_warmup"] == 0
+
+
+
+def test_pallas_kernel_under_tensor_parallelism(tmp_path: Any) -> None:
+    """The GPU Pallas kernel (interpret mode on the CPU) runs per device under shard_map: with the cache
+    split over KV heads (TP 2) and replicated (TP 4 > 2 KV heads), greedy tokens equal TP 1's."""
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, "llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
+    expected = _run("llm", 1, path, 1)["tokens"]
+    for tp in (2, 4):
+        res = _run("llm", 4, path, tp, "gpu")
+        assert res["tokens"] == expected, f"tp={tp}"
+        assert res["compiles_after_warmup"] == 0
 
 
 if __name__ == "__main__":

@@ -102,6 +102,11 @@ class ModelRunner:
         self.dtype = jnp.dtype(loaded.dtype)
         self.cache_dtype = self.dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
         self.backend = pallas_kernels.resolve_backend(config.attention_backend)
+        # A Pallas backend asked for on a platform it does not compile for runs in interpret mode
+        # (slow: for checking kernels end to end on the CPU).
+        self.interpret = self.backend != "reference" and self.backend != pallas_kernels.resolve_backend(None)
+        if self.interpret:
+            logger.warning("attention backend %r on %s runs in Pallas interpret mode (slow)", self.backend, jax.default_backend())
         self.page_size = config.cache.block_size
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
@@ -190,6 +195,9 @@ class ModelRunner:
             pages_per_layer=self.pages_per_layer,
             page_size=self.page_size,
             backend=self.backend,
+            mesh=self.plan.mesh if self.plan is not None and self.backend != "reference" else None,
+            shard_kv=self.plan is not None and self.plan.shard_kv,
+            interpret=self.interpret,
         )
         kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
         logits = model.compute_logits(hidden[inputs.logits_indices])
