@@ -116,8 +116,9 @@ def _child_distributed(model: str, coordinator: str, num_processes: int, process
             "global_devices": jax.device_count()}
 
 
-def _child_dead_worker(model: str, coordinator: str, process_id: int) -> dict[str, Any]:
-    """Worker exits right after warm-up; the leader must raise WorkerFailedError, not hang."""
+def _child_dead_worker(model: str, coordinator: str, process_id: int, after_steps: int = 0) -> dict[str, Any]:
+    """Worker exits right after warm-up (or in the middle of generation, after `after_steps` steps);
+    the leader must raise WorkerFailedError or exit non-zero, not hang."""
     import jax
 
     from jengine.sharding import distributed
@@ -126,6 +127,17 @@ def _child_dead_worker(model: str, coordinator: str, process_id: int) -> dict[st
     distributed.initialize(_engine_config(model, 1, **parallel).parallel, heartbeat_timeout_s=10)
     runner, _ = _build_runner(_engine_config(model, jax.device_count(), **parallel))
     if process_id != 0:
+        if after_steps:
+            real_run_step, done = distributed.run_step, []
+
+            def dying_run_step(*args: Any) -> Any:
+                if len(done) == after_steps:
+                    os._exit(0)  # dies mid-generation without telling anyone
+                done.append(1)
+                return real_run_step(*args)
+
+            distributed.run_step = dying_run_step
+            distributed.run_worker(runner, idle_timeout_s=120)
         os._exit(0)  # dies without telling anyone
     leader = distributed.LeaderRunner(runner, peer_timeout_s=10, step_timeout_s=40, ready_timeout_s=5)
     try:
@@ -159,7 +171,7 @@ def _child_main(argv: list[str]) -> None:
     elif case == "distributed":
         result = _child_distributed(args[0], args[1], int(args[2]), int(args[3]))
     elif case == "dead_worker":
-        result = _child_dead_worker(args[0], args[1], int(args[2]))
+        result = _child_dead_worker(args[0], args[1], int(args[2]), int(args[3]))
     elif case == "plan":
         from jengine import sharding
 
@@ -280,9 +292,10 @@ def test_two_processes_match_one(tiny_llama: str, tp1_tokens: list[list[int]]) -
     assert leader["compiles_after_warmup"] == 0 and worker["compiles_after_warmup"] == 0
 
 
-def test_dead_worker_fails_the_leader(tiny_llama: str) -> None:
+@pytest.mark.parametrize("after_steps", [0, 2], ids=["before-first-step", "mid-generation"])
+def test_dead_worker_fails_the_leader(tiny_llama: str, after_steps: int) -> None:
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [_spawn("dead_worker", 2, tiny_llama, coordinator, pid) for pid in (0, 1)]
+    procs = [_spawn("dead_worker", 2, tiny_llama, coordinator, pid, after_steps) for pid in (0, 1)]
     leader = procs[0]
     try:
         out, _ = leader.communicate(timeout=CHILD_TIMEOUT_S)
