@@ -14,13 +14,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from jengine.config import EngineArgs
 from jengine.engine.async_engine import AsyncEngine
 from jengine.server import gen_proto
 from jengine.server import jengine_pb2 as pb
 from jengine.server import jengine_pb2_grpc as pb_grpc
 from jengine.server.api_server import BackgroundServer, ServerSettings
-from tiny_models import make_tiny_checkpoint
+from tiny_server import tiny_server
 
 MAX_MODEL_LEN = 512
 TIMEOUT = 60.0
@@ -28,13 +27,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), max_position_embeddings=MAX_MODEL_LEN)
-    args = EngineArgs(model=path, max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, compilation_cache_dir=xla_cache_dir)
-    engine = AsyncEngine.from_engine_args(args, log_requests=False)
-    srv = BackgroundServer(engine, ServerSettings(port=0, grpc_port=0, served_model_names=("tiny",), uvicorn_log_level="warning"))
-    yield srv
-    srv.stop()
-    engine.shutdown()
+    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, grpc_port=0, served_model_names=("tiny",), model_path=None) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import httpx
 import openai
 import pytest
 
-from jengine.config import EngineArgs
 from jengine.engine.async_engine import AsyncEngine
 from jengine.outputs import CompletionOutput, RequestOutput
 from jengine.server.api_server import BackgroundServer, ServerSettings
-from tiny_models import make_tiny_checkpoint, make_tiny_tokenizer
+from tiny_models import make_tiny_tokenizer
+from tiny_server import tiny_server
 
 KEYS = ("sk-test-one", "sk-test-two")
 MODEL = "tiny"
@@ -33,14 +33,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), max_position_embeddings=MAX_MODEL_LEN)
-    args = EngineArgs(model=path, max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, compilation_cache_dir=xla_cache_dir)
-    engine = AsyncEngine.from_engine_args(args, log_requests=False)
-    srv = BackgroundServer(engine, ServerSettings(port=0, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias"),
-                                                  model_path=path, uvicorn_log_level="warning"))
-    yield srv
-    srv.stop()
-    engine.shutdown()
+    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
