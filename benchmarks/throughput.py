@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 
 def _default_model() -> str:

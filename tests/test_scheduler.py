@@ -351,7 +351,6 @@ class ShadowRunner:
 
 
 def check_schedule(s: Scheduler, out: SchedulerOutput) -> None:
-    kv = s.kv_cache_manager
     assert out.num_batched_tokens == sum(r.num_new_tokens for r in out.scheduled) <= s.max_num_batched_tokens
     assert len(out.scheduled) <= s.num_running <= s.max_num_seqs
     flags = [r.is_decode for r in out.scheduled]

@@ -222,7 +222,6 @@ class PagedRunner:
     def __init__(self, model: Any, *, page_size: int = 4, pages_per_layer: int = 24, max_tokens: int = 16,
                  max_seqs: int = 2, seed: int = 0, cache_dtype: Any = None):
         import jax
-        import jax.numpy as jnp
         import numpy as np
         from flax import nnx
 
