@@ -215,33 +215,13 @@ class _Watchdog:
 
 
 def prepare_step(runner: Any, scheduled: Any, sampling_rows: Any, num_batched_tokens: int) -> tuple[Any, Any]:
-    """Host inputs of one step: `runner.prepare(...)` -> (StepInputs, SamplingTensors), numpy only."""
-    if hasattr(runner, "prepare"):
-        return runner.prepare(scheduled, sampling_rows, num_batched_tokens)
-    # Until ModelRunner splits execute() into prepare() + run(): the first half of its execute().
-    from jengine.worker.step_inputs import build_step_inputs, pick_bucket
-
-    t = pick_bucket(runner.token_buckets, max(num_batched_tokens, 1))
-    s = pick_bucket(runner.seq_buckets, max(len(scheduled), 1))
-    return build_step_inputs(scheduled, t, s, runner.max_pages_per_seq, runner.page_size), runner._sampling_tensors(sampling_rows, s)
+    """Host inputs of one step: (StepInputs, SamplingTensors), numpy only."""
+    return runner.prepare(scheduled, sampling_rows, num_batched_tokens)
 
 
 def run_step(runner: Any, inputs: Any, sampling: Any) -> Any:
-    """Runs one prepared step on the devices; returns host outputs (`runner.run(...)`)."""
-    if hasattr(runner, "run"):
-        return runner.run(inputs, sampling)
-    # Until ModelRunner has run(): the second half of its execute().
-    from jengine.worker.model_runner import StepOutputs
-
-    runner.kv_cache, logits, hidden = runner._forward(runner.params, runner.kv_cache, inputs)
-    out = runner._sample(logits, sampling)
-    prompt = runner._prompt_lp(runner.params, hidden, inputs.prompt_next_ids) if inputs.want_prompt_logprobs else None
-    out, prompt = jax.device_get((out, prompt))
-    return StepOutputs(
-        token_ids=out.token_ids, logprobs=out.logprobs, ranks=out.ranks, topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs,
-        prompt_logprobs=None if prompt is None else prompt[0], prompt_ranks=None if prompt is None else prompt[1],
-        prompt_topk_ids=None if prompt is None else prompt[2], prompt_topk_logprobs=None if prompt is None else prompt[3],
-    )
+    """Runs one prepared step on the devices; returns host outputs."""
+    return runner.run(inputs, sampling)
 
 
 class LeaderRunner:
