@@ -19,7 +19,7 @@ from jengine.server import gen_proto
 from jengine.server import jengine_pb2 as pb
 from jengine.server import jengine_pb2_grpc as pb_grpc
 from jengine.server.api_server import BackgroundServer, ServerSettings
-from tiny_server import tiny_server
+from tiny_server import slow_down_steps, tiny_server
 
 MAX_MODEL_LEN = 512
 TIMEOUT = 60.0
@@ -134,8 +134,9 @@ def test_unknown_model_and_bad_tokenize(stub: pb_grpc.GenerationStub) -> None:
     assert stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT).models  # still serving
 
 
-def test_cancel_aborts_request(stub: pb_grpc.GenerationStub, server: BackgroundServer) -> None:
+def test_cancel_aborts_request(stub: pb_grpc.GenerationStub, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = server.engine
+    slow_down_steps(engine, monkeypatch)
     call = stub.Generate(pb.GenerateRequest(prompt="Hello", request_id="to-cancel", sampling_params=_greedy(max_tokens=MAX_MODEL_LEN - 8)), timeout=TIMEOUT)
     first = next(call)
     assert first.request_id == "to-cancel" and engine.stats().num_requests_running + engine.stats().num_requests_waiting >= 1

@@ -23,7 +23,7 @@ from jengine.engine.async_engine import AsyncEngine
 from jengine.outputs import CompletionOutput, RequestOutput
 from jengine.server.api_server import BackgroundServer, ServerSettings
 from tiny_models import make_tiny_tokenizer
-from tiny_server import tiny_server
+from tiny_server import slow_down_steps, tiny_server
 
 KEYS = ("sk-test-one", "sk-test-two")
 MODEL = "tiny"
@@ -363,7 +363,8 @@ def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.Client) -> None:
+def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_down_steps(server.engine, monkeypatch)
     aborted_before = _metric(http, "request_success_total", 'finished_reason="abort"')
     body = _greedy(prompt="Hello", max_tokens=MAX_MODEL_LEN - 8, stream=True)
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=TIMEOUT) as c:
@@ -377,7 +378,8 @@ def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.C
     assert _wait_for(lambda: _metric(http, "request_success_total", 'finished_reason="abort"') == aborted_before + 1)
 
 
-def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: httpx.Client) -> None:
+def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_down_steps(server.engine, monkeypatch)
     aborted_before = _metric(http, "request_success_total", 'finished_reason="abort"')
     body = _greedy(prompt="Hello", max_tokens=MAX_MODEL_LEN - 8)
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=httpx.Timeout(10.0, read=0.2)) as c:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Iterator
 
 from jengine.config import EngineArgs
@@ -23,3 +24,18 @@ def tiny_server(tmp_dir: Any, xla_cache_dir: str, max_model_len: int, **settings
     finally:
         srv.stop()
         engine.shutdown()
+
+
+def slow_down_steps(engine: AsyncEngine, monkeypatch: Any, delay_s: float = 0.02) -> None:
+    """Makes every engine step take at least `delay_s` for the rest of one test.
+
+    A fast machine runs the tiny model's whole generation before a client reads its first chunk;
+    tests that cancel or disconnect mid-generation need the request to still be running then.
+    """
+    step = engine.core.step
+
+    def slow_step() -> Any:
+        time.sleep(delay_s)
+        return step()
+
+    monkeypatch.setattr(engine.core, "step", slow_step)
