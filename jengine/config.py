@@ -36,7 +36,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     policy: str = "fcfs"
-    min_token_bucket: int = 16
+    min_token_bucket: int = 8
     min_seq_bucket: int = 8
 
 

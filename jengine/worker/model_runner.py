@@ -29,7 +29,9 @@ from jengine import pallas_kernels
 from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
 from jengine.sampler import SamplerOutput, build_sampling_tensors, prompt_logprobs, sample
-from jengine.worker.step_inputs import StepInputs, build_step_inputs, empty_step_inputs, make_buckets, pick_bucket
+from jengine.worker.step_inputs import (
+    StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +114,10 @@ class ModelRunner:
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
         sc = config.scheduler
         self.max_num_seqs = sc.max_num_seqs
-        self.token_buckets = make_buckets(sc.min_token_bucket, sc.max_num_batched_tokens)
-        self.seq_buckets = [s for s in make_buckets(min(sc.min_seq_bucket, sc.max_num_seqs), sc.max_num_seqs) if s <= self.token_buckets[-1]]
-        if self.seq_buckets[-1] < min(sc.max_num_seqs, self.token_buckets[-1]):
-            self.seq_buckets.append(min(sc.max_num_seqs, self.token_buckets[-1]))
+        self.min_seq_bucket = sc.min_seq_bucket
+        self.token_buckets = make_token_buckets(sc.min_token_bucket, sc.max_num_batched_tokens)
+        self.step_buckets = seq_bucket_pairs(self.token_buckets, sc.min_seq_bucket, sc.max_num_seqs)
+        self.seq_buckets = sorted({s for _, s in self.step_buckets})
         self.max_logprobs = config.max_logprobs
         self.vocab_size = mc.vocab_size
 
@@ -217,7 +219,7 @@ class ModelRunner:
         )
 
     def buckets(self) -> list[tuple[int, int]]:
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        return list(self.step_buckets)
 
     def warmup(self) -> None:
         """Compiles every bucket (in parallel: XLA compiles release the GIL), then starts counting."""
@@ -245,7 +247,7 @@ class ModelRunner:
     def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> tuple[StepInputs, Any]:
         """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts)."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
-        s = pick_bucket(self.seq_buckets, max(len(scheduled), 1))
+        s = pick_seq_bucket(t, max(len(scheduled), 1), self.min_seq_bucket, self.max_num_seqs)
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
         return inputs, self._sampling_tensors(sampling_rows, s)
 

@@ -1,8 +1,12 @@
 """Fixed-shape step inputs, built on the host in numpy from a `SchedulerOutput`.
 
 Every array's shape depends only on the bucket `(T, S)` and the config, so one compiled step serves
-every batch that falls in the bucket. Buckets are powers of two: tokens from `min_token_bucket` up
-to `max_num_batched_tokens`, sequences from `min_seq_bucket` up to `max_num_seqs`.
+every batch that falls in the bucket. Token buckets are fine where steps are small (every 16 tokens
+up to 128, where decode batches and short prompts live, so a 97-row decode or an 80-token prompt pays
+for at most 15 padding rows) and grow by 1.5x and 4/3x above. Each token bucket T pairs with at most
+two sequence buckets: `min_seq_bucket` for steps of a few rows (a lone prompt must not pay for a
+T-row LM head) and `min(T, max_num_seqs)` for the rest, which always fits since every row brings at
+least one token. So the number of compiled steps grows with the token buckets only.
 """
 from __future__ import annotations
 
@@ -14,14 +18,38 @@ import jax
 import numpy as np
 
 
-def make_buckets(smallest: int, largest: int) -> list[int]:
-    """Powers of two from `smallest` below `largest`, then `largest` itself."""
+FINE_STEP = 16  # token buckets step by this much up to FINE_LIMIT
+FINE_LIMIT = 128
+
+
+def make_token_buckets(smallest: int, largest: int) -> list[int]:
+    """Token buckets from `smallest` to `largest` (always included; see the module docstring)."""
     buckets, b = [], max(1, smallest)
     while b < largest:
         buckets.append(b)
-        b *= 2
+        if b < FINE_STEP:
+            b *= 2
+        elif b < FINE_LIMIT:
+            b = (b // FINE_STEP + 1) * FINE_STEP
+        else:
+            b = b * 3 // 2 if b & (b - 1) == 0 else 1 << b.bit_length()  # 128, 192, 256, 384, ...
     buckets.append(largest)
     return buckets
+
+
+def seq_bucket_pairs(token_buckets: Sequence[int], min_seq_bucket: int, max_num_seqs: int) -> list[tuple[int, int]]:
+    """Every `(T, S)` step shape to compile: per token bucket, the few-rows and the many-rows S."""
+    pairs = []
+    for t in token_buckets:
+        for s in sorted({min(min_seq_bucket, max_num_seqs, t), min(t, max_num_seqs)}):
+            pairs.append((t, s))
+    return pairs
+
+
+def pick_seq_bucket(token_bucket: int, num_rows: int, min_seq_bucket: int, max_num_seqs: int) -> int:
+    """The S that `num_rows` rows use in token bucket `token_bucket` (one of `seq_bucket_pairs`)."""
+    small = min(min_seq_bucket, max_num_seqs, token_bucket)
+    return small if num_rows <= small else min(token_bucket, max_num_seqs)
 
 
 def pick_bucket(buckets: Sequence[int], n: int) -> int:
