@@ -8,8 +8,9 @@ CPU than a page-major layout).
 Because this is also the production path on the CPU, it only reads the pages each sequence owns and
 never makes decode rows pay for prefill-sized work:
 
-- decode rows (one new token) are batched together and walk their pages in chunks under a
-  `while_loop` whose trip count is the longest decode context in the batch (online softmax);
+- decode rows (one new token) are cut into work items of one KV chunk each, laid out row after row;
+  a `while_loop` takes S items a trip whatever rows they belong to, so a batch pays for the tokens
+  its rows hold rather than S times its longest row (partial softmaxes merged per row);
 - rows with several new tokens (prefill and chunked prefill) are visited one at a time, tiled into
   query blocks, and each block walks only the KV chunks its causal (and sliding-window) span covers.
 
@@ -78,7 +79,14 @@ def _pad_pages(block_tables: jax.Array, multiple: int) -> jax.Array:
 
 
 def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):
-    """Attention for every row with exactly one new token; other rows come back as zeros. -> [S, Hq, D]."""
+    """Attention for every row with exactly one new token; other rows come back as zeros. -> [S, Hq, D].
+
+    Ragged over work items: item = (decode row, one chunk of `_DECODE_KV_TOKENS` of its context), laid
+    out row after row. Each `while_loop` trip takes the next S items whatever rows they belong to, so
+    a batch pays for the tokens its rows hold (rounded up to a chunk per row), not S x its longest row.
+    Each item yields a partial softmax (max, sum, weighted values); trips merge them into their rows'
+    running state with segment max / sum scatters.
+    """
     T, Hq, D = q.shape
     S = block_tables.shape[0]
     Hkv, page_size = cache.shape[1], cache.shape[3]
@@ -86,36 +94,54 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     chunk_pages = max(1, _DECODE_KV_TOKENS // page_size)
     chunk = chunk_pages * page_size
     tables = _pad_pages(block_tables, chunk_pages)
+    B = S  # items per trip
 
     is_decode = q_lens == 1
     lens = jnp.where(is_decode, seq_lens, 0)
-    qpos = lens - 1
-    dq = q[jnp.clip(query_start_loc[:S], 0, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D).transpose(1, 0, 2, 3)
-
     lo = jnp.zeros_like(lens)
     if sliding_window is not None:
-        lo = jnp.maximum(qpos - sliding_window + 1, 0)
-    first = jnp.min(jnp.where(is_decode, lo, jnp.iinfo(jnp.int32).max)) // chunk
-    last = (jnp.max(lens) + chunk - 1) // chunk
+        lo = jnp.where(is_decode, jnp.maximum(lens - sliding_window, 0), 0)
+    first_chunk = lo // chunk
+    num_chunks = jnp.where(is_decode, (lens + chunk - 1) // chunk - first_chunk, 0)
+    ends = jnp.cumsum(num_chunks)  # items of row r are [ends[r] - num_chunks[r], ends[r])
+    total = ends[-1]
+    dq = q[jnp.clip(query_start_loc[:S], 0, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D).transpose(1, 0, 2, 3)
 
     def body(carry):
-        c, m, l, acc = carry
-        pages = lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [S, C]
-        k = cache[0][:, pages].reshape(Hkv, S, chunk, D).astype(jnp.float32)
-        v = cache[1][:, pages].reshape(Hkv, S, chunk, D).astype(jnp.float32)
-        s = _scores(_per_group("hsd,hskd->hsk", dq, k, G), sm_scale, soft_cap)
-        kpos = c * chunk + jnp.arange(chunk)
-        mask = (kpos[None, :] < lens[:, None]) & (kpos[None, :] >= lo[:, None])
-        m, l, acc = _online_update(m, l, acc, s, mask[None, :, None, :], lambda p: _per_group("hsk,hskd->hsd", p, v, G))
-        return c + 1, m, l, acc
+        t, m, l, acc = carry
+        item = t * B + jnp.arange(B)
+        valid = item < total
+        row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), S - 1)
+        c = first_chunk[row] + item - (ends[row] - num_chunks[row])
+        pages = jnp.take_along_axis(tables[row], c[:, None] * chunk_pages + jnp.arange(chunk_pages)[None, :], axis=1)
+        k = cache[0][:, pages].reshape(Hkv, B, chunk, D).astype(jnp.float32)
+        v = cache[1][:, pages].reshape(Hkv, B, chunk, D).astype(jnp.float32)
+        s = _scores(_per_group("hbd,hbkd->hbk", dq[:, row], k, G), sm_scale, soft_cap)  # [Hkv, B, G, chunk]
+        kpos = c[:, None] * chunk + jnp.arange(chunk)[None, :]
+        mask = (kpos < lens[row][:, None]) & (kpos >= lo[row][:, None]) & valid[:, None]
+        s = jnp.where(mask[None, :, None, :], s, _MASKED)
+        m_i = s.max(axis=-1)  # [Hkv, B, G]
+        p = jnp.where(mask[None, :, None, :], jnp.exp(s - m_i[..., None]), 0.0)
+        l_i = p.sum(axis=-1)
+        acc_i = _per_group("hbk,hbkd->hbd", p, v, G)  # [Hkv, B, G, D]
+        # Segment max / sum over items by row as dense one-hot work: XLA's CPU scatters are slow.
+        owns = (row[:, None] == jnp.arange(S)[None, :]) & valid[:, None]  # [B, S]
+        m_seg = jnp.where(owns[None, :, :, None], m_i[:, :, None, :], _MASKED).max(axis=1)  # [Hkv, S, G]
+        m_new = jnp.maximum(m, m_seg)
+        alpha = jnp.exp(m - m_new)
+        w = jnp.exp(m_i - m_new[:, row])  # [Hkv, B, G]
+        onehot = owns.astype(jnp.float32)
+        l = l * alpha + jnp.einsum("bs,hbg->hsg", onehot, w * l_i)
+        acc = acc * alpha[..., None] + jnp.einsum("bs,hbgd->hsgd", onehot, w[..., None] * acc_i)
+        return t + 1, m_new, l, acc
 
     init = (
-        first,
+        jnp.int32(0),
         jnp.full((Hkv, S, G), _MASKED, jnp.float32),
         jnp.zeros((Hkv, S, G), jnp.float32),
         jnp.zeros((Hkv, S, G, D), jnp.float32),
     )
-    _, _, l, acc = lax.while_loop(lambda carry: carry[0] < last, body, init)
+    _, _, l, acc = lax.while_loop(lambda carry: carry[0] * B < total, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     return out.transpose(1, 0, 2, 3).reshape(S, Hq, D)
 
