@@ -76,6 +76,7 @@ class SamplingTensors:
     num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
     all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
     any_top_k_or_p: jax.Array  # bool[]
+    any_processing: jax.Array  # bool[]; some row has banned ids (min_tokens) or penalties
     any_logprobs: jax.Array  # bool[]
 
 
@@ -161,6 +162,7 @@ def build_sampling_tensors(
     num_logprobs = np.full(S, -1, np.int32)
     all_greedy = True
     any_kp = False
+    any_banned = False
     hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
     hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
 
@@ -185,6 +187,7 @@ def build_sampling_tensors(
                     raise ValueError(
                         f"{len(stops)} EOS/stop token ids exceed max_stop_tokens={max_stop_tokens}")
                 banned[i, : len(stops)] = stops
+                any_banned = True
         has_freq_pres = abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
         has_rep = abs(p.repetition_penalty - 1.0) > _SAMPLING_EPS
         if has_freq_pres or has_rep:
@@ -217,6 +220,7 @@ def build_sampling_tensors(
         key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
         banned_token_ids=banned, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
+        any_processing=np.bool_(any_banned or bool(hist_rows)),
         any_logprobs=np.bool_(any_lp),
     )
 
@@ -422,16 +426,22 @@ def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
     """Picks one token per row of `logits` [S, V] (float32). Jittable; `max_logprobs` (the width of
     the top-logprobs outputs) and `num_candidates` are static: use `sample_jit` or close over them."""
     raw = logits.astype(jnp.float32)
-    x = apply_min_tokens_and_penalties(raw, t)
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
-    def draw(x):
-        xs, row_max = _scale(x, t)
-        w, _ = _filter_weights(xs, row_max, t, num_candidates)
-        sampled = _inverse_cdf(w, _row_uniforms(t))
-        return jnp.where(t.temperature > 0, sampled, greedy_tokens)
+    def processed(_):
+        x = apply_min_tokens_and_penalties(raw, t)
+        greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
-    tokens = lax.cond(t.all_greedy, lambda _: greedy_tokens, draw, x)
+        def draw(x):
+            xs, row_max = _scale(x, t)
+            w, _ = _filter_weights(xs, row_max, t, num_candidates)
+            sampled = _inverse_cdf(w, _row_uniforms(t))
+            return jnp.where(t.temperature > 0, sampled, greedy_tokens)
+
+        return lax.cond(t.all_greedy, lambda _: greedy_tokens, draw, x)
+
+    # The common greedy batch with nothing to ban or penalise skips the [S, V] copy the scatters make.
+    plain = t.all_greedy & jnp.logical_not(t.any_processing)
+    tokens = lax.cond(plain, lambda _: jnp.argmax(raw, axis=-1).astype(jnp.int32), processed, None)
     tok_lp, rank, top_ids, top_lp = _logprob_outputs(raw, tokens, t, max_logprobs)
     return SamplerOutput(token_ids=tokens, logprobs=tok_lp, ranks=rank, topk_ids=top_ids,
                          topk_logprobs=top_lp)

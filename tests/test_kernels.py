@@ -144,6 +144,25 @@ def test_reference_matches_dense_oracle(window, cap):
         assert rel_err(ref, dense_oracle(b, sliding_window=window + 1, soft_cap=cap), b.num_real_tokens) > 1e-3
 
 
+@pytest.mark.parametrize("window", [None, 70])
+def test_reference_decode_items_straddle_trips(window):
+    # The reference cuts decode rows into 64-token work items and takes S items per loop trip: with
+    # three rows of 300, 129 and 64 tokens (5 + 3 + 1 items) and S = 4, rows split across trips, one
+    # trip mixes rows, and the prefill row has no decode items at all.
+    b = Batch([(300, 1), (129, 1), (64, 1), (40, 9)], hq=6, hkv=2, pad_rows=0).build()
+    ref = run(b, "reference", sliding_window=window)
+    assert rel_err(ref, dense_oracle(b, sliding_window=window), b.num_real_tokens) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_reference_prefill_tilings(window):
+    # Prefill rows pick their query-block tiling by length: one row in each tiling, two of them
+    # chunked (context before the new tokens), none a multiple of its block size.
+    b = Batch([(30, 1), (50, 50), (150, 120), (340, 300)], hq=6, hkv=2).build()
+    ref = run(b, "reference", sliding_window=window)
+    assert rel_err(ref, dense_oracle(b, sliding_window=window), b.num_real_tokens) < 1e-5
+
+
 # ---------------------------------------------------------------- GPU kernel (Triton), interpret mode
 
 
