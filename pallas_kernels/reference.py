@@ -204,15 +204,17 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
 
         return one_sequence
 
-    branches = [lambda s, out: out] + [tiled(bq, kv) for _, bq, kv in _PREFILL_TILES]
-    thresholds = jnp.asarray([min_len for min_len, _, _ in _PREFILL_TILES], jnp.int32)
+    branches = [tiled(bq, kv) for _, bq, kv in _PREFILL_TILES]
+    thresholds = jnp.asarray([min_len for min_len, _, _ in _PREFILL_TILES[1:]], jnp.int32)
+    # Visit only the prefill rows: a conditional per decode row costs a copy of `out` on the CPU.
+    is_prefill = (q_lens > 1) & (jnp.arange(q_lens.shape[0]) < num_seqs)
+    rows = jnp.nonzero(is_prefill, size=q_lens.shape[0], fill_value=0)[0]
 
-    def visit(s, out):
-        n = q_lens[s]
-        which = jnp.where(n > 1, jnp.sum(n >= thresholds), 0)  # 0: not a prefill row
-        return lax.switch(which, branches, s, out)
+    def visit(i, out):
+        s = rows[i]
+        return lax.switch(jnp.sum(q_lens[s] >= thresholds), branches, s, out)
 
-    out = lax.fori_loop(0, num_seqs, visit, out0)
+    out = lax.fori_loop(0, jnp.sum(is_prefill), visit, out0)
     return out[:T]
 
 
