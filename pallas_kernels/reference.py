@@ -52,15 +52,14 @@ def _scores(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
     return s
 
 
-def _online_update(m, l, acc, s, mask, pv):
-    """One step of the streaming softmax: fold masked scores `s[..., K]` into (m, l, acc);
-    `pv(p)` multiplies the probabilities by the chunk's values."""
+def _online_update(m, l, acc, s, mask, v, pv_spec: str):
+    """One step of the streaming softmax: fold masked scores `s[..., K]` and values `v` into (m, l, acc)."""
     s = jnp.where(mask, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     l = l * alpha + p.sum(axis=-1)
-    acc = acc * alpha[..., None] + pv(p)
+    acc = acc * alpha[..., None] + jnp.einsum(pv_spec, p, v)
     return m_new, l, acc
 
 
@@ -85,7 +84,7 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     out row after row. Each `while_loop` trip takes the next S items whatever rows they belong to, so
     a batch pays for the tokens its rows hold (rounded up to a chunk per row), not S x its longest row.
     Each item yields a partial softmax (max, sum, weighted values); trips merge them into their rows'
-    running state with segment max / sum scatters.
+    running state with a segment max and sum done as dense one-hot work.
     """
     T, Hq, D = q.shape
     S = block_tables.shape[0]
@@ -146,7 +145,7 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     return out.transpose(1, 0, 2, 3).reshape(S, Hq, D)
 
 
-def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, num_seqs, *, sm_scale, sliding_window, soft_cap):
+def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):
     """Attention for every row with two or more new tokens, one sequence at a time. -> [T, Hq, D].
 
     Each sequence picks its tiling at run time: `_PREFILL_TILES` small query blocks for short rows
@@ -188,7 +187,7 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
                     mask = kpos[None, :] <= qpos[:, None]
                     if sliding_window is not None:
                         mask &= kpos[None, :] > qpos[:, None] - sliding_window
-                    return _online_update(m, l, acc, sc, mask[None, None], lambda p: jnp.einsum("hgqk,hkd->hgqd", p, kv[1]))
+                    return _online_update(m, l, acc, sc, mask[None, None], kv[1], "hgqk,hkd->hgqd")
 
                 init = (
                     jnp.full((Hkv, G, BQ), _MASKED, jnp.float32),
@@ -207,7 +206,7 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
     branches = [tiled(bq, kv) for _, bq, kv in _PREFILL_TILES]
     thresholds = jnp.asarray([min_len for min_len, _, _ in _PREFILL_TILES[1:]], jnp.int32)
     # Visit only the prefill rows: a conditional per decode row costs a copy of `out` on the CPU.
-    is_prefill = (q_lens > 1) & (jnp.arange(q_lens.shape[0]) < num_seqs)
+    is_prefill = q_lens > 1  # q_lens is already 0 on padding rows
     rows = jnp.nonzero(is_prefill, size=q_lens.shape[0], fill_value=0)[0]
 
     def visit(i, out):
@@ -246,7 +245,7 @@ def ragged_paged_attention(
     seq_lens = jnp.where(real, seq_lens, 0)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
-    out = _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, n, **kw)
+    out = _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
     dec = _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
     rows = jnp.where(q_lens == 1, query_start_loc[:S], T)  # non-decode rows scatter out of bounds
     out = out.at[rows].set(dec, mode="drop")

@@ -39,11 +39,10 @@ def make_token_buckets(smallest: int, largest: int) -> list[int]:
 
 def seq_bucket_pairs(token_buckets: Sequence[int], min_seq_bucket: int, max_num_seqs: int) -> list[tuple[int, int]]:
     """Every `(T, S)` step shape to compile: per token bucket, the few-rows and the many-rows S."""
-    pairs = []
-    for t in token_buckets:
-        for s in sorted({min(min_seq_bucket, max_num_seqs, t), min(t, max_num_seqs)}):
-            pairs.append((t, s))
-    return pairs
+    return [
+        (t, s) for t in token_buckets
+        for s in sorted({pick_seq_bucket(t, 1, min_seq_bucket, max_num_seqs), pick_seq_bucket(t, t, min_seq_bucket, max_num_seqs)})
+    ]
 
 
 def pick_seq_bucket(token_bucket: int, num_rows: int, min_seq_bucket: int, max_num_seqs: int) -> int:
