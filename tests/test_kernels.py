@@ -154,6 +154,15 @@ def test_reference_decode_items_straddle_trips(window):
     assert rel_err(ref, dense_oracle(b, sliding_window=window), b.num_real_tokens) < 1e-5
 
 
+def test_reference_decode_merges_across_item_buffers():
+    # Decode items are buffered and merged into their rows once every few trips: with S = 3 rows the
+    # 1300-, 1000- and 70-token rows make 21 + 16 + 2 items, more than one buffer of 8 trips x 3 items,
+    # so the second row's items straddle two merges and its running state is rescaled in between.
+    b = Batch([(1300, 1), (1000, 1), (70, 1)], hq=6, hkv=2, pad_rows=0).build()
+    ref = run(b, "reference")
+    assert rel_err(ref, dense_oracle(b), b.num_real_tokens) < 1e-5
+
+
 @pytest.mark.parametrize("window", [None, 100])
 def test_reference_prefill_tilings(window):
     # Prefill rows pick their query-block tiling by length: one row in each tiling, two of them
