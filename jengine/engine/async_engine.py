@@ -327,6 +327,8 @@ class AsyncEngine:
                         self._do_add(*payload)
                     else:
                         self._do_abort(payload)
+                if commands:
+                    self._update_stats()
                 if self._stopping:
                     raise EngineDeadError("the engine was shut down")
                 if not self.core.has_unfinished_requests():
@@ -372,13 +374,13 @@ class AsyncEngine:
             stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
             if stream is not None:
                 by_loop.setdefault(stream._loop, []).append((stream, out))
+        self._update_stats()  # before delivery: a client that sees this step's output sees its stats
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(self._deliver, items)
             except RuntimeError:  # that event loop is closed: its consumers are gone
                 for stream, _ in items:
                     self.abort(stream.request_id)
-        self._update_stats()
         if self.stats_sink is not None and (it.num_generation_tokens or it.queue_times):
             self.stats_sink.record_iteration(it)
 
