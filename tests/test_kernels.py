@@ -155,10 +155,28 @@ def test_reference_decode_items_straddle_trips(window):
 
 
 def test_reference_decode_merges_across_item_buffers():
-    # Decode items are buffered and merged into their rows once every few trips: with S = 3 rows the
-    # 1300-, 1000- and 70-token rows make 21 + 16 + 2 items, more than one buffer of 8 trips x 3 items,
-    # so the second row's items straddle two merges and its running state is rescaled in between.
-    b = Batch([(1300, 1), (1000, 1), (70, 1)], hq=6, hkv=2, pad_rows=0).build()
+    # Decode items are buffered and merged into their rows once every few trips. With S = 3 rows
+    # (3 items a trip), the second row's items must straddle the end of the first buffer, so its
+    # running state is rescaled between two merges.
+    from jengine.pallas_kernels.reference import _DECODE_KV_TOKENS, _DECODE_TRIPS_PER_MERGE
+
+    buffer = 3 * _DECODE_TRIPS_PER_MERGE  # items per merge
+    first = (buffer - 10) * _DECODE_KV_TOKENS  # row 0 ends 10 items before the merge ...
+    second = 20 * _DECODE_KV_TOKENS + 5  # ... and row 1 runs 11 items past it
+    b = Batch([(first, 1), (second, 1), (70, 1)], hq=6, hkv=2, pad_rows=0).build()
+    ref = run(b, "reference")
+    assert rel_err(ref, dense_oracle(b), b.num_real_tokens) < 1e-5
+
+
+def test_reference_decode_more_rows_than_items_per_trip():
+    # A trip takes at most _DECODE_ITEMS_PER_TRIP items, so with more decode rows than that a trip
+    # ends inside the batch's rows and later trips start mid-row; one short prefill row rides along.
+    from jengine.pallas_kernels.reference import _DECODE_ITEMS_PER_TRIP
+
+    rng = np.random.default_rng(3)
+    rows = [(int(n), 1) for n in rng.integers(1, 200, size=_DECODE_ITEMS_PER_TRIP + 9)] + [(20, 7)]
+    b = Batch(rows, hq=6, hkv=2).build()
+    assert b.arrays["block_tables"].shape[0] > _DECODE_ITEMS_PER_TRIP
     ref = run(b, "reference")
     assert rel_err(ref, dense_oracle(b), b.num_real_tokens) < 1e-5
 
