@@ -132,6 +132,9 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs per side; medians are reported")
+    p.add_argument("--glibc-tunables", default="glibc.malloc.hugetlb=1",
+                   help="GLIBC_TUNABLES for every side's process (default: transparent huge pages for large "
+                        "allocations, as `make serve` deploys jengine); '' leaves the environment as it is")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -152,7 +155,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", side, "--result-file", path, "--vocab-size", str(vocab)] + [
                 arg for arg in sys.argv[1:]
             ]
-            subprocess.run(cmd, check=True)
+            env = dict(os.environ, GLIBC_TUNABLES=a.glibc_tunables) if a.glibc_tunables else None
+            subprocess.run(cmd, check=True, env=env)
             with open(path) as f:
                 runs.append(json.load(f))
             os.unlink(path)
@@ -175,6 +179,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend()},
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
         "workload": {k: getattr(a, k) for k in ("model", "num_prompts", "input_min", "input_max", "output_min", "output_max", "seed", "dtype", "load_format")},
+        "environment": {"GLIBC_TUNABLES": a.glibc_tunables or os.environ.get("GLIBC_TUNABLES", "")},
         "results": results,
         "best_hf": best["side"] if best else None,
         "ratio_vs_best_hf": (results["jengine"]["output_tokens_per_s"] / best["output_tokens_per_s"]) if best and "jengine" in results else None,
