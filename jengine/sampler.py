@@ -11,11 +11,12 @@ Order of operations (as vLLM's V1 sampler does):
 1. raw logprobs: `log_softmax` of the model's logits, before any processing (vLLM's default
    ``logprobs_mode="raw_logprobs"``); only computed when some row asked for logprobs;
 2. min_tokens: the EOS and stop token ids of rows that have not yet produced `min_tokens` get -inf;
+   then logit_bias: each row's biases are added to their tokens' logits;
 3. penalties: repetition (over prompt + output tokens), then frequency and presence (output tokens);
 4. greedy rows (temperature 0) take the argmax (ties: lowest id) of the penalised logits;
 5. other rows: temperature, min_p, top_k, top_p, then one draw from what is left.
 
-Penalties and min_tokens touch only the few ids involved: the builder de-duplicates each row's history on
+Penalties, min_tokens and logit_bias touch only the few ids involved: the builder de-duplicates each row's history on
 the host (ids + output counts), the device gathers those logits, penalises them and scatters them back.
 
 Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s, far more than a decode
@@ -73,10 +74,12 @@ class SamplingTensors:
     #   penalties only): the last W output tokens, plus the last Wp prompt tokens if repetition applies
     penalty_output_counts: jax.Array  # f32[S, W + Wp]; how often each of those ids is in the output
     banned_token_ids: jax.Array  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
+    logit_bias_ids: jax.Array  # i32[S, B]; token ids of the row's logit_bias
+    logit_bias_values: jax.Array  # f32[S, B]; the biases added to those ids' logits
     num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
     all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
     any_top_k_or_p: jax.Array  # bool[]
-    any_processing: jax.Array  # bool[]; some row has banned ids (min_tokens) or penalties
+    any_processing: jax.Array  # bool[]; some row has banned ids (min_tokens), a logit_bias or penalties
     any_logprobs: jax.Array  # bool[]
 
 
@@ -134,14 +137,16 @@ def build_sampling_tensors(
     prompt_history_len: Optional[int] = None,
     max_stop_tokens: int = 8,
     max_logprobs: int = 20,
+    max_logit_bias: int = 8,
 ) -> SamplingTensors:
     """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
 
     `None` entries are padding: greedy, no penalties, nothing banned. Penalty histories keep the last
     `history_len` output tokens and the last `prompt_history_len` (default `history_len`) prompt tokens;
     longer histories are truncated (penalties then see only the recent tokens). Raises ValueError when a
-    row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, or asks for more logprobs
-    than `max_logprobs`.
+    row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, has more than
+    `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks for more logprobs than
+    `max_logprobs`.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
@@ -159,10 +164,13 @@ def build_sampling_tensors(
     pen_ids = np.full((S, history_len + Wp), V, np.int32)
     pen_counts = np.zeros((S, history_len + Wp), np.float32)
     banned = np.full((S, max_stop_tokens), V, np.int32)
+    bias_ids = np.full((S, max_logit_bias), V, np.int32)
+    bias_values = np.zeros((S, max_logit_bias), np.float32)
     num_logprobs = np.full(S, -1, np.int32)
     all_greedy = True
     any_kp = False
     any_banned = False
+    any_bias = False
     hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
     hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
 
@@ -188,6 +196,15 @@ def build_sampling_tensors(
                         f"{len(stops)} EOS/stop token ids exceed max_stop_tokens={max_stop_tokens}")
                 banned[i, : len(stops)] = stops
                 any_banned = True
+        if p.logit_bias:
+            if len(p.logit_bias) > max_logit_bias:
+                raise ValueError(f"{len(p.logit_bias)} logit_bias entries exceed max_logit_bias={max_logit_bias}")
+            ids = np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias))
+            if ids.min() < 0 or ids.max() >= V:
+                raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {V})")
+            bias_ids[i, : ids.size] = ids
+            bias_values[i, : ids.size] = np.fromiter(p.logit_bias.values(), np.float32, ids.size)
+            any_bias = True
         has_freq_pres = abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
         has_rep = abs(p.repetition_penalty - 1.0) > _SAMPLING_EPS
         if has_freq_pres or has_rep:
@@ -218,9 +235,9 @@ def build_sampling_tensors(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
         key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
-        banned_token_ids=banned, num_logprobs=num_logprobs,
+        banned_token_ids=banned, logit_bias_ids=bias_ids, logit_bias_values=bias_values, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
-        any_processing=np.bool_(any_banned or bool(hist_rows)),
+        any_processing=np.bool_(any_banned or any_bias or bool(hist_rows)),
         any_logprobs=np.bool_(any_lp),
     )
 
@@ -245,13 +262,14 @@ def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int,
 
 
 def apply_min_tokens_and_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """min_tokens masking, then repetition (prompt + output tokens), frequency and presence (output
-    tokens), as vLLM. Only the few history ids are gathered and scattered back (padding ids, == V, are
-    dropped), so rows without penalties pass through bit-exactly and nothing of size [S, V] is built
-    besides the one copy of the logits the scatters write into."""
+    """min_tokens masking, logit_bias, then repetition (prompt + output tokens), frequency and presence
+    (output tokens), as vLLM. Only the few ids involved are scattered or gathered and scattered back
+    (padding ids, == V, are dropped), so rows without any pass through bit-exactly and nothing of size
+    [S, V] is built besides the one copy of the logits the scatters write into."""
     S, V = logits.shape
     rows = jnp.arange(S, dtype=jnp.int32)[:, None]
     x = logits.at[rows, t.banned_token_ids].set(-jnp.inf, mode="drop")
+    x = x.at[rows, t.logit_bias_ids].add(t.logit_bias_values, mode="drop")
     ids = t.penalty_token_ids
     vals = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)
     rep = t.repetition_penalty[:, None]

@@ -6,6 +6,8 @@ a `ValueError` whose message names the field and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Optional, Union
 
 _SAMPLING_EPS = 1e-5
@@ -36,6 +38,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = None  # token id -> bias added to its logit before penalties
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -49,6 +52,13 @@ class SamplingParams:
             self.top_k = 0
         if self.seed is not None:
             self.seed = int(self.seed)
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", f"must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            _check(all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in self.logit_bias), "logit_bias",
+                   "keys must be integer token ids")
+            _check(all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in self.logit_bias.values()),
+                   "logit_bias", "values must be numbers")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         self.verify(max_logprobs=None)  # the engine checks logprobs against its own max_logprobs
 
     @property
@@ -80,6 +90,11 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
         if self.seed is not None:
             _check(-(2**63) <= self.seed < 2**64, "seed", f"must fit in 64 bits, got {self.seed}")
+        if self.logit_bias:
+            bad = next((t for t in self.logit_bias if t < 0), None)
+            _check(bad is None, "logit_bias", f"token ids must be non-negative, got {bad}")
+            bad_bias = next((b for b in self.logit_bias.values() if not math.isfinite(b)), None)
+            _check(bad_bias is None, "logit_bias", f"biases must be finite, got {bad_bias}")
 
     def clone(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

@@ -23,7 +23,7 @@ from jengine.engine.async_engine import EngineDeadError, EngineOverloadedError
 from . import jengine_pb2 as pb
 from . import jengine_pb2_grpc as pb_grpc
 from .protocol import APIError
-from .serving import OpenAIServing, build_sampling_params, clamp_logprob
+from .serving import OpenAIServing, build_sampling_params, clamp_logprob, parse_logit_bias
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "jengine.v1.Generation"
 
@@ -59,6 +59,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fields["stop"] = list(sp.stop)
         if sp.stop_token_ids:
             fields["stop_token_ids"] = [int(t) for t in sp.stop_token_ids]
+        if sp.logit_bias:
+            fields["logit_bias"] = parse_logit_bias(dict(sp.logit_bias))
         return fields
 
     def _prompt(self, request: Any) -> tuple[Optional[str], list[int], str]:

@@ -53,6 +53,24 @@ def bad_request(error: ValueError, *, prompt_param: str = "prompt", rename: Opti
     return APIError(400, message, param=param)
 
 
+def parse_logit_bias(bias: Optional[dict[Any, Any]]) -> Optional[dict[int, float]]:
+    """OpenAI's `logit_bias` (token ids as JSON object keys, so strings) as {token id: bias}, each bias
+    clamped to [-100, 100] as vLLM does; a key that is not an integer or a bias that is not a finite
+    number is a 400 naming `logit_bias`."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids (integers), got {key!r}", param="logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise APIError(400, f"logit_bias values must be finite numbers, got {value!r} for token {key}", param="logit_bias")
+        out[token] = min(100.0, max(-100.0, float(value)))
+    return out
+
+
 def build_sampling_params(fields: dict[str, Any], max_logprobs: int) -> SamplingParams:
     """`SamplingParams` from request fields (None = default). Logprob counts are checked against the
     server's `--max-logprobs` rather than the dataclass default."""
@@ -223,10 +241,8 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
             prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output,
+            include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=parse_logit_bias(req.logit_bias),
         )
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         try:
             return build_sampling_params(fields, self.max_logprobs)
         except (ValueError, TypeError) as e:

@@ -195,11 +195,32 @@ def test_bad_prompts_raise_naming_the_field(llm, prompt, params, field):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens")],
+    [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"),
+     (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(logit_bias={5: float("nan")}), "logit_bias"),
+     (dict(logit_bias=[(5, 1.0)]), "logit_bias")],
 )
 def test_bad_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_steers_generation(llm):
+    prompt = "Paged attention"
+    base = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    forced = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100.0}), use_tqdm=False)[0]
+    assert forced.outputs[0].token_ids == [77] * 6
+    banned = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={base[0]: -100.0}), use_tqdm=False)[0]
+    assert banned.outputs[0].token_ids[0] != base[0]
+    sampled = llm.generate(prompt, SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=4, ignore_eos=True, logit_bias={91: 100.0}), use_tqdm=False)[0]
+    assert [c.token_ids for c in sampled.outputs] == [[91] * 4] * 2
+    assert llm.engine.compilations_after_warmup == 0
+
+
+@pytest.mark.parametrize("bias, message", [({100000: 1.0}, "vocabulary"), ({i: 1.0 for i in range(301)}, "at most 300")])
+def test_logit_bias_the_engine_cannot_serve(llm, bias, message):
+    with pytest.raises(ValueError, match=f"logit_bias.*{message}"):
+        llm.generate("Hi", SamplingParams(logit_bias=bias), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_logprobs_above_max_rejected(llm):

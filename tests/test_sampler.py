@@ -157,6 +157,46 @@ def test_min_tokens_masks_eos_and_stop_tokens():
         assert int(sample_jit(logits, _tensors(rows, 4), max_logprobs=MAXLP).token_ids[3]) not in (2, 5)
 
 
+def test_logit_bias_is_added_before_penalties():
+    s = 3
+    logits = _logits(s, seed=7)
+    bias = {4: 2.5, 17: -1.25, 250: 0.75}
+    rows = [
+        _row(temperature=1.0, logit_bias=bias),
+        _row(temperature=1.0, logit_bias=bias, repetition_penalty=1.5, frequency_penalty=0.4, prompt=(4,), out=(17, 17)),
+        _row(temperature=1.0),  # no bias: passes through untouched
+    ]
+    got = np.asarray(filtered_jit(logits, _tensors(rows, s)))
+    biased = logits.astype(np.float64).copy()
+    for t, b in bias.items():
+        biased[:2, t] += b
+    np.testing.assert_allclose(got[0], biased[0], rtol=1e-6, atol=1e-6)
+    want = ref_penalties(biased[1], (4,), (17, 17), 0.0, 0.4, 1.5)
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], logits[2])
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows():
+    logits = np.zeros((3, V), np.float32)
+    logits[:, 10] = 5.0
+    rows = [
+        _row(temperature=0.0, logit_bias={10: -100}),  # banned: next best is the lowest id of the rest
+        _row(temperature=0.0, logit_bias={123: 5.5}),
+        _row(seed=1, temperature=1.0, logit_bias={42: 100}),  # exclusive selection
+    ]
+    for seed in range(5):
+        rows[2] = _row(seed=seed, temperature=1.0, logit_bias={42: 100})
+        got = np.asarray(sample_jit(logits, _tensors(rows, 3), max_logprobs=MAXLP).token_ids)
+        assert list(got) == [0, 123, 42]
+
+
+def test_builder_rejects_bad_logit_bias():
+    with pytest.raises(ValueError, match="max_logit_bias"):
+        _tensors([_row(logit_bias={i: 1.0 for i in range(5)})], 1, max_logit_bias=4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        _tensors([_row(logit_bias={V: 1.0})], 1)
+
+
 def test_builder_rejects_too_many_stop_tokens():
     row = _row(min_tokens=2, stop_token_ids=list(range(10)))
     with pytest.raises(ValueError, match="max_stop_tokens"):

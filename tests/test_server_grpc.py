@@ -108,6 +108,11 @@ def test_generate_chat_n_seed_logprobs_stop(stub: pb_grpc.GenerationStub) -> Non
     assert cut[0] == text[:text.find(stop)] and msgs[-1].finish_reason == "stop" and msgs[-1].stop_reason == stop
 
 
+def test_generate_logit_bias(stub: pb_grpc.GenerationStub) -> None:
+    _, ids, _ = _collect(stub.Generate(pb.GenerateRequest(prompt="Hello", sampling_params=_greedy(max_tokens=4, logit_bias={77: 100.0})), timeout=TIMEOUT))
+    assert ids == {0: [77] * 4}
+
+
 @pytest.mark.parametrize("request_kw,needle", [
     (dict(prompt="hi", sampling_params=pb.SamplingParams(temperature=-1.0)), "temperature"),
     (dict(prompt="hi", sampling_params=pb.SamplingParams(top_p=0.0)), "top_p"),
@@ -117,6 +122,8 @@ def test_generate_chat_n_seed_logprobs_stop(stub: pb_grpc.GenerationStub) -> Non
     (dict(prompt="hi", prompt_token_ids=[1, 2]), "exactly one"),
     (dict(prompt_token_ids=[1, 2, 100000]), "vocabulary"),
     (dict(prompt="hi " * MAX_MODEL_LEN), "max_model_len"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(logit_bias={100000: 1.0})), "logit_bias"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(logit_bias={5: float("inf")})), "logit_bias"),
 ])
 def test_invalid_arguments(stub: pb_grpc.GenerationStub, request_kw: dict, needle: str) -> None:
     with pytest.raises(grpc.RpcError) as e:

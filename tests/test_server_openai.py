@@ -262,6 +262,21 @@ def test_vllm_extras_and_unknown_fields_accepted(client: openai.OpenAI) -> None:
     assert out.usage.completion_tokens >= 2
 
 
+def test_logit_bias(client: openai.OpenAI, http: httpx.Client) -> None:
+    kw = dict(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+    forced = _completion(client, "One two three", logit_bias={"77": 100}, **kw)
+    assert [int(t.split(":")[1]) for t in forced.choices[0].logprobs.tokens] == [77] * 4
+    clamped = _completion(client, "One two three", logit_bias={"77": 1e6}, **kw)  # clamped to 100, as vLLM
+    assert clamped.choices[0].text == forced.choices[0].text
+    base = _completion(client, "One two three", **kw)
+    first = int(base.choices[0].logprobs.tokens[0].split(":")[1])
+    banned = _completion(client, "One two three", logit_bias={str(first): -100}, **kw)
+    assert int(banned.choices[0].logprobs.tokens[0].split(":")[1]) != first
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0.0,
+                                          logit_bias={"91": 100}, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert chat.choices[0].message.content == http.post("/detokenize", json={"model": MODEL, "tokens": [91] * 3}).json()["prompt"]
+
+
 # ----- errors ------------------------------------------------------------------------------------
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
@@ -274,6 +289,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 100000]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"seven": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-3": 1}}, "logit_bias"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_MODEL_LEN}, "max_completion_tokens"),

@@ -27,7 +27,7 @@ from jengine.sampler import RowState
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.tokenizer import load_tokenizer
-from jengine.worker.model_runner import MAX_STOP_TOKENS, ModelRunner
+from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ class EngineCore:
         params.verify(self.config.max_logprobs)
         if params.min_tokens and len(set(params.stop_token_ids) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
             raise ValueError(f"SamplingParams.stop_token_ids: at most {MAX_STOP_TOKENS} stop and EOS token ids are supported together with min_tokens")
+        if params.logit_bias:
+            if len(params.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"SamplingParams.logit_bias: at most {MAX_LOGIT_BIAS} entries are supported, got {len(params.logit_bias)}")
+            outside = next((t for t in params.logit_bias if not 0 <= t < self.vocab_size), None)
+            if outside is not None:
+                raise ValueError(f"SamplingParams.logit_bias has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt must not be empty")

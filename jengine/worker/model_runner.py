@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 4 << 30
 MAX_STOP_TOKENS = 16  # EOS + stop_token_ids a request below min_tokens may ban
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request
 PENALTY_HISTORY = 2048  # penalties see the most recent this-many prompt and output tokens
 _ACTIVATION_RESERVE_FRACTION = 0.1
 
@@ -215,7 +216,7 @@ class ModelRunner:
     def _sampling_tensors(self, rows: Sequence[Any], num_rows: int):
         return build_sampling_tensors(
             rows, num_rows, vocab_size=self.vocab_size, history_len=min(self.max_model_len, PENALTY_HISTORY),
-            max_stop_tokens=MAX_STOP_TOKENS, max_logprobs=self.max_logprobs,
+            max_stop_tokens=MAX_STOP_TOKENS, max_logprobs=self.max_logprobs, max_logit_bias=MAX_LOGIT_BIAS,
         )
 
     def buckets(self) -> list[tuple[int, int]]:
