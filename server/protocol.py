@@ -52,6 +52,7 @@ class _SamplingFields(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict[str, Any]] = None  # only {"type": "text"}: no structured output yet
     user: Optional[str] = None
     # vLLM extras
     top_k: Optional[int] = None
@@ -108,6 +109,7 @@ class TokenizeRequest(_Request):
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
+    tools: Optional[list[dict[str, Any]]] = None
 
 
 class DetokenizeRequest(_Request):

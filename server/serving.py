@@ -71,6 +71,29 @@ def parse_logit_bias(bias: Optional[dict[Any, Any]]) -> Optional[dict[int, float
     return out
 
 
+def check_response_format(response_format: Optional[dict[str, Any]]) -> None:
+    """Only plain text can be promised: JSON modes need structured output, which jengine does not have
+    yet, so they are a 400 rather than an unconstrained answer the client would take for JSON."""
+    if response_format is None:
+        return
+    kind = response_format.get("type")
+    if kind != "text":
+        raise APIError(400, f"response_format type {kind!r} is not supported: only 'text' (jengine has no structured "
+                            "output yet)", param="response_format")
+
+
+def check_tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: Any) -> None:
+    """`tools` reach the chat template (as vLLM without a tool parser), but jengine does not parse tool
+    calls out of the output, so only tool_choice "none" (vLLM's default) is served."""
+    if tool_choice is None or tool_choice == "none":
+        return
+    if not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    shown = tool_choice if isinstance(tool_choice, str) else "a named tool"
+    raise APIError(400, f"tool_choice {shown!r} needs tool-call parsing, which jengine does not support yet; "
+                        "use 'none' (the tools are still rendered into the chat template)", param="tool_choice")
+
+
 def build_sampling_params(fields: dict[str, Any], max_logprobs: int) -> SamplingParams:
     """`SamplingParams` from request fields (None = default). Logprob counts are checked against the
     server's `--max-logprobs` rather than the dataclass default."""
@@ -154,7 +177,8 @@ class OpenAIServing:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def render_chat(self, messages: Sequence[Any], *, chat_template: Optional[str], add_generation_prompt: bool,
-                    continue_final_message: bool, kwargs: Optional[dict[str, Any]]) -> str:
+                    continue_final_message: bool, kwargs: Optional[dict[str, Any]],
+                    tools: Optional[list[dict[str, Any]]] = None) -> str:
         msgs = normalize_messages(messages)
         template = chat_template or self.chat_template
         if template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -164,7 +188,8 @@ class OpenAIServing:
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, chat_template=template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=False, **(kwargs or {}),
+                continue_final_message=continue_final_message, tokenize=False,
+                **({"tools": tools} if tools is not None else {}), **(kwargs or {}),
             )
         except APIError:
             raise
@@ -234,6 +259,7 @@ class OpenAIServing:
         return requested
 
     def _params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int], rename: dict[str, str]) -> SamplingParams:
+        check_response_format(req.response_format)
         fields = dict(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -447,8 +473,9 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        check_tool_choice(req.tools, req.tool_choice)
         text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
-                                continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs)
+                                continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
         ids = self.encode(text, req.add_special_tokens)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -526,7 +553,7 @@ class OpenAIServing:
             raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
             text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
-                                    continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs)
+                                    continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
             ids = self.encode(text, bool(req.add_special_tokens))
         else:
             ids = self.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)

@@ -277,7 +277,21 @@ def test_logit_bias(client: openai.OpenAI, http: httpx.Client) -> None:
     assert chat.choices[0].message.content == http.post("/detokenize", json={"model": MODEL, "tokens": [91] * 3}).json()["prompt"]
 
 
+def test_tools_reach_the_chat_template_and_text_response_format(client: openai.OpenAI, http: httpx.Client) -> None:
+    template = "{% for t in tools or [] %}[tool {{ t['function']['name'] }}]{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    msgs = [{"role": "user", "content": "Hi"}]
+    with_tools = http.post("/tokenize", json={"model": MODEL, "messages": msgs, "tools": TOOLS, "chat_template": template}).json()
+    without = http.post("/tokenize", json={"model": MODEL, "messages": msgs, "chat_template": template}).json()
+    text = http.post("/detokenize", json={"model": MODEL, "tokens": with_tools["tokens"]}).json()["prompt"]
+    assert "get_weather" in text and with_tools["count"] > without["count"]
+    out = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=2, response_format={"type": "text"},
+                                         extra_body={"chat_template": template})
+    assert out.usage.prompt_tokens == with_tools["count"] and not out.choices[0].message.tool_calls
+
+
 # ----- errors ------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
@@ -292,6 +306,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"seven": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-3": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_MODEL_LEN}, "max_completion_tokens"),
