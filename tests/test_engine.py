@@ -7,6 +7,8 @@ buckets come from the session's persistent compilation cache.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -19,12 +21,14 @@ LIMITS = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Greedy continuation with a plain KV-cached loop (no EOS handling, like ignore_eos)."""
+    # transformers renamed the forward's cache argument (and output) from past_key_values to cache.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out, past = [], None
     ids = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(n):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=ids, use_cache=True, **{cache_kw: past})
+            past = getattr(res, cache_kw)
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
             ids = torch.tensor([[tok]])
