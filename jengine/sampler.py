@@ -111,6 +111,50 @@ jax.tree_util.register_dataclass(
 # ------------------------------------------------------------------------------------------ host side
 
 
+class PenaltyHistory:
+    """The distinct token ids one request's penalties touch and their output counts, kept up to date
+    incrementally (O(new tokens) a step), so penalties see the whole prompt and output however long.
+
+    Ids are kept in first-seen order: the prompt's (when repetition_penalty needs them), then new
+    output ids as they appear. `arrays` syncs with the output so far and returns views.
+    """
+
+    def __init__(self, prompt_token_ids: Sequence[int], include_prompt: bool) -> None:
+        self._index: dict[int, int] = {}
+        self._ids = np.zeros(64, np.int32)
+        self._counts = np.zeros(64, np.float32)
+        self._size = 0
+        self._outputs_seen = 0
+        if include_prompt:
+            for t in dict.fromkeys(int(t) for t in prompt_token_ids):
+                self._add(t, 0.0)
+
+    def _add(self, token: int, count: float) -> None:
+        if self._size == self._ids.size:
+            self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+        self._index[token] = self._size
+        self._ids[self._size] = token
+        self._counts[self._size] = count
+        self._size += 1
+
+    def arrays(self, output_token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct ids, output counts) after syncing with `output_token_ids` (which only grows)."""
+        for t in output_token_ids[self._outputs_seen:]:
+            i = self._index.get(int(t))
+            if i is None:
+                self._add(int(t), 1.0)
+            else:
+                self._counts[i] += 1.0
+        self._outputs_seen = len(output_token_ids)
+        return self._ids[: self._size], self._counts[: self._size]
+
+
+def needs_penalties(params: SamplingParams) -> bool:
+    return (abs(params.presence_penalty) > _SAMPLING_EPS or abs(params.frequency_penalty) > _SAMPLING_EPS
+            or abs(params.repetition_penalty - 1.0) > _SAMPLING_EPS)
+
+
 @dataclasses.dataclass
 class RowState:
     """What the builder needs to know about one running request (one sequence)."""
@@ -120,6 +164,9 @@ class RowState:
     output_token_ids: Sequence[int]
     seed: int  # the request's seed, or one the engine drew for an unseeded request
     eos_token_ids: Sequence[int] = ()
+    # The request's incremental penalty state (the engine keeps one per request that has penalties);
+    # None: the builder de-duplicates the last `history_len` output / prompt tokens itself.
+    penalty_history: Optional[PenaltyHistory] = None
 
 
 def seed_to_key_data(seed: int) -> tuple[int, int]:
@@ -141,9 +188,10 @@ def build_sampling_tensors(
 ) -> SamplingTensors:
     """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
 
-    `None` entries are padding: greedy, no penalties, nothing banned. Penalty histories keep the last
-    `history_len` output tokens and the last `prompt_history_len` (default `history_len`) prompt tokens;
-    longer histories are truncated (penalties then see only the recent tokens). Raises ValueError when a
+    `None` entries are padding: greedy, no penalties, nothing banned. A row with a `penalty_history`
+    gets its first `history_len + prompt_history_len` distinct ids, i.e. its whole history in practice;
+    a row without one keeps the last `history_len` output tokens and the last `prompt_history_len`
+    (default `history_len`) prompt tokens (penalties then see only the recent tokens). Raises ValueError when a
     row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, has more than
     `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks for more logprobs than
     `max_logprobs`.
@@ -171,6 +219,7 @@ def build_sampling_tensors(
     any_kp = False
     any_banned = False
     any_bias = False
+    any_history = False
     hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
     hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
 
@@ -211,11 +260,18 @@ def build_sampling_tensors(
             presence[i] = p.presence_penalty
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
-            out_tail = outs[-history_len:] if (n_out and history_len) else ()
-            prompt_tail = row.prompt_token_ids[-Wp:] if (has_rep and Wp) else ()
-            hist_parts.append(out_tail)
-            hist_parts.append(prompt_tail)
-            hist_rows.append((i, len(out_tail), len(prompt_tail)))
+            if row.penalty_history is not None:
+                ids, counts = row.penalty_history.arrays(outs)
+                n = min(ids.size, pen_ids.shape[1])
+                pen_ids[i, :n] = ids[:n]
+                pen_counts[i, :n] = counts[:n]
+                any_history = True
+            else:
+                out_tail = outs[-history_len:] if (n_out and history_len) else ()
+                prompt_tail = row.prompt_token_ids[-Wp:] if (has_rep and Wp) else ()
+                hist_parts.append(out_tail)
+                hist_parts.append(prompt_tail)
+                hist_rows.append((i, len(out_tail), len(prompt_tail)))
         if p.temperature < _SAMPLING_EPS:
             continue  # greedy: top-k / top-p / min-p do not apply
         all_greedy = False
@@ -237,7 +293,7 @@ def build_sampling_tensors(
         key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
         banned_token_ids=banned, logit_bias_ids=bias_ids, logit_bias_values=bias_values, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
-        any_processing=np.bool_(any_banned or any_bias or bool(hist_rows)),
+        any_processing=np.bool_(any_banned or any_bias or any_history or bool(hist_rows)),
         any_logprobs=np.bool_(any_lp),
     )
 

@@ -166,6 +166,26 @@ def test_stop_strings_min_tokens_ignore_eos_and_logprobs(llm):
     del tok
 
 
+@pytest.mark.parametrize("pen", [dict(repetition_penalty=1.3, frequency_penalty=0.0, presence_penalty=0.0),
+                                 dict(repetition_penalty=1.0, frequency_penalty=0.8, presence_penalty=0.5)])
+def test_penalties_match_hf_logits_penalised_by_hand(llm, hf_llama, pen):
+    """Greedy with penalties equals a plain HF loop that penalises its logits as vLLM does (on this
+    prompt each penalty set changes the greedy tokens: at position 4 and at position 14)."""
+    prompt = random_prompts(12, [14])[0]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(16):
+            x = hf_llama(torch.tensor([prompt + out])).logits[0, -1].double()
+            seen = torch.tensor(sorted(set(prompt + out)))
+            x[seen] = torch.where(x[seen] > 0, x[seen] / pen["repetition_penalty"], x[seen] * pen["repetition_penalty"])
+            for t in set(out):
+                x[t] -= pen["frequency_penalty"] * out.count(t) + pen["presence_penalty"]
+            out.append(int(x.argmax()))
+    got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, **pen), use_tqdm=False)
+    assert got[0].outputs[0].token_ids == out
+    assert not llm.engine._penalties  # per-request penalty state is dropped when the request ends
+
+
 def test_prompt_logprobs_match_hf(llm, hf_llama):
     prompt = random_prompts(11, [20])[0]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jengine.sampler import (
+    PenaltyHistory,
     RowState,
     SamplingTensors,
     build_sampling_tensors,
@@ -131,6 +132,27 @@ def test_penalties_match_reference():
         want = ref_penalties(logits[r], c["prompt"], c["out"], c.get("presence_penalty", 0.0),
                              c.get("frequency_penalty", 0.0), c.get("repetition_penalty", 1.0))
         np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5, err_msg=str(c))
+
+
+def test_penalty_history_covers_histories_longer_than_the_window():
+    s = 2
+    logits = _logits(s, seed=9)
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 40, 50).tolist()
+    out = rng.integers(20, 60, 70).tolist()  # 70 output tokens: past history_len=40 (60 distinct ids fit in 2 x 40)
+    kw = dict(temperature=1.0, presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.4)
+    hist = PenaltyHistory(prompt, include_prompt=True)
+    for n in (0, 5, 33, 70):  # synced incrementally, step after step
+        rows = [RowState(params=SamplingParams(**kw), prompt_token_ids=prompt, output_token_ids=out[:n], seed=0,
+                         penalty_history=hist), _row(**kw, prompt=prompt, out=out[:n])]
+        got = np.asarray(filtered_jit(logits, _tensors(rows, s, history_len=40)))
+        want = ref_penalties(logits[0], prompt, out[:n], 0.3, 0.2, 1.4)
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5, err_msg=f"{n} outputs")
+    # Without the history object a row sees only its last 40 output and prompt tokens.
+    assert np.abs(got[1] - ref_penalties(logits[1], prompt, out, 0.3, 0.2, 1.4)).max() > 1e-3
+    ids, counts = hist.arrays(out)
+    assert sorted(ids.tolist()) == sorted(set(prompt) | set(out))
+    assert {int(t): float(c) for t, c in zip(ids, counts) if c} == {t: float(out.count(t)) for t in set(out)}
 
 
 def test_greedy_uses_penalised_logits():

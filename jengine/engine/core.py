@@ -23,7 +23,7 @@ from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
 from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
-from jengine.sampler import RowState
+from jengine.sampler import PenaltyHistory, RowState, needs_penalties
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.tokenizer import load_tokenizer
@@ -73,6 +73,7 @@ class EngineCore:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
+        self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
         self.load_seconds = time.perf_counter() - t0
         self.runner.warmup()
         if self.plan is not None:
@@ -152,20 +153,32 @@ class EngineCore:
         for rid in request_ids:
             self.output_processor.abort(rid)
         for cid in child_ids:
-            self._seeds.pop(cid, None)
+            self._forget(cid)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ----- the step -----------------------------------------------------------------------------
     def _row_state(self, request: Request) -> RowState:
+        params = request.sampling_params
+        history = None
+        if needs_penalties(params):
+            history = self._penalties.get(request.request_id)
+            if history is None:
+                with_prompt = abs(params.repetition_penalty - 1.0) > 1e-5
+                history = self._penalties[request.request_id] = PenaltyHistory(request.prompt_token_ids, with_prompt)
         return RowState(
-            params=request.sampling_params,
+            params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             seed=self._seeds[request.request_id],
             eos_token_ids=request.eos_token_ids,
+            penalty_history=history,
         )
+
+    def _forget(self, child_id: str) -> None:
+        self._seeds.pop(child_id, None)
+        self._penalties.pop(child_id, None)
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration; returns outputs of requests that progressed or finished."""
@@ -180,7 +193,7 @@ class EngineCore:
         for child_id, stop_str in stopped:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
         for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
-            self._seeds.pop(child_id, None)
+            self._forget(child_id)
         return outputs
 
     @property

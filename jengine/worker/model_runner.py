@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_BYTES = 4 << 30
 MAX_STOP_TOKENS = 16  # EOS + stop_token_ids a request below min_tokens may ban
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request
-PENALTY_HISTORY = 2048  # penalties see the most recent this-many prompt and output tokens
+PENALTY_HISTORY = 2048  # sampling tensors hold 2x this many distinct penalty ids (output, prompt) per row
 _ACTIVATION_RESERVE_FRACTION = 0.1
 
 
