@@ -189,7 +189,8 @@ def build_sampling_tensors(
     """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
 
     `None` entries are padding: greedy, no penalties, nothing banned. A row with a `penalty_history`
-    gets its first `history_len + prompt_history_len` distinct ids, i.e. its whole history in practice;
+    gets up to `history_len + prompt_history_len` of its distinct ids (output ids first), i.e. its whole
+    history in practice;
     a row without one keeps the last `history_len` output tokens and the last `prompt_history_len`
     (default `history_len`) prompt tokens (penalties then see only the recent tokens). Raises ValueError when a
     row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, has more than
@@ -262,6 +263,9 @@ def build_sampling_tensors(
             repetition[i] = p.repetition_penalty
             if row.penalty_history is not None:
                 ids, counts = row.penalty_history.arrays(outs)
+                if ids.size > pen_ids.shape[1]:  # rare: keep the output's ids, then prompt-only ones
+                    order = np.argsort(counts == 0, kind="stable")
+                    ids, counts = ids[order], counts[order]
                 n = min(ids.size, pen_ids.shape[1])
                 pen_ids[i, :n] = ids[:n]
                 pen_counts[i, :n] = counts[:n]

@@ -155,6 +155,17 @@ def test_penalty_history_covers_histories_longer_than_the_window():
     assert {int(t): float(c) for t, c in zip(ids, counts) if c} == {t: float(out.count(t)) for t in set(out)}
 
 
+def test_penalty_history_overflow_keeps_output_ids():
+    logits = _logits(1, seed=10)
+    prompt, out = list(range(100, 130)), [7, 7, 8]  # 32 distinct ids, only 8 slots
+    hist = PenaltyHistory(prompt, include_prompt=True)
+    row = RowState(params=SamplingParams(temperature=1.0, frequency_penalty=1.0, repetition_penalty=1.2), prompt_token_ids=prompt,
+                   output_token_ids=out, seed=0, penalty_history=hist)
+    got = np.asarray(filtered_jit(logits, _tensors([row], 1, history_len=4)))[0]
+    want = ref_penalties(logits[0], (), out, 0.0, 1.0, 1.2)  # the output ids get every penalty
+    np.testing.assert_allclose(got[[7, 8]], want[[7, 8]], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_uses_penalised_logits():
     logits = np.zeros((1, V), np.float32)
     logits[0, 10], logits[0, 11] = 5.0, 4.0
