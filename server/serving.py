@@ -82,6 +82,16 @@ def check_response_format(response_format: Optional[dict[str, Any]]) -> None:
                             "output yet)", param="response_format")
 
 
+def chat_role_and_echo(req: ChatCompletionRequest) -> tuple[str, str]:
+    """The reply's role ("assistant" after a generation prompt, else the last message's role, as vLLM)
+    and, with `echo`, the text to put before the completion: the last message's content when that
+    message has the reply's role (continuing a partial assistant message)."""
+    last = normalize_messages(req.messages)[-1]
+    role = "assistant" if req.add_generation_prompt else last["role"]
+    echo = last["content"] if req.echo and last["role"] == role else ""
+    return role, echo
+
+
 def check_tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: Any) -> None:
     """`tools` reach the chat template (as vLLM without a tool parser), but jengine does not parse tool
     calls out of the output, so only tool_choice "none" (vLLM's default) is served."""
@@ -483,12 +493,13 @@ class OpenAIServing:
         max_tokens = self._max_tokens(requested, len(ids), field)
         num_top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens=max_tokens, logprobs=num_top, rename=rename)
+        role, echo = chat_role_and_echo(req)
         base = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         stream = self._start(base, ids, params, text, req.priority, "messages", rename)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_chat(base, created, req, stream, num_top, include_usage)
+            return self._stream_chat(base, created, req, stream, num_top, include_usage, role, echo)
         final = None
         try:
             async for out in stream:
@@ -504,19 +515,21 @@ class OpenAIServing:
         choices = []
         for c in final.outputs:
             logprobs = None if num_top is None else self.chat_logprobs(c.token_ids, c.logprobs or [], num_top, req.return_tokens_as_token_ids)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+            choices.append({"index": c.index, "message": {"role": role, "content": echo + c.text, "tool_calls": []},
                             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return {"id": base, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self.usage([final])}
 
     async def _stream_chat(self, base: str, created: int, req: ChatCompletionRequest, stream: RequestStream,
-                           num_top: Optional[int], include_usage: bool) -> AsyncIterator[str]:
+                           num_top: Optional[int], include_usage: bool, role: str, echo: str) -> AsyncIterator[str]:
         head = {"id": base, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         states = [_Choice() for _ in range(req.n)]
         final = None
         try:
-            for c in range(req.n):  # the first delta of every choice carries the role
-                yield sse({**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+            for c in range(req.n):  # the first delta of every choice carries the role (then the echo, if any)
+                yield sse({**head, "choices": [{"index": c, "delta": {"role": role, "content": ""}, "logprobs": None, "finish_reason": None}]})
+                if echo:
+                    yield sse({**head, "choices": [{"index": c, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]})
             async for out in stream:
                 if out.finished:
                     final = out

@@ -171,6 +171,22 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason] == ["length"]
 
 
+def test_chat_echo_continues_the_final_message(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0.0)
+    extra = {"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True}
+    plain = client.chat.completions.create(**kw, extra_body=extra)
+    echoed = client.chat.completions.create(**kw, extra_body={**extra, "echo": True})
+    assert echoed.choices[0].message.role == "assistant"
+    assert echoed.choices[0].message.content == "Once upon" + plain.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw, extra_body={**extra, "echo": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == echoed.choices[0].message.content
+    # After a generation prompt the reply is a new assistant message: nothing to echo from the user.
+    fresh = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=3, temperature=0.0, extra_body={"echo": True})
+    same = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=3, temperature=0.0)
+    assert fresh.choices[0].message.content == same.choices[0].message.content
+
+
 def test_stream_without_usage_and_done_marker(http: httpx.Client) -> None:
     lines = []
     with http.stream("POST", "/v1/completions", json=_greedy(prompt="Hello", max_tokens=3, stream=True)) as r:
