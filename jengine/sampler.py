@@ -16,8 +16,9 @@ Order of operations (as vLLM's V1 sampler does):
 4. greedy rows (temperature 0) take the argmax (ties: lowest id) of the penalised logits;
 5. other rows: temperature, min_p, top_k, top_p, then one draw from what is left.
 
-Penalties, min_tokens and logit_bias touch only the few ids involved: the builder de-duplicates each row's history on
-the host (ids + output counts), the device gathers those logits, penalises them and scatters them back.
+Penalties, min_tokens and logit_bias touch only the few ids involved: the host hands over each row's
+distinct history ids with their output counts (kept incrementally per request in a `PenaltyHistory`),
+the device gathers those logits, penalises them and scatters them back.
 
 Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s, far more than a decode
 step, so nothing here sorts over V. top-k / top-p thresholds come from `lax.top_k` over a small number of
@@ -70,8 +71,8 @@ class SamplingTensors:
     repetition_penalty: jax.Array  # f32[S]; 1 = off
     key_data: jax.Array  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
     step: jax.Array  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
-    penalty_token_ids: jax.Array  # i32[S, W + Wp]; distinct ids of the prompt/output history (rows with
-    #   penalties only): the last W output tokens, plus the last Wp prompt tokens if repetition applies
+    penalty_token_ids: jax.Array  # i32[S, W + Wp]; distinct ids of the output (and, if repetition
+    #   applies, the prompt) of rows with penalties (see `build_sampling_tensors` for the limits)
     penalty_output_counts: jax.Array  # f32[S, W + Wp]; how often each of those ids is in the output
     banned_token_ids: jax.Array  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
     logit_bias_ids: jax.Array  # i32[S, B]; token ids of the row's logit_bias
@@ -189,11 +190,11 @@ def build_sampling_tensors(
     """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
 
     `None` entries are padding: greedy, no penalties, nothing banned. A row with a `penalty_history`
-    gets up to `history_len + prompt_history_len` of its distinct ids (output ids first), i.e. its whole
-    history in practice;
-    a row without one keeps the last `history_len` output tokens and the last `prompt_history_len`
-    (default `history_len`) prompt tokens (penalties then see only the recent tokens). Raises ValueError when a
-    row below min_tokens has more than `max_stop_tokens` EOS + stop token ids, has more than
+    gets up to `history_len + prompt_history_len` of its distinct ids (output ids first): its whole
+    history in practice. A row without one keeps the last `history_len` output tokens and the last
+    `prompt_history_len` (default `history_len`) prompt tokens (penalties then see only the recent
+    tokens). Raises ValueError when a row below min_tokens has more than `max_stop_tokens` EOS + stop
+    token ids, has more than
     `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks for more logprobs than
     `max_logprobs`.
     """
