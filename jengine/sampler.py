@@ -151,9 +151,14 @@ class PenaltyHistory:
         return self._ids[: self._size], self._counts[: self._size]
 
 
+def has_repetition_penalty(params: SamplingParams) -> bool:
+    """Repetition penalty is on (it is the one penalty that also looks at the prompt)."""
+    return abs(params.repetition_penalty - 1.0) > _SAMPLING_EPS
+
+
 def needs_penalties(params: SamplingParams) -> bool:
     return (abs(params.presence_penalty) > _SAMPLING_EPS or abs(params.frequency_penalty) > _SAMPLING_EPS
-            or abs(params.repetition_penalty - 1.0) > _SAMPLING_EPS)
+            or has_repetition_penalty(params))
 
 
 @dataclasses.dataclass
@@ -256,9 +261,7 @@ def build_sampling_tensors(
             bias_ids[i, : ids.size] = ids
             bias_values[i, : ids.size] = np.fromiter(p.logit_bias.values(), np.float32, ids.size)
             any_bias = True
-        has_freq_pres = abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
-        has_rep = abs(p.repetition_penalty - 1.0) > _SAMPLING_EPS
-        if has_freq_pres or has_rep:
+        if needs_penalties(p):
             presence[i] = p.presence_penalty
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
@@ -273,7 +276,7 @@ def build_sampling_tensors(
                 any_history = True
             else:
                 out_tail = outs[-history_len:] if (n_out and history_len) else ()
-                prompt_tail = row.prompt_token_ids[-Wp:] if (has_rep and Wp) else ()
+                prompt_tail = row.prompt_token_ids[-Wp:] if (has_repetition_penalty(p) and Wp) else ()
                 hist_parts.append(out_tail)
                 hist_parts.append(prompt_tail)
                 hist_rows.append((i, len(out_tail), len(prompt_tail)))

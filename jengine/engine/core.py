@@ -23,7 +23,7 @@ from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
 from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
-from jengine.sampler import PenaltyHistory, RowState, needs_penalties
+from jengine.sampler import PenaltyHistory, RowState, has_repetition_penalty, needs_penalties
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.tokenizer import load_tokenizer
@@ -165,8 +165,8 @@ class EngineCore:
         if needs_penalties(params):
             history = self._penalties.get(request.request_id)
             if history is None:
-                with_prompt = abs(params.repetition_penalty - 1.0) > 1e-5
-                history = self._penalties[request.request_id] = PenaltyHistory(request.prompt_token_ids, with_prompt)
+                history = PenaltyHistory(request.prompt_token_ids, include_prompt=has_repetition_penalty(params))
+                self._penalties[request.request_id] = history
         return RowState(
             params=params,
             prompt_token_ids=request.prompt_token_ids,
