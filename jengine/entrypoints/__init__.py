@@ -1,0 +1,1 @@
+"""User-facing entry points of the Python API: `LLM`, the offline batch interface shaped like vLLM's."""
