@@ -9,7 +9,8 @@ Each side runs in its own process (two thread pools on a small machine distort e
     python benchmarks/throughput.py --load-format dummy --dtype bfloat16 --model /path/to/llama3-8b-config
 
 Hugging Face runs static, left-padded batches to the longest output of each batch (as vLLM's own
-`hf` baseline does); only each request's own output tokens count. Batch size 1 is slow on a CPU, so
+`hf` baseline does), on CUDA when torch sees a GPU, in `--dtype` (float32 for `auto`), with random
+weights under `--load-format dummy`; only each request's own output tokens count. Batch size 1 is slow on a CPU, so
 it runs on the first `--hf-bs1-prompts` requests and its rates are measured on those. Prints a
 table with requests/s, output tokens/s, total tokens/s and the ratio of jengine to the best HF
 configuration; writes JSON with the machine and versions.
@@ -54,12 +55,18 @@ def run_hf(a: argparse.Namespace, prompts, out_lens, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else torch.float32
     path = a.model
-    if path.endswith(".gguf"):
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    if a.load_format == "dummy":  # random weights of the checkpoint's shapes, as jengine's dummy format
+        from transformers import AutoConfig
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    elif path.endswith(".gguf"):
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device).eval()
     if batch_size == 1:
         prompts, out_lens = prompts[: a.hf_bs1_prompts], out_lens[: a.hf_bs1_prompts]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -75,8 +82,11 @@ def run_hf(a: argparse.Namespace, prompts, out_lens, batch_size: int) -> dict:
                 ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
             new = max(lens)
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                           max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
             produced += sum(lens)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return {"side": f"hf_bs{batch_size}", "elapsed_s": elapsed, "num_requests": len(prompts),
             "prompt_tokens": sum(map(len, prompts)), "output_tokens": produced}
@@ -176,7 +186,8 @@ def main() -> None:
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind},
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
         "workload": {k: getattr(a, k) for k in ("model", "num_prompts", "input_min", "input_max", "output_min", "output_max", "seed", "dtype", "load_format")},
         "environment": {"GLIBC_TUNABLES": a.glibc_tunables or os.environ.get("GLIBC_TUNABLES", "")},

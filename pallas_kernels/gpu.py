@@ -15,6 +15,7 @@ window and logit soft cap. `interpret=True` runs it on any backend (slowly) for 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -29,11 +30,27 @@ from jengine.pallas_kernels import reference
 
 SUPPORTED_HEAD_DIMS, SUPPORTED_PAGE_SIZES, SUPPORTED_DTYPES = tiling.SUPPORTED_HEAD_DIMS, tiling.SUPPORTED_PAGE_SIZES, tiling.SUPPORTED_DTYPES
 _MIN_ROWS = 16  # Triton's dot wants every operand dimension >= 16
-_KV_BLOCK_TOKENS = 64  # KV tokens per inner step (several pages when pages are small)
-_PREFILL_ROWS = 64  # query rows (tokens x padded group) per prefill tile
-_SPLIT_TOKENS = 512  # flash-decoding: aim for at least this many KV tokens per split
-_MAX_SPLITS = 16
 _M_INIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTuning:
+    """Tile sizes and launch parameters of the GPU kernel (defaults: see benchmarks/README.md).
+
+    `ragged_paged_attention` takes one as `tuning=`; the contract's entry point uses the defaults.
+    Powers of two throughout, as Triton's block shapes must be.
+    """
+
+    kv_block_tokens: int = 64  # KV tokens per inner step (several pages when pages are small)
+    prefill_rows: int = 64  # query rows (tokens x padded group) per prefill tile at D <= 128 (half at D = 256)
+    split_tokens: int = 512  # flash-decoding: aim for at least this many KV tokens per split
+    max_splits: int = 16
+    decode_warps: int | None = None  # None: 4 at D <= 128, 8 at D = 256
+    prefill_warps: int | None = None
+    num_stages: int = 2
+
+
+DEFAULT_TUNING = GpuTuning()
 
 
 def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
@@ -94,7 +111,7 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
 
 
 def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: int, pages_per_block: int,
-            group_pad: int, sm_scale, soft_cap, sliding_window, interpret: bool, num_warps: int):
+            group_pad: int, sm_scale, soft_cap, sliding_window, interpret: bool, num_warps: int, num_stages: int):
     """Runs the kernel over (tiles, kv heads, splits); returns normalized f32 outputs [NT, Hkv, rows, D]."""
     NT, hkv, rows, d = q_tiles.shape
     _, _, num_pages, page_size, _ = cache.shape
@@ -106,7 +123,7 @@ def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: 
     kv_block = (None, None, num_pages, page_size, d)
     params = {}
     if not interpret:
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(NT, hkv, num_splits),
@@ -146,6 +163,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    tuning: GpuTuning = DEFAULT_TUNING,
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     T, hq, d = q.shape
@@ -157,15 +175,15 @@ def ragged_paged_attention(
     q = q.astype(cache.dtype)
     q_lens, lens = tiling.seq_info(seq_lens, query_start_loc, num_seqs, S)
 
-    pages_per_block = max(1, _KV_BLOCK_TOKENS // page_size)
+    pages_per_block = max(1, tuning.kv_block_tokens // page_size)
     max_blocks = -(-P // pages_per_block)
-    num_splits = min(_MAX_SPLITS, tiling.next_pow2(-(-max_blocks * pages_per_block * page_size // _SPLIT_TOKENS)))
+    num_splits = min(tuning.max_splits, tiling.next_pow2(-(-max_blocks * pages_per_block * page_size // tuning.split_tokens)))
     blocks_per_split = -(-max_blocks // num_splits)
     cols = num_splits * blocks_per_split * pages_per_block
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, cols - P)))
     warps = 4 if d <= 128 else 8
     kw = dict(group_pad=group_pad, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-              interpret=interpret, pages_per_block=pages_per_block)
+              interpret=interpret, pages_per_block=pages_per_block, num_stages=tuning.num_stages)
 
     out = jnp.zeros((T, hq, d), jnp.float32)
     # Decode group: one token per tile, KV split flash-decoding style.
@@ -173,16 +191,17 @@ def ragged_paged_attention(
     rows = max(_MIN_ROWS, group_pad)
     qt = tiling.gather_q(q, dec.token_idx, hkv, group_pad, rows)
     o = _launch(qt, dec.meta, tables, cache, num_splits=num_splits, blocks_per_split=blocks_per_split,
-                num_warps=warps, **kw)
+                num_warps=tuning.decode_warps or warps, **kw)
     out = tiling.scatter_out(out, o, dec.token_idx, hq, group_pad)
     # Prefill group: bq-token tiles, one split covering the whole (causal) context.
     if T >= 2:
-        bq = max(1, _PREFILL_ROWS // group_pad) if d <= 128 else max(1, (_PREFILL_ROWS // 2) // group_pad)
+        prefill_rows = tuning.prefill_rows if d <= 128 else tuning.prefill_rows // 2
+        bq = max(1, prefill_rows // group_pad)
         bq = min(bq, tiling.next_pow2(T))
         pre = tiling.plan_prefill(q_lens, lens, query_start_loc, T, bq, sliding_window)
         rows = max(_MIN_ROWS, bq * group_pad)
         qt = tiling.gather_q(q, pre.token_idx, hkv, group_pad, rows)
         o = _launch(qt, pre.meta, tables, cache, num_splits=1, blocks_per_split=num_splits * blocks_per_split,
-                    num_warps=warps, **kw)
+                    num_warps=tuning.prefill_warps or warps, **kw)
         out = tiling.scatter_out(out, o, pre.token_idx, hq, group_pad)
     return out.astype(out_dtype)

