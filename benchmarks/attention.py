@@ -17,13 +17,17 @@ the machine and versions.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import json
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -136,6 +140,32 @@ def time_backend(case: dict, backend: str, repeats: int, burst: int, tuning: dic
     return median_seconds(lambda: f(*args), repeats, burst=burst)
 
 
+def profile_breakdown(fn: Callable[[], Any], calls: int, top: int = 12) -> list[tuple[str, float]]:
+    """Device time per call of each kernel (XLA fusion or Pallas kernel) `fn` launches, from a profiler trace.
+
+    Reads the Perfetto trace `jax.profiler` writes; on an accelerator only the device's events count,
+    on the CPU the host's (where XLA's ops run). Returns [(event name, microseconds per call)], largest first.
+    """
+    jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready([fn() for _ in range(calls)])
+        paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+        if not paths:
+            return []
+        with gzip.open(paths[0]) as fh:
+            trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in procs.items() if "/device:" in name}
+    keep = device_pids or set(procs)
+    totals: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in keep and not e["name"].startswith("$"):  # "$": Python frames
+            totals[e["name"]] += float(e.get("dur", 0))
+    return [(name, us / calls) for name, us in totals.most_common(top)]
+
+
 def parse_tunings(spec: str | None) -> list[dict]:
     """"k=v,k=v;k=v" -> [{k: int(v), ...}, ...] (GpuTuning fields)."""
     out = []
@@ -159,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated subset of the available backends")
     ap.add_argument("--tunings", default=None, help="GPU kernel variants to time too: 'field=v,...;field=v'")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
+    ap.add_argument("--profile", action="store_true", help="also print each backend's device time per kernel")
     args = ap.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
     small = on_cpu if args.small is None else args.small
@@ -208,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             err_s = "-" if err is None else f"{err:.1e}"
             print(f"{case['name']:<18} {label:<28} {sec * 1e3:9.3f} {gbs / 1e9:8.1f} {100 * gbs / bw:6.1f} "
                   f"{tfs / 1e12:8.3f} {100 * tfs / mm:6.1f} {err_s:>8}", flush=True)
+            if args.profile and tuning is None:
+                f, inputs = attention_fn(case, backend), case_inputs(case, backend)
+                parts = profile_breakdown(lambda: f(*inputs), calls=burst)
+                rows[-1]["profile_us_per_call"] = parts
+                for name, us in parts:
+                    print(f"    {us:10.1f} us  {name[:100]}", flush=True)
     result = dict(
         benchmark="attention", date=time.strftime("%Y-%m-%d"), small=small, repeats=repeats, burst=burst,
         machine=dict(node=platform.node(), processor=platform.processor(), platform=jax.default_backend(),

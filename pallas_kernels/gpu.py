@@ -43,11 +43,12 @@ class GpuTuning:
 
     kv_block_tokens: int = 64  # KV tokens per inner step (several pages when pages are small)
     prefill_rows: int = 64  # query rows (tokens x padded group) per prefill tile at D <= 128 (half at D = 256)
-    split_tokens: int = 512  # flash-decoding: aim for at least this many KV tokens per split
+    split_tokens: int = 256  # flash-decoding: aim for at least this many KV tokens per split
     max_splits: int = 16
     decode_warps: int | None = None  # None: 4 at D <= 128, 8 at D = 256
     prefill_warps: int | None = None
     num_stages: int = 2
+    unmasked_inner_blocks: bool = True  # mask only the blocks at the causal edge and the window's start
 
 
 DEFAULT_TUNING = GpuTuning()
@@ -64,8 +65,13 @@ write_kv = reference.write_kv
 
 def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
             sm_scale: float, soft_cap: float | None, sliding_window: int | None, group_pad: int,
-            pages_per_block: int, blocks_per_split: int, precision: Any) -> None:
-    """One (tile, kv head, split): online softmax over the split's KV blocks that the tile may see."""
+            pages_per_block: int, blocks_per_split: int, precision: Any, unmasked_inner_blocks: bool) -> None:
+    """One (tile, kv head, split): online softmax over the split's KV blocks that the tile may see.
+
+    With `unmasked_inner_blocks`, blocks that every row of the tile sees whole (below the first
+    token's position, inside every row's window) skip building and applying the mask; only the
+    blocks at the causal edge and the window's start pay for it.
+    """
     t, sp = pl.program_id(0), pl.program_id(2)
     rows, _ = q_ref.shape
     page_size = k_ref.shape[-2]
@@ -77,12 +83,12 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
 
     first_blk = sp * blocks_per_split
     lo = jnp.maximum(kv_lo // block_k, first_blk)
-    hi = jnp.minimum((kv_end + block_k - 1) // block_k, first_blk + blocks_per_split)
+    hi = jnp.maximum(jnp.minimum((kv_end + block_k - 1) // block_k, first_blk + blocks_per_split), lo)
 
     q = q_ref[...]
     qpos = pos0 + lax.broadcasted_iota(jnp.int32, (rows, block_k), 0) // group_pad
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         acc, m, l = carry
         pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, -1)
@@ -90,11 +96,12 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        kpos = j * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        mask = (kpos <= qpos) & (kpos < kv_end)
-        if sliding_window is not None:
-            mask = mask & (kpos > qpos - sliding_window)
-        s = jnp.where(mask, s, -jnp.inf)
+        if masked:
+            kpos = j * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            mask = (kpos <= qpos) & (kpos < kv_end)
+            if sliding_window is not None:
+                mask = mask & (kpos > qpos - sliding_window)
+            s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
@@ -102,16 +109,30 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l
 
+    masked = functools.partial(body, masked=True)
     d = q_ref.shape[-1]
-    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+    carry = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    if not unmasked_inner_blocks:
+        acc, m, l = lax.fori_loop(lo, hi, masked, carry)
+    else:
+        # Blocks [inner_lo, inner_hi) need no mask: their last key is at or before the tile's first
+        # token (pos0), and with a window their first key is inside the window of its last token
+        # (kv_end - 1). The blocks before and after them are masked.
+        inner_hi = jnp.clip((pos0 + 1) // block_k, lo, hi)
+        inner_lo = lo
+        if sliding_window is not None:
+            inner_lo = jnp.clip((kv_end - sliding_window + block_k - 1) // block_k, lo, inner_hi)
+            carry = lax.fori_loop(lo, inner_lo, masked, carry)
+        carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(body, masked=False), carry)
+        acc, m, l = lax.fori_loop(inner_hi, hi, masked, carry)
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
 def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: int, pages_per_block: int,
-            group_pad: int, sm_scale, soft_cap, sliding_window, interpret: bool, num_warps: int, num_stages: int):
+            group_pad: int, sm_scale, soft_cap, sliding_window, interpret: bool, num_warps: int, num_stages: int,
+            unmasked_inner_blocks: bool):
     """Runs the kernel over (tiles, kv heads, splits); returns normalized f32 outputs [NT, Hkv, rows, D]."""
     NT, hkv, rows, d = q_tiles.shape
     _, _, num_pages, page_size, _ = cache.shape
@@ -119,6 +140,7 @@ def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, group_pad=group_pad,
         pages_per_block=pages_per_block, blocks_per_split=blocks_per_split, precision=precision,
+        unmasked_inner_blocks=unmasked_inner_blocks,
     )
     kv_block = (None, None, num_pages, page_size, d)
     params = {}
@@ -183,7 +205,8 @@ def ragged_paged_attention(
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, cols - P)))
     warps = 4 if d <= 128 else 8
     kw = dict(group_pad=group_pad, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-              interpret=interpret, pages_per_block=pages_per_block, num_stages=tuning.num_stages)
+              interpret=interpret, pages_per_block=pages_per_block, num_stages=tuning.num_stages,
+              unmasked_inner_blocks=tuning.unmasked_inner_blocks)
 
     out = jnp.zeros((T, hq, d), jnp.float32)
     # Decode group: one token per tile, KV split flash-decoding style.

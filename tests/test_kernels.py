@@ -215,6 +215,25 @@ def test_gpu_sliding_window_and_soft_cap():
     check(Batch(MIXED + [(90, 1)], hq=8, hkv=2, page_size=16).build(), "gpu", sliding_window=20, soft_cap=3.0)
 
 
+@pytest.mark.parametrize("unmasked_inner_blocks", [True, False])
+def test_gpu_window_spanning_many_blocks(unmasked_inner_blocks):
+    """Contexts several 64-token KV blocks past a 150-token window: blocks before the window, masked
+    blocks at its start, whole blocks inside it and the masked causal edge, for decode, chunked
+    prefill and a fresh prompt; with and without the unmasked inner-block loop."""
+    from jengine.pallas_kernels import gpu
+
+    b = Batch([(400, 1), (300, 40), (130, 130)], hq=8, hkv=2, page_size=16).build()
+    tuning = gpu.GpuTuning(unmasked_inner_blocks=unmasked_inner_blocks)
+    a, ref = b.arrays, run(b, "reference", sliding_window=150)
+    fn = jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=1 / math.sqrt(b.d), sliding_window=150,
+                                   interpret=pk.resolve_backend(None) != "gpu", tuning=tuning))
+    interpret = pk.resolve_backend(None) != "gpu"
+    with jax.default_matmul_precision("highest"):
+        out = fn(jnp.asarray(a["q"]), b.cache("gpu", interpret), jnp.asarray(a["seq_lens"]), jnp.asarray(a["block_tables"]),
+                 jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
+    assert rel_err(np.asarray(out), ref, b.num_real_tokens) < TOL[jnp.float32]
+
+
 def test_gpu_long_context_decode():
     """One sequence over 1000 tokens: the decode path splits the KV length (flash-decoding)."""
     check(Batch([(1203, 1)], hq=4, hkv=2, page_size=32, pad_rows=0).build(), "gpu")
