@@ -3,7 +3,7 @@
 #   kernels     tests/test_kernels.py's GPU cases, natively (not interpret mode), against the reference
 #   attention   benchmarks/attention.py at full shapes with a per-kernel time profile, plus the GpuTuning variants
 #               in $TUNINGS
-#   engine      the engine's greedy parity with Hugging Face through the GPU kernel (float32, highest precision)
+#   engine      the engine's greedy parity with Hugging Face through the GPU kernel (float32)
 #   throughput  benchmarks/throughput.py, SmolLM2-135M shapes with random bfloat16 weights, against HF on the GPU
 # Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_session.sh [stage ...]   (default: all four)
 # The throughput stage reads SmolLM2's config and tokenizer from $SMOLLM2_CONFIG (default .devrun/smollm2-135m,
@@ -48,8 +48,8 @@ for s in $STAGES; do
     case $s in
         kernels) stage kernels 100 $PY -m pytest -q -p no:cacheprovider "$R/tests/test_kernels.py" -k "gpu" ;;
         attention) stage attention 220 $PY "$R/benchmarks/attention.py" --out "$OUT/attention.json" --tunings "$TUNINGS" --profile ;;
-        engine) stage engine 90 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -p no:cacheprovider \
-                    "$R/tests/test_engine.py" -k "gpu_kernel" ;;
+        engine) stage engine 90 $PY -m pytest -q -p no:cacheprovider "$R/tests/test_engine.py" \
+                    -k "gpu_kernel or float32_models" ;;
         throughput) stage throughput 240 $PY "$R/benchmarks/throughput.py" --model "$SMOLLM2_CONFIG" --load-format dummy \
                     --dtype bfloat16 --sides hf_bs32,jengine --out "$OUT/throughput.json" ;;
         *) echo "unknown stage $s (kernels attention engine throughput)"; exit 2 ;;

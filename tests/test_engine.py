@@ -95,6 +95,22 @@ def test_greedy_parity_through_the_gpu_kernel(tmp_path, xla_cache_dir):
     assert llm.engine.compilations_after_warmup == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_models_ask_for_float32_matmuls(tiny_llama, xla_cache_dir, dtype):
+    """Accelerators run float32 matmuls at lower precision by default (TF32 on GPUs), which would
+    break parity with Hugging Face; a float32 model's step asks for full precision, others do not."""
+    from jengine.worker.step_inputs import empty_step_inputs
+
+    llm = LLM(tiny_llama, dtype=dtype, compilation_cache_dir=xla_cache_dir, max_model_len=32, max_num_seqs=1,
+              max_num_batched_tokens=8)
+    r = llm.engine.runner
+    t, s = r.buckets()[0]
+    text = r._forward.lower(r.params, r.kv_cache, empty_step_inputs(t, s, r.max_pages_per_seq)).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots
+    assert all(("HIGHEST" in line) == (dtype == "float32") for line in dots)
+
+
 def test_parity_prefix_caching_on_and_chunked(llm, hf_llama):
     shared = random_prompts(2, [40])[0]
     prompts = [shared + tail for tail in random_prompts(3, [3, 9, 20])] + [shared]

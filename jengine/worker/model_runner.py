@@ -184,10 +184,23 @@ class ModelRunner:
         in_use = stats.get("bytes_in_use", 0)
         return max(0, int(limit - in_use - _ACTIVATION_RESERVE_FRACTION * stats["bytes_limit"]))
 
+    def _matmul_precision(self) -> Any:
+        """float32 models compute their matmuls in float32 on every platform.
+
+        An accelerator's default precision for a float32 matmul is lower (TF32 on NVIDIA GPUs,
+        bfloat16 passes on TPUs), which would break greedy parity with Hugging Face in float32; on
+        the CPU it changes nothing.
+        """
+        return jax.default_matmul_precision("highest") if self.dtype == jnp.float32 else contextlib.nullcontext()
+
     # ----- the step ---------------------------------------------------------------------------
     # The step is three jitted pieces so each compiles only over the shapes it depends on:
     # the model over (T, S) buckets, the sampler over S, prompt logprobs over T.
     def _forward_fn(self, params, kv_cache, inputs: StepInputs):
+        with self._matmul_precision():
+            return self._forward_body(params, kv_cache, inputs)
+
+    def _forward_body(self, params, kv_cache, inputs: StepInputs):
         model = nnx.merge(self.graphdef, params)
         md = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
@@ -211,7 +224,8 @@ class ModelRunner:
 
     def _prompt_logprobs_fn(self, params, hidden, next_ids):
         model = nnx.merge(self.graphdef, params)
-        return prompt_logprobs(model.compute_logits(hidden), jnp.maximum(next_ids, 0), self.max_logprobs)
+        with self._matmul_precision():
+            return prompt_logprobs(model.compute_logits(hidden), jnp.maximum(next_ids, 0), self.max_logprobs)
 
     def _sampling_tensors(self, rows: Sequence[Any], num_rows: int):
         return build_sampling_tensors(
