@@ -50,6 +50,14 @@ class GpuTuning:
     num_stages: int = 2
     unmasked_inner_blocks: bool = True  # mask only the blocks at the causal edge and the window's start
 
+    def __post_init__(self) -> None:
+        for name in ("kv_block_tokens", "prefill_rows", "split_tokens", "max_splits", "decode_warps", "prefill_warps"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ValueError(f"GpuTuning.{name} must be a power of two, got {value}")
+        if self.num_stages < 1:
+            raise ValueError(f"GpuTuning.num_stages must be >= 1, got {self.num_stages}")
+
 
 DEFAULT_TUNING = GpuTuning()
 

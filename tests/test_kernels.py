@@ -275,3 +275,13 @@ def test_unsupported_inputs_raise(backend):
     with pytest.raises(ValueError, match="cache"):
         page_major = jnp.zeros((8, 16, 2, 2, 64), jnp.float32)  # [pages, page_size, 2, Hkv, D]: not this layout
         pk.ragged_paged_attention(jnp.ones((1, 2, 64)), page_major, *args, sm_scale=1.0, backend=backend, interpret=True)
+
+
+def test_gpu_tuning_rejects_what_triton_cannot_tile():
+    from jengine.pallas_kernels import gpu
+
+    with pytest.raises(ValueError, match="kv_block_tokens"):
+        gpu.GpuTuning(kv_block_tokens=48)
+    with pytest.raises(ValueError, match="num_stages"):
+        gpu.GpuTuning(num_stages=0)
+    assert gpu.GpuTuning(decode_warps=8, prefill_rows=128).prefill_rows == 128
