@@ -225,9 +225,9 @@ def test_gpu_window_spanning_many_blocks(unmasked_inner_blocks):
     b = Batch([(400, 1), (300, 40), (130, 130)], hq=8, hkv=2, page_size=16).build()
     tuning = gpu.GpuTuning(unmasked_inner_blocks=unmasked_inner_blocks)
     a, ref = b.arrays, run(b, "reference", sliding_window=150)
-    fn = jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=1 / math.sqrt(b.d), sliding_window=150,
-                                   interpret=pk.resolve_backend(None) != "gpu", tuning=tuning))
     interpret = pk.resolve_backend(None) != "gpu"
+    fn = jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=1 / math.sqrt(b.d), sliding_window=150,
+                                   interpret=interpret, tuning=tuning))
     with jax.default_matmul_precision("highest"):
         out = fn(jnp.asarray(a["q"]), b.cache("gpu", interpret), jnp.asarray(a["seq_lens"]), jnp.asarray(a["block_tables"]),
                  jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
