@@ -128,9 +128,9 @@ def reference_output(case: dict) -> np.ndarray:
 
 
 def check_backend(case: dict, backend: str, ref: np.ndarray, tuning: dict | None = None) -> float:
-    """‖out - ref‖ / ‖ref‖ over the case's real tokens (NaN or inf anywhere counts as inf)."""
+    """‖out - ref‖ / ‖ref‖ over the case's tokens (a NaN or inf anywhere counts as inf)."""
     out = np.asarray(attention_fn(case, backend, tuning)(*case_inputs(case, backend)).astype(jnp.float32))
-    if not np.isfinite(out[: case["T"]]).all():
+    if not np.isfinite(out).all():
         return float("inf")
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{tfs / 1e12:8.3f} {100 * tfs / mm:6.1f} {err_s:>8}", flush=True)
             if args.profile and tuning is None:
                 f, inputs = attention_fn(case, backend), case_inputs(case, backend)
-                parts = profile_breakdown(lambda: f(*inputs), calls=burst)
+                try:
+                    parts = profile_breakdown(lambda: f(*inputs), calls=burst)
+                except Exception as exc:  # no profiler on this machine: the timings above still stand
+                    print(f"    profile failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    parts = []
                 rows[-1]["profile_us_per_call"] = parts
                 for name, us in parts:
                     print(f"    {us:10.1f} us  {name[:100]}", flush=True)
