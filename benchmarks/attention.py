@@ -111,7 +111,7 @@ def case_inputs(case: dict, backend: str) -> tuple:
 def attention_fn(case: dict, backend: str, tuning: dict | None = None) -> Callable:
     """The jitted attention call; a Pallas backend off its own platform runs in interpret mode (slow)."""
     kw = dict(sm_scale=1 / math.sqrt(case["d"]))
-    if backend != "reference" and pk.resolve_backend(None) != backend:
+    if pk.runs_interpreted(backend):
         kw["interpret"] = True
     if tuning:  # a GPU kernel variant: call the backend module directly
         from jengine.pallas_kernels import gpu

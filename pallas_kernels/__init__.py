@@ -33,6 +33,13 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
+def runs_interpreted(backend: str | None) -> bool:
+    """A Pallas backend asked for on a platform it does not compile for runs in interpret mode there
+    (slowly: for checking kernels, and the engine through them, on the CPU)."""
+    name = resolve_backend(backend)
+    return name != "reference" and name != resolve_backend(None)
+
+
 def _module(backend: str | None) -> ModuleType:
     return importlib.import_module(f"{__name__}.{resolve_backend(backend)}")
 

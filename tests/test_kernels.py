@@ -83,11 +83,17 @@ class Batch:
         return int(self.arrays["query_start_loc"][len(self.seqs)])
 
 
-def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, interpret: bool = False) -> np.ndarray:
+def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, interpret: bool = False,
+        tuning=None) -> np.ndarray:
+    """`backend`'s output for the batch; with a `GpuTuning`, the GPU kernel called with those settings."""
     a = batch.arrays
-    fn = jax.jit(functools.partial(pk.ragged_paged_attention, sm_scale=1 / math.sqrt(batch.d),
-                                   sliding_window=sliding_window, soft_cap=soft_cap, backend=backend,
-                                   interpret=interpret))
+    kw = dict(sm_scale=1 / math.sqrt(batch.d), sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+    if tuning is not None:
+        from jengine.pallas_kernels import gpu
+
+        fn = jax.jit(functools.partial(gpu.ragged_paged_attention, tuning=tuning, **kw))
+    else:
+        fn = jax.jit(functools.partial(pk.ragged_paged_attention, backend=backend, **kw))
     # float32 matmuls at full precision: on a GPU the default would be TF32 (the oracle must not be).
     with jax.default_matmul_precision("highest"):
         out = fn(jnp.asarray(a["q"], batch.dtype), batch.cache(backend, interpret), jnp.asarray(a["seq_lens"]),
@@ -121,10 +127,10 @@ def rel_err(x: np.ndarray, ref: np.ndarray, n: int) -> float:
     return float(np.linalg.norm(x[:n] - ref[:n]) / np.linalg.norm(ref[:n]))
 
 
-def check(batch: Batch, backend: str, **kw) -> None:
+def check(batch: Batch, backend: str, tuning=None, **kw) -> None:
     """`backend` against the reference: natively on its own platform, in interpret mode elsewhere."""
     ref = run(batch, "reference", **kw)
-    out = run(batch, backend, interpret=pk.resolve_backend(None) != backend, **kw)
+    out = run(batch, backend, interpret=pk.runs_interpreted(backend), tuning=tuning, **kw)
     err = rel_err(out, ref, batch.num_real_tokens)
     assert err < TOL[batch.dtype], f"{backend}: relative error {err:.2e}"
 
@@ -223,15 +229,7 @@ def test_gpu_window_spanning_many_blocks(unmasked_inner_blocks):
     from jengine.pallas_kernels import gpu
 
     b = Batch([(400, 1), (300, 40), (130, 130)], hq=8, hkv=2, page_size=16).build()
-    tuning = gpu.GpuTuning(unmasked_inner_blocks=unmasked_inner_blocks)
-    a, ref = b.arrays, run(b, "reference", sliding_window=150)
-    interpret = pk.resolve_backend(None) != "gpu"
-    fn = jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=1 / math.sqrt(b.d), sliding_window=150,
-                                   interpret=interpret, tuning=tuning))
-    with jax.default_matmul_precision("highest"):
-        out = fn(jnp.asarray(a["q"]), b.cache("gpu", interpret), jnp.asarray(a["seq_lens"]), jnp.asarray(a["block_tables"]),
-                 jnp.asarray(a["query_start_loc"]), jnp.asarray(a["num_seqs"]))
-    assert rel_err(np.asarray(out), ref, b.num_real_tokens) < TOL[jnp.float32]
+    check(b, "gpu", sliding_window=150, tuning=gpu.GpuTuning(unmasked_inner_blocks=unmasked_inner_blocks))
 
 
 def test_gpu_long_context_decode():

@@ -105,9 +105,7 @@ class ModelRunner:
         self.dtype = jnp.dtype(loaded.dtype)
         self.cache_dtype = self.dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
         self.backend = pallas_kernels.resolve_backend(config.attention_backend)
-        # A Pallas backend asked for on a platform it does not compile for runs in interpret mode
-        # (slow: for checking kernels end to end on the CPU).
-        self.interpret = self.backend != "reference" and self.backend != pallas_kernels.resolve_backend(None)
+        self.interpret = pallas_kernels.runs_interpreted(self.backend)
         if self.interpret:
             logger.warning("attention backend %r on %s runs in Pallas interpret mode (slow)", self.backend, jax.default_backend())
         self.page_size = config.cache.block_size
