@@ -199,9 +199,8 @@ def build_sampling_tensors(
     history in practice. A row without one keeps the last `history_len` output tokens and the last
     `prompt_history_len` (default `history_len`) prompt tokens (penalties then see only the recent
     tokens). Raises ValueError when a row below min_tokens has more than `max_stop_tokens` EOS + stop
-    token ids, has more than
-    `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks for more logprobs than
-    `max_logprobs`.
+    token ids, has more than `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks
+    for more logprobs than `max_logprobs`.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
