@@ -6,6 +6,7 @@ Each side runs in its own process (two thread pools on a small machine distort e
 
     python benchmarks/throughput.py                       # jengine + HF at batch 1, 8, 32
     python benchmarks/throughput.py --sides jengine       # jengine only
+    python benchmarks/throughput.py --sides jengine,jengine:reference   # attention backends A/B
     python benchmarks/throughput.py --load-format dummy --dtype bfloat16 --model /path/to/llama3-8b-config
 
 Hugging Face runs static, left-padded batches to the longest output of each batch (as vLLM's own
@@ -34,7 +35,7 @@ def _default_model() -> str:
     return default_model_path()
 
 
-def run_jengine(a: argparse.Namespace, prompts, out_lens) -> dict:
+def run_jengine(a: argparse.Namespace, prompts, out_lens, attention_backend: str | None) -> dict:
     from jengine import LLM
     from jengine.bench import run_offline
 
@@ -42,11 +43,11 @@ def run_jengine(a: argparse.Namespace, prompts, out_lens) -> dict:
     llm = LLM(
         model=a.model, dtype=a.dtype, load_format=a.load_format, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, tensor_parallel_size=a.tensor_parallel_size,
-        max_model_len=a.max_model_len, enable_prefix_caching=False,
+        max_model_len=a.max_model_len, enable_prefix_caching=False, attention_backend=attention_backend,
     )
     startup = time.perf_counter() - t0
     result = run_offline(llm, prompts, out_lens)
-    result.update(side="jengine", startup_s=startup, compilations_after_warmup=llm.engine.compilations_after_warmup)
+    result.update(side=a.side, attention_backend=llm.engine.runner.backend, startup_s=startup, compilations_after_warmup=llm.engine.compilations_after_warmup)
     return result
 
 
@@ -105,8 +106,8 @@ def _child(a: argparse.Namespace) -> None:
     from jengine.bench import make_workload
 
     prompts, out_lens = make_workload(a.num_prompts, a.input_min, a.input_max, a.output_min, a.output_max, vocab, a.seed)
-    if a.side == "jengine":
-        result = run_jengine(a, prompts, out_lens)
+    if a.side.startswith("jengine"):  # "jengine" or "jengine:<attention backend>"
+        result = run_jengine(a, prompts, out_lens, a.side.partition(":")[2] or None)
     else:
         result = run_hf(a, prompts, out_lens, int(a.side.removeprefix("hf_bs")))
     with open(a.result_file, "w") as f:

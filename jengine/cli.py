@@ -36,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    parser.add_argument("--attention-backend", default=None, choices=["reference", "gpu", "tpu"])
+    parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"])
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     parser.add_argument("--max-logprobs", type=_positive_int, default=20)
     parser.add_argument("--compilation-cache-dir", default=None, help='persistent XLA cache folder ("" disables)')

@@ -6,8 +6,10 @@
                            num_seqs[1], *, sm_scale, sliding_window=None, soft_cap=None,
                            backend=None, interpret=False) -> out[T, Hq, D]
 
-Backends: `reference` (pure jax.numpy: the CPU path and the test oracle), `gpu` (Pallas on NVIDIA
-GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from `jax.default_backend()`. The cache's
+Backends: `reference` (pure jax.numpy: the test oracle, and the CPU path where no C++ compiler is
+found), `cpu` (the reference with decode rows in a native C++ XLA FFI kernel: the CPU default),
+`gpu` (Pallas on NVIDIA GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from
+`jax.default_backend()`. The cache's
 layout belongs to its backend: callers only pass it back to these functions. Sequences come
 decode-first; rows past `num_seqs` and tokens past `query_start_loc[num_seqs]` are padding whose
 outputs are unspecified. Page 0 is the null page that padding tokens write to.
@@ -20,16 +22,23 @@ from typing import Any
 
 import jax
 
-BACKENDS = ("reference", "gpu", "tpu")
-_DEFAULT_FOR_PLATFORM = {"cpu": "reference", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+BACKENDS = ("reference", "cpu", "gpu", "tpu")
+_DEFAULT_FOR_PLATFORM = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+_PALLAS = ("gpu", "tpu")
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """The backend name to use: `backend` if given, else the one for `jax.default_backend()`."""
+    """The backend name to use: `backend` if given, else the one for `jax.default_backend()`
+    (on the CPU: `cpu` when its native kernel builds, else `reference`)."""
     if backend is None:
-        return _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "reference")
+        name = _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "reference")
+        if name == "cpu" and not _module("cpu").available():
+            name = "reference"
+        return name
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu" and jax.default_backend() != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on the CPU platform only, not {jax.default_backend()!r}")
     return backend
 
 
@@ -37,7 +46,7 @@ def runs_interpreted(backend: str | None) -> bool:
     """A Pallas backend asked for on a platform it does not compile for runs in interpret mode there
     (slowly: for checking kernels, and the engine through them, on the CPU)."""
     name = resolve_backend(backend)
-    return name != "reference" and name != resolve_backend(None)
+    return name in _PALLAS and name != _DEFAULT_FOR_PLATFORM.get(jax.default_backend())
 
 
 def _module(backend: str | None) -> ModuleType:

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 MODEL = "model"
 
 # Axis of the KV heads in each attention backend's cache layout (see `jengine.pallas_kernels`).
-KV_HEAD_AXIS = {"reference": 1, "gpu": 1, "tpu": 1}
+KV_HEAD_AXIS = {"reference": 1, "cpu": 1, "gpu": 1, "tpu": 1}
 
 _COLUMN = re.compile(r"^layers\.(wq|w_gate|w_up)$")
 _COLUMN_KV = re.compile(r"^layers\.(wk|wv)$")

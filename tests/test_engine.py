@@ -76,8 +76,10 @@ def test_greedy_parity_each_architecture(arch, tmp_path, xla_cache_dir):
     assert llm.engine.compilations_after_warmup == 0
 
 
-def test_greedy_parity_through_the_gpu_kernel(tmp_path, xla_cache_dir):
-    """The engine on the Pallas GPU kernel: natively on a GPU, in interpret mode elsewhere.
+@pytest.mark.parametrize("backend", ["gpu", "reference"])
+def test_greedy_parity_through_other_attention_backends(tmp_path, xla_cache_dir, backend):
+    """The engine on an attention backend other than the platform's default: the Pallas GPU kernel
+    (natively on a GPU, in interpret mode elsewhere) and the pure-JAX reference (the CPU's fallback).
 
     head_dim 64 and three query heads per KV head (SmolLM2's shape), so the kernel serves it; decode,
     chunked prefill and a context past one 64-token KV block all go through it.
@@ -87,8 +89,8 @@ def test_greedy_parity_through_the_gpu_kernel(tmp_path, xla_cache_dir):
     path = make_tiny_checkpoint(tmp_path, "llama", hidden_size=192, num_attention_heads=3, num_key_value_heads=1)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = random_prompts(4, [70, 9])
-    llm = LLM(path, compilation_cache_dir=xla_cache_dir, attention_backend="gpu", **LIMITS)
-    assert llm.engine.runner.backend == "gpu"
+    llm = LLM(path, compilation_cache_dir=xla_cache_dir, attention_backend=backend, **LIMITS)
+    assert llm.engine.runner.backend == backend
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)

@@ -237,6 +237,78 @@ def test_gpu_long_context_decode():
     check(Batch([(1203, 1)], hq=4, hkv=2, page_size=32, pad_rows=0).build(), "gpu")
 
 
+# ---------------------------------------------------------------- native CPU kernel (C++ XLA FFI)
+
+
+def _native_cpu():
+    from jengine.pallas_kernels import cpu
+
+    if cpu._compiler() is None:  # a compiler that is there but fails to build the kernel fails the tests
+        pytest.skip("no C++ compiler on PATH: the CPU platform uses the reference backend")
+    assert cpu._load() is None, cpu._load()
+    return cpu
+
+
+@pytest.mark.parametrize("seqs,hq,hkv,d,ps,dtype", [
+    (MIXED, 6, 2, 64, 16, jnp.float32),                 # GQA 3; prefill tiles on the page-16 fast path
+    ([(300, 120), (50, 50), (17, 1)], 8, 2, 128, 16, jnp.bfloat16),  # head_dim 128 fast path, bfloat16
+    (MIXED + [(300, 1)], 2, 2, 128, 32, jnp.bfloat16),  # MHA, page 32: the generic path for every row
+    (DECODE_ONLY, 8, 1, 64, 128, jnp.float32),          # MQA, largest page, no prefill rows
+    (PREFILL_ONLY, 8, 2, 256, 64, jnp.float16),         # float16 cache: the reference serves it
+    # decode rows past 256 tokens are split into 256-token items: 5 items, 1 (exactly 256), 2, 1 token
+    ([(1203, 1), (256, 1), (257, 1), (1, 1), (70, 33)], 9, 3, 64, 16, jnp.float32),
+], ids=["gqa3-f32", "d128-bf16", "mha-bf16-ps32", "decode-mqa-ps128", "f16-reference", "split-decode"])
+def test_cpu_matches_reference(seqs, hq, hkv, d, ps, dtype):
+    _native_cpu()
+    b = Batch(seqs, hq=hq, hkv=hkv, d=d, page_size=ps, dtype=dtype).build()
+    check(b, "cpu")
+    if dtype == jnp.float32:  # and against the dense oracle, tightly
+        assert rel_err(run(b, "cpu"), dense_oracle(b), b.num_real_tokens) < 1e-5
+
+
+@pytest.mark.parametrize("ps", [16, 32])
+def test_cpu_sliding_window_and_soft_cap(ps):
+    # A 300-token window: over a 700-token decode row it starts inside the row's second 256-token
+    # item; over a 200-token chunk after 300 cached tokens it moves with every query. Page 16 takes
+    # the prefill fast path, page 32 the generic one.
+    _native_cpu()
+    b = Batch([(700, 1), (300, 1), (90, 1), (40, 9), (500, 200)], hq=8, hkv=2, page_size=ps).build()
+    kw = dict(sliding_window=300, soft_cap=3.0)
+    check(b, "cpu", **kw)
+    out = run(b, "cpu", **kw)
+    assert rel_err(out, dense_oracle(b, **kw), b.num_real_tokens) < 1e-5
+    assert rel_err(out, dense_oracle(b, sliding_window=301, soft_cap=3.0), b.num_real_tokens) > 1e-3
+
+
+def test_cpu_is_the_cpu_default_and_falls_back_without_a_compiler(monkeypatch, caplog):
+    cpu = _native_cpu()
+    assert pk.resolve_backend(None) == "cpu"
+    assert not pk.runs_interpreted("cpu")
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    assert "no C++ compiler" in cpu._load.__wrapped__()
+    monkeypatch.setattr(cpu, "_load", lambda: "no C++ compiler (c++) on PATH")
+    with caplog.at_level("WARNING"):
+        assert pk.resolve_backend(None) == "reference"
+    assert "native CPU attention unavailable" in caplog.text
+    with pytest.raises(RuntimeError, match="unavailable"):
+        b = Batch(MIXED).build()
+        run(b, "cpu")
+
+
+def test_cpu_kernel_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
+    cpu = _native_cpu()
+    monkeypatch.setenv("JENGINE_CACHE_DIR", str(tmp_path))
+    first = cpu._build(cpu._compiler())
+    assert first.parent == tmp_path / "cpu_kernels" and first.stat().st_size > 0
+    stamp = first.stat().st_mtime_ns
+    assert cpu._build(cpu._compiler()) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setattr(cpu, "_FLAGS", cpu._FLAGS + ("-DJENGINE_TEST_FLAG=1",))
+    assert cpu._build(cpu._compiler()) != first  # other flags: another library
+    monkeypatch.setattr(cpu, "_FLAGS", cpu._FLAGS + ("-DNOT_CXX(",))
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu._build(cpu._compiler())
+
+
 # ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)
 
 

@@ -322,15 +322,17 @@ def test_llm_tensor_parallel_size(tiny_llama: str, tp1_tokens: list[list[int]], 
 
 
 
-def test_pallas_kernel_under_tensor_parallelism(tmp_path: Any) -> None:
-    """The GPU Pallas kernel (interpret mode on the CPU) runs per device under shard_map: with the cache
-    split over KV heads (TP 2) and replicated (TP 4 > 2 KV heads), greedy tokens equal TP 1's."""
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+def test_attention_kernel_under_tensor_parallelism(tmp_path: Any, backend: str) -> None:
+    """The GPU Pallas kernel (interpret mode on the CPU) and the native CPU kernel run per device under
+    shard_map: with the cache split over KV heads (TP 2) and replicated (TP 4 > 2 KV heads), greedy
+    tokens equal TP 1's (on the reference)."""
     from tiny_models import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path, "llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
     expected = _run("llm", 1, path, 1)["tokens"]
     for tp in (2, 4):
-        res = _run("llm", 4, path, tp, "gpu")
+        res = _run("llm", 4, path, tp, backend)
         assert res["tokens"] == expected, f"tp={tp}"
         assert res["compiles_after_warmup"] == 0
 
