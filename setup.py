@@ -13,4 +13,4 @@ for folder, name in MAPPED.items():
     package_dir[name] = folder
     packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=package_dir, package_data={"jengine.server": ["*.proto"]})
+setup(packages=packages, package_dir=package_dir, package_data={"jengine.server": ["*.proto"], "jengine.pallas_kernels": ["*.cc"]})

@@ -9,7 +9,7 @@ layout and `write_kv` are the reference's. float16 caches go to the reference.
 
 The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) for this
 CPU (`-march=native`), against the FFI headers jaxlib ships, into
-`$JENGINE_CACHE_DIR/cpu_kernels` (default `~/.cache/jengine`); the file name hashes the source,
+`$JENGINE_CACHE_DIR/cpu_kernels` (default `${XDG_CACHE_HOME:-~/.cache}/jengine`); the file name hashes the source,
 the flags, the compiler, jaxlib's version and the CPU, so a change of any rebuilds it. `available()`
 says whether that worked; without a compiler the CPU platform falls back to `reference`.
 """
@@ -45,7 +45,8 @@ _CACHE_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("JENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jengine")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("JENGINE_CACHE_DIR") or os.path.join(xdg, "jengine")
     return Path(base) / "cpu_kernels"
 
 

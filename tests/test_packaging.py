@@ -38,11 +38,15 @@ def test_installed_tree_has_every_module(tmp_path):
         installed.update(rel.replace(os.sep, ".") + ("" if f == "__init__.py" else "." + f[:-3]) for f in filenames if f.endswith(".py"))
     missing = source_modules() - installed
     assert not missing, f"not installed: {sorted(missing)} (a folder without __init__.py?)"
+    # Data files the code reads at run time: the native CPU kernel's source, the gRPC schema.
+    for data in ("pallas_kernels/cpu_attention.cc", "server/jengine.proto"):
+        assert (target / "jengine" / data).is_file(), f"not installed: {data}"
     top_level = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin"}
     assert top_level == {"jengine"}, f"generic top-level names in site-packages: {sorted(top_level - {'jengine'})}"
     # The installed copy imports, away from the source tree (the cwd would shadow it).
     env = dict(os.environ, PYTHONPATH=str(target))
-    probe = "import jengine.entrypoints.llm, jengine.worker.model_runner, jengine.engine.core, jengine.pallas_kernels.gpu; print(jengine.__file__)"
+    probe = ("import jengine.entrypoints.llm, jengine.worker.model_runner, jengine.engine.core, jengine.pallas_kernels.gpu; "
+             "from jengine.pallas_kernels import cpu; assert cpu._SOURCE.is_file(); print(jengine.__file__)")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith(str(target))
