@@ -1,6 +1,7 @@
 """Micro-benchmark of the paged-attention backends on decode-heavy and prefill-heavy batches.
 
-For each available backend (`reference` everywhere, `gpu` on a GPU, `tpu` on a TPU) it first checks
+For each available backend (`reference` everywhere, `cpu` on a CPU with a C++ compiler, `gpu` on a
+GPU, `tpu` on a TPU) it first checks
 the backend's output against the reference (run at `highest` matmul precision) on the case's random
 data, then times one jitted `ragged_paged_attention` call: the median over repeats of a burst of
 back-to-back calls, so host dispatch overlaps device work as it does in the engine. It reports
@@ -177,7 +178,8 @@ def parse_tunings(spec: str | None) -> list[dict]:
 
 def available_backends() -> list[str]:
     platform_name = jax.default_backend()
-    return ["reference"] + (["gpu"] if platform_name in ("gpu", "cuda", "rocm") else []) + (["tpu"] if platform_name == "tpu" else [])
+    native_cpu = platform_name == "cpu" and pk.resolve_backend(None) == "cpu"  # built with the host's compiler
+    return ["reference"] + (["cpu"] if native_cpu else []) + (["gpu"] if platform_name in ("gpu", "cuda", "rocm") else []) + (["tpu"] if platform_name == "tpu" else [])
 
 
 def main(argv: list[str] | None = None) -> int:

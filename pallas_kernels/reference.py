@@ -1,12 +1,13 @@
-"""Reference paged attention in pure `jax.numpy`: the CPU backend and the kernels' test oracle.
+"""Reference paged attention in pure `jax.numpy`: the kernels' test oracle and the CPU fallback.
 
 Cache layout: one array `[2, num_kv_heads, num_pages, page_size, head_dim]` (K at index 0, V at 1),
-the same as the GPU and TPU kernels'. Gathering a sequence's pages per KV head yields contiguous
+the same as the native CPU and the GPU and TPU kernels'. Gathering a sequence's pages per KV head yields contiguous
 `[tokens, head_dim]` blocks that feed batched matmuls without transposes (2.5x faster decode on the
 CPU than a page-major layout).
 
-Because this is also the production path on the CPU, it only reads the pages each sequence owns and
-never makes decode rows pay for prefill-sized work:
+Because this is also the CPU path wherever the native `cpu` backend cannot be built (no C++
+compiler), it only reads the pages each sequence owns and never makes decode rows pay for
+prefill-sized work:
 
 - decode rows (one new token) are cut into work items of one KV chunk each, laid out row after row;
   a `while_loop` takes a fixed number of items a trip whatever rows they belong to, so a batch pays
