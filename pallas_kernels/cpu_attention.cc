@@ -83,20 +83,37 @@ struct Problem {
   float sm_scale, soft_cap;  // window <= 0, soft_cap <= 0: none
 };
 
+// What an item reads: its KV head's K and V page arrays, its row's block table, and where its
+// tokens sit (first query position in the sequence, first token in q/out).
+template <typename T>
+struct ItemView {
+  const T* k_head;
+  const T* v_head;
+  const int32_t* pages;
+  int len, first_pos, token0;
+
+  ItemView(const Problem& pb, const Item& it) {
+    const T* cache = static_cast<const T*>(pb.cache);
+    const size_t head_stride = static_cast<size_t>(pb.num_pages) * pb.page_size * pb.d;
+    k_head = cache + static_cast<size_t>(it.head) * head_stride;
+    v_head = cache + (static_cast<size_t>(pb.hkv) + it.head) * head_stride;
+    pages = pb.block_tables + static_cast<size_t>(it.row) * pb.max_pages;
+    len = std::min(pb.seq_lens[it.row], pb.max_pages * pb.page_size);
+    first_pos = len - pb.q_lens[it.row] + it.q0;
+    token0 = pb.query_start_loc[it.row] + it.q0;
+  }
+};
+
 // Streaming softmax of one item over its pages. Per query row r = i * G + g (token i, head g):
 // m[r], l[r] and the unnormalised acc[r][D]; rows whose span is empty keep m = kMasked, l = 0.
 template <typename T, int kD>
 void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc, float* scores) {
   const int D = kD > 0 ? kD : pb.d;
   const int G = pb.group, ps = pb.page_size, Hq = pb.hkv * G, R = it.nq * G;
-  const T* cache = static_cast<const T*>(pb.cache);
-  const size_t head_stride = static_cast<size_t>(pb.num_pages) * ps * D;
-  const T* k_head = cache + static_cast<size_t>(it.head) * head_stride;
-  const T* v_head = cache + (static_cast<size_t>(pb.hkv) + it.head) * head_stride;
-  const int32_t* pages = pb.block_tables + static_cast<size_t>(it.row) * pb.max_pages;
-  const int len = std::min(pb.seq_lens[it.row], pb.max_pages * ps);
-  const int first_pos = len - pb.q_lens[it.row] + it.q0;  // position of the tile's first token
-  const int token0 = pb.query_start_loc[it.row] + it.q0;
+  const ItemView<T> view(pb, it);
+  const T *k_head = view.k_head, *v_head = view.v_head;
+  const int32_t* pages = view.pages;
+  const int len = view.len, first_pos = view.first_pos, token0 = view.token0;
 
   // Key span of the whole tile, then of each token i: [lo_i, hi_i) = [pos - window + 1, pos + 1).
   int lo = it.lo, hi = it.hi;
@@ -170,14 +187,10 @@ template <typename T, int kD, int kPS>
 void run_tile(const Problem& pb, const Item& it, float* m, float* l, float* acc, float* scores) {
   constexpr int kRowBlock = 4;
   const int G = pb.group, Hq = pb.hkv * G, R = it.nq * G;
-  const T* cache = static_cast<const T*>(pb.cache);
-  const size_t head_stride = static_cast<size_t>(pb.num_pages) * kPS * kD;
-  const T* k_head = cache + static_cast<size_t>(it.head) * head_stride;
-  const T* v_head = cache + (static_cast<size_t>(pb.hkv) + it.head) * head_stride;
-  const int32_t* pages = pb.block_tables + static_cast<size_t>(it.row) * pb.max_pages;
-  const int len = std::min(pb.seq_lens[it.row], pb.max_pages * kPS);
-  const int first_pos = len - pb.q_lens[it.row] + it.q0;
-  const int token0 = pb.query_start_loc[it.row] + it.q0;
+  const ItemView<T> view(pb, it);
+  const T *k_head = view.k_head, *v_head = view.v_head;
+  const int32_t* pages = view.pages;
+  const int len = view.len, first_pos = view.first_pos, token0 = view.token0;
   const int hi = std::min(first_pos + it.nq, len);
   const int lo = pb.window > 0 ? std::max(first_pos - pb.window + 1, 0) : 0;
 
