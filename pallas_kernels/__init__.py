@@ -7,10 +7,9 @@
                            backend=None, interpret=False) -> out[T, Hq, D]
 
 Backends: `reference` (pure jax.numpy: the test oracle, and the CPU path where no C++ compiler is
-found), `cpu` (the reference with decode rows in a native C++ XLA FFI kernel: the CPU default),
-`gpu` (Pallas on NVIDIA GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from
-`jax.default_backend()`. The cache's
-layout belongs to its backend: callers only pass it back to these functions. Sequences come
+found), `cpu` (a native C++ kernel called through XLA's FFI: the CPU default), `gpu` (Pallas on
+NVIDIA GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from `jax.default_backend()`. The
+cache's layout belongs to its backend: callers only pass it back to these functions. Sequences come
 decode-first; rows past `num_seqs` and tokens past `query_start_loc[num_seqs]` are padding whose
 outputs are unspecified. Page 0 is the null page that padding tokens write to.
 """

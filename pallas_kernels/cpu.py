@@ -8,10 +8,10 @@ the keys each query may see, with a streaming softmax, on XLA's intra-op thread 
 layout and `write_kv` are the reference's. float16 caches go to the reference.
 
 The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) for this
-CPU (`-march=native`), against the FFI headers jaxlib ships, into
-`$JENGINE_CACHE_DIR/cpu_kernels` (default `${XDG_CACHE_HOME:-~/.cache}/jengine`); the file name hashes the source,
-the flags, the compiler, jaxlib's version and the CPU, so a change of any rebuilds it. `available()`
-says whether that worked; without a compiler the CPU platform falls back to `reference`.
+CPU (`-march=native`), against the FFI headers jaxlib ships, into `$JENGINE_CACHE_DIR/cpu_kernels`
+(default `${XDG_CACHE_HOME:-~/.cache}/jengine`); the file name hashes the source, the flags, the
+compiler, jaxlib's version and the CPU, so a change of any rebuilds it. `available()` says whether
+that worked; without a compiler the CPU platform falls back to `reference` (with one warning).
 """
 from __future__ import annotations
 
@@ -96,21 +96,22 @@ def _load() -> Optional[str]:
     """Builds and registers the kernel; None if it is ready, else why not."""
     compiler = _compiler()
     if compiler is None:
-        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    except (OSError, RuntimeError) as e:
-        return f"building the native CPU attention kernel failed: {e}"
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JengineRaggedPagedAttention), platform="cpu")
-    return None
+        reason = f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    else:
+        try:
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        except (OSError, RuntimeError) as e:
+            reason = f"building the native CPU attention kernel failed: {e}"
+        else:
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JengineRaggedPagedAttention), platform="cpu")
+            return None
+    logger.warning("native CPU attention unavailable (%s); the CPU uses the reference backend", reason)
+    return reason
 
 
 def available() -> bool:
     """Whether the native kernel is built and registered (building it on the first call)."""
-    reason = _load()
-    if reason is not None:
-        logger.warning("native CPU attention unavailable (%s); using the reference backend", reason)
-    return reason is None
+    return _load() is None
 
 
 def ragged_paged_attention(
