@@ -309,7 +309,10 @@ def test_dead_worker_fails_the_leader(tiny_llama: str, after_steps: int) -> None
         assert error, "leader finished generation with a dead worker"
     else:  # or the watchdog / coordination service killed it: non-zero, with a message
         assert leader.returncode != 0, out[-3000:]
-        assert "did not finish" in out or "worker" in out.lower(), out[-3000:]
+        # On a loaded machine the service's 10 s heartbeat check can beat the step watchdog; it then
+        # names the dead tasks (jaxlib 0.10.2 aborts there with std::bad_cast instead of calling
+        # `distributed._on_service_error`, so the leader still dies loudly, just not through it).
+        assert "did not finish" in out or "worker" in out.lower() or "stopped sending heartbeats" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("tp", [2])
