@@ -400,6 +400,11 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   const int max_len = pb.max_pages * pb.page_size;
 
   // Rows are laid out back to back from token 0; the caller zeroes q_lens past num_seqs.
+  // A split decode row's (row, head) and its items' consecutive partial slots, for the merge.
+  struct Split {
+    int row, head, first_slot, num_slots;
+  };
+  std::vector<Split> splits;
   int covered = 0, partials = 0;
   for (int s = 0; s < S; ++s) {
     const int n = pb.q_lens[s];
@@ -410,9 +415,11 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
     if (n == 1 && len > split) {  // a long decode row: split its context
       const int lo = sliding_window > 0 ? std::max(len - sliding_window, 0) : 0;
       for (int h = 0; h < pb.hkv; ++h) {
+        splits.push_back(Split{s, h, partials, 0});
         for (int a = lo; a < len; a = (a / split + 1) * split) {
           const int b = std::min((a / split + 1) * split, len);
           work->items.push_back(Item{s, h, 0, 1, a, b, partials++, b - a});
+          ++splits.back().num_slots;
         }
       }
       continue;
@@ -437,27 +444,20 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   for (int t = 0; t < helpers; ++t) pool.Schedule([work] { work->drain(); });
   work->drain();
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-  if (partials == 0) return ffi::Error::Success();
 
-  // Merge the split decode rows: each (row, head)'s items hold consecutive partial slots.
+  // Merge each split decode row's partial softmaxes into its output.
   const int G = pb.group;
-  std::vector<const Item*> split_items;
-  for (const Item& it : work->items) {
-    if (it.partial >= 0) split_items.push_back(&it);
-  }
-  std::sort(split_items.begin(), split_items.end(), [](const Item* a, const Item* b) { return a->partial < b->partial; });
-  for (size_t i = 0; i < split_items.size();) {
-    const Item& first = *split_items[i];
-    size_t e = i + 1;
-    while (e < split_items.size() && split_items[e]->row == first.row && split_items[e]->head == first.head) ++e;
+  const size_t stride = work->stride();
+  for (const Split& sp : splits) {
+    const float* first = work->partial.data() + static_cast<size_t>(sp.first_slot) * stride;
     for (int g = 0; g < G; ++g) {
       float mx = kMasked;
-      for (size_t j = i; j < e; ++j) mx = std::max(mx, work->partial[split_items[j]->partial * work->stride() + g]);
-      float* dst = o + (static_cast<size_t>(pb.query_start_loc[first.row]) * Hq + static_cast<size_t>(first.head) * G + g) * D;
+      for (int j = 0; j < sp.num_slots; ++j) mx = std::max(mx, first[j * stride + g]);
+      float* dst = o + (static_cast<size_t>(pb.query_start_loc[sp.row]) * Hq + static_cast<size_t>(sp.head) * G + g) * D;
       std::fill(dst, dst + D, 0.f);
       float total = 0.f;
-      for (size_t j = i; j < e; ++j) {
-        const float* m = work->partial.data() + split_items[j]->partial * work->stride();
+      for (int j = 0; j < sp.num_slots; ++j) {
+        const float* m = first + j * stride;
         const float w = std::exp(m[g] - mx);
         total += w * m[G + g];
         const float* acc = m + 2 * G + static_cast<size_t>(g) * D;
@@ -466,7 +466,6 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
       const float inv = 1.f / std::max(total, 1e-30f);
       for (int x = 0; x < D; ++x) dst[x] *= inv;
     }
-    i = e;
   }
   return ffi::Error::Success();
 }
