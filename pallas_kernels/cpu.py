@@ -132,22 +132,15 @@ def ragged_paged_attention(
     reason = _load()
     if reason is not None:
         raise RuntimeError(f"attention backend 'cpu' is unavailable: {reason}")
-    T, Hq, D = q.shape
-    S = block_tables.shape[0]
-    if cache.ndim != 5 or cache.shape[0] != 2 or cache.shape[4] != D:
-        raise ValueError(f"cpu cache must be [2, Hkv, pages, page_size, {D}], got {cache.shape}")
-    if Hq % cache.shape[1]:
-        raise ValueError(f"num query heads {Hq} must be a multiple of num kv heads {cache.shape[1]}")
+    reference.check_inputs("cpu", q, cache)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if jnp.dtype(cache.dtype) not in {jnp.dtype(d) for d in _CACHE_DTYPES}:  # float16 caches: jax.numpy
         return reference.ragged_paged_attention(q, cache, seq_lens, block_tables, query_start_loc, num_seqs, **kw)
-    real = jnp.arange(S) < jnp.reshape(num_seqs, (-1,))[0]
+    q_lens, seq_lens = reference.real_rows(seq_lens, query_start_loc, num_seqs)
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
-    q_lens = jnp.where(real, query_start_loc[1:] - query_start_loc[:-1], 0)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((T, Hq, D), jnp.float32))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(
-        q.astype(jnp.float32), cache, i32(q_lens), i32(jnp.where(real, seq_lens, 0)), i32(block_tables),
-        i32(query_start_loc),
+        q.astype(jnp.float32), cache, i32(q_lens), i32(seq_lens), i32(block_tables), i32(query_start_loc),
         sm_scale=np.float32(sm_scale),
         soft_cap=np.float32(soft_cap or 0.0),
         sliding_window=np.int32(sliding_window or 0),

@@ -248,6 +248,23 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
     return out[:T]
 
 
+def check_inputs(backend: str, q: jax.Array, cache: jax.Array) -> None:
+    """Raises ValueError unless `cache` is `[2, Hkv, pages, page_size, D]` for q[T, Hq, D] with Hkv | Hq
+    (this layout's backends: reference, cpu)."""
+    Hq, D = q.shape[1], q.shape[2]
+    if cache.ndim != 5 or cache.shape[0] != 2 or cache.shape[4] != D:
+        raise ValueError(f"{backend} cache must be [2, Hkv, pages, page_size, {D}], got {cache.shape}")
+    if Hq % cache.shape[1]:
+        raise ValueError(f"num query heads {Hq} must be a multiple of num kv heads {cache.shape[1]}")
+
+
+def real_rows(seq_lens: jax.Array, query_start_loc: jax.Array, num_seqs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(new tokens, total length) per row, both 0 on the padding rows past `num_seqs`."""
+    S = seq_lens.shape[0]
+    real = jnp.arange(S) < jnp.minimum(jnp.reshape(num_seqs, (-1,))[0], S)
+    return jnp.where(real, query_start_loc[1:] - query_start_loc[:-1], 0), jnp.where(real, seq_lens, 0)
+
+
 def ragged_paged_attention(
     q: jax.Array,
     cache: jax.Array,
@@ -263,17 +280,10 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     del interpret
-    T, Hq, D = q.shape
+    T = q.shape[0]
     S = block_tables.shape[0]
-    if cache.ndim != 5 or cache.shape[0] != 2 or cache.shape[4] != D:
-        raise ValueError(f"reference cache must be [2, Hkv, pages, page_size, {D}], got {cache.shape}")
-    Hkv = cache.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"num query heads {Hq} must be a multiple of num kv heads {Hkv}")
-    n = jnp.minimum(jnp.reshape(num_seqs, (-1,))[0], S).astype(jnp.int32)
-    real = jnp.arange(S) < n
-    q_lens = jnp.where(real, query_start_loc[1:] - query_start_loc[:-1], 0)
-    seq_lens = jnp.where(real, seq_lens, 0)
+    check_inputs("reference", q, cache)
+    q_lens, seq_lens = real_rows(seq_lens, query_start_loc, num_seqs)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
     out = _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
