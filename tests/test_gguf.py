@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,20 +48,41 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, quant):
         np.testing.assert_allclose(ours, st, atol=1e-5, rtol=1e-5)
 
 
-def test_gguf_tokenizer_cache(tmp_path, monkeypatch):
-    """The converted GGUF tokenizer is cached on disk and the cached copy behaves the same."""
+TEXTS = [
+    QUESTION, "The quick brown fox", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "In 2024, 1234567 people paid $3.50 each.", "  leading spaces and\ttabs\n\n\nnewlines  ", "I'm sure you're right, THEY'LL see",
+    "Ünïcödé — “quotes” 東京 🤖", "<|im_start|>user\nhi<|im_end|>\n", "x=1;y=22;z=333;w=4444",
+]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+]
+
+
+def assert_same_tokenizer(ours, reference) -> None:
+    """Same ids, text, special tokens and chat template as transformers' own GGUF tokenizer."""
+    for text in TEXTS:
+        ids = reference(text).input_ids
+        assert ours(text).input_ids == ids, text
+        assert ours.decode(ids) == reference.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    n = len(ours)  # transformers may append a default special token the file lacks; the file's ids must agree
+    assert ours.convert_ids_to_tokens(list(range(n))) == reference.convert_ids_to_tokens(list(range(n)))
+    if reference.chat_template:
+        chat = reference.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == chat
+        assert ours(chat, add_special_tokens=False).input_ids == reference(chat, add_special_tokens=False).input_ids
+
+
+def test_tiny_gguf_tokenizer_matches_transformers(tmp_path):
+    """The tokenizer built from GGUF metadata (no transformers GGUF path, no torch) against transformers'."""
     path = make_tiny_gguf(tmp_path, "llama")
-    monkeypatch.setenv("JENGINE_CACHE_DIR", str(tmp_path / "cache"))
-    fresh = load_tokenizer(path)
-    entries = os.listdir(tmp_path / "cache" / "gguf-tokenizers")
-    assert len(entries) == 1
-    cached = load_tokenizer(path)
-    assert os.listdir(tmp_path / "cache" / "gguf-tokenizers") == entries
+    ours = load_tokenizer(path)
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
-    ids = reference(QUESTION).input_ids
-    assert fresh(QUESTION).input_ids == cached(QUESTION).input_ids == ids and cached.decode(ids) == QUESTION
-    assert get_chat_template(cached) == get_chat_template(fresh) == reference.chat_template
-    assert cached.eos_token_id == 1
+    assert_same_tokenizer(ours, reference)
+    assert len(ours) == 320  # the file's vocabulary, nothing appended
+    assert get_chat_template(ours) == reference.chat_template and ours.eos_token_id == 1
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +97,23 @@ def hf(ours):
 
 @pytest.fixture(scope="module")
 def tokenizer(ours):
-    """transformers' GGUF tokenizer via our on-disk cache (the first run anywhere converts and fills it)."""
+    """The default model's tokenizer as jengine builds it from the GGUF metadata."""
     return load_tokenizer(ours.gguf_file)
+
+
+@pytest.fixture(scope="module")
+def llm(xla_cache_dir):
+    """The engine on the default model, with the limits the torch-free `jengine generate` run uses too."""
+    from jengine import LLM
+
+    return LLM(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache_dir=xla_cache_dir)
+
+
+@needs_smollm2
+def test_smollm2_tokenizer_matches_transformers(ours, tokenizer):
+    path = ours.gguf_file
+    reference = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    assert_same_tokenizer(tokenizer, reference)
 
 
 @needs_smollm2
@@ -129,11 +167,10 @@ def test_logits_and_greedy_match_transformers(ours, hf, tokenizer):
 
 
 @needs_smollm2
-def test_engine_greedy_matches_transformers_on_smollm2(hf, tokenizer, xla_cache_dir):
+def test_engine_greedy_matches_transformers_on_smollm2(hf, tokenizer, llm):
     """The whole engine (paged cache, chunked prefill, batching) against HF greedy on the default model."""
-    from jengine import LLM, SamplingParams
+    from jengine import SamplingParams
 
-    llm = LLM(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache_dir=xla_cache_dir)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
     prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in (chat, "The quick brown fox", "def fibonacci(n):")]
     steps = 12
@@ -145,3 +182,24 @@ def test_engine_greedy_matches_transformers_on_smollm2(hf, tokenizer, xla_cache_
         assert out.outputs[0].token_ids == ref.tolist()
     assert outs[0].outputs[0].text.startswith("The capital of France is Paris.")
     assert llm.engine.compilations_after_warmup == 0
+
+
+@needs_smollm2
+def test_generate_runs_without_torch(ours, llm, xla_cache_dir):
+    """`jengine generate` on the default model where torch cannot be imported (a machine without it): it
+    must run, and its greedy text must equal the engine's on prompt ids from transformers' own GGUF tokenizer."""
+    from jengine import SamplingParams
+
+    limits = ["--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--compilation-cache-dir", xla_cache_dir]
+    runner = os.path.join(os.path.dirname(__file__), "without_torch.py")
+    cmd = [sys.executable, runner, "generate", "--prompt", QUESTION, "--max-tokens", "12", "--temperature", "0", *limits]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout.strip()
+
+    path = ours.gguf_file
+    reference = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    chat = reference.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    (out,) = llm.generate([{"prompt_token_ids": reference(chat, add_special_tokens=False).input_ids}], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert text == out.outputs[0].text.strip()
+    assert text.startswith("The capital of France is Paris.")
