@@ -62,6 +62,21 @@ def test_invalid_constraints_raise_value_error_naming_the_field(manager, params,
         manager.validate(params)
 
 
+def test_parser_limits_bound_compilation():
+    """A constraint past the parser limits is a ValueError at validation (grammar size when compiled,
+    lexer work when its first mask is built), not a long compile or a failure mid-request."""
+    from jengine.structured_output.backend import GrammarCompiler
+
+    tok = make_tiny_tokenizer()
+    small = GrammarCompiler(tok, VOCAB_SIZE, [1], limits={"max_grammar_size": 200})
+    with pytest.raises(ValueError, match=r"StructuredOutputsParams\.json is invalid: .*too big"):
+        small.compile(StructuredOutputsParams(json={"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(100)}}))
+    low_fuel = GrammarCompiler(tok, VOCAB_SIZE, [1], limits={"step_lexer_fuel": 10, "step_max_items": 5})
+    with pytest.raises(ValueError, match=r"StructuredOutputsParams\.regex is invalid: lexer error"):
+        low_fuel.compile(StructuredOutputsParams(regex="(a|b)*a(a|b){10}"))
+    assert GrammarCompiler(tok, VOCAB_SIZE, [1]).compile(StructuredOutputsParams(regex="(a|b)*a(a|b){10}")) is not None
+
+
 def _allowed(mask_row: np.ndarray, vocab: int) -> set[int]:
     bits = np.unpackbits(mask_row.view(np.uint8), bitorder="little")[:vocab]
     return set(np.nonzero(bits)[0].tolist())

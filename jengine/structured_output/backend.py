@@ -15,7 +15,7 @@ import collections
 import json
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from jengine.structured_output.params import StructuredOutputsParams
 
@@ -26,7 +26,8 @@ DEFAULT_CACHE_SIZE = 128
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
 # llguidance's documented defaults, pinned here so a library upgrade cannot loosen the bounds.
 PARSER_LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
-                     step_max_items=50_000, max_lexer_states=250_000, max_grammar_size=500_000)
+                     step_max_items=50_000, max_lexer_states=250_000, max_grammar_size=500_000,
+                     verbose_errors=False)  # errors go back to clients: the reason, not a parser state dump
 
 
 def _llg() -> Any:
@@ -80,13 +81,14 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, limits: Optional[dict[str, Any]] = None) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self._ll_tokenizer: Any = None
         self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._cache_size = cache_size
+        self._limits: dict[str, Any] = {**PARSER_LIMITS, **(limits or {})}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -110,7 +112,9 @@ class GrammarCompiler:
         tok = self.ll_tokenizer
         field, grammar = grammar_text(params)
         llg = _llg()
-        matcher = llg.LLMatcher(tok, grammar, log_level=0, limits=llg.LLParserLimits(**PARSER_LIMITS))
+        matcher = llg.LLMatcher(tok, grammar, log_level=0, limits=llg.LLParserLimits(**self._limits))
+        if not matcher.is_error():
+            matcher.compute_bitmask()  # the first mask builds the lexer: its limits fail here, not mid-request
         if matcher.is_error():
             raise ValueError(f"StructuredOutputsParams.{field} is invalid: {matcher.get_error()}")
         with self._lock:

@@ -19,7 +19,7 @@ class StructuredOutputsParams:
     """Exactly one of the fields is set.
 
     json: a JSON schema (dict or JSON string); the output is one JSON value it accepts.
-    regex: the whole output matches this regular expression.
+    regex: the whole output matches this regular expression (`\\d` is an ASCII digit).
     choice: the output is exactly one of these strings.
     grammar: a context-free grammar in the `::=` EBNF/GBNF form (`root ::= ...`); Lark-style
         grammars (`start: ...`) are accepted as is.
