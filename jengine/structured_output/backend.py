@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import threading
 from typing import Any, Optional, Sequence
 
 from jengine.structured_output.params import StructuredOutputsParams
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 128
 # JSON: fixed separators and no free whitespace, so a model cannot spend its tokens on whitespace.
