@@ -8,6 +8,9 @@ once per S bucket whatever the requests ask for; expensive stages are skipped at
 
 Order of operations (as vLLM's V1 sampler does):
 
+0. structured outputs: tokens a row's grammar does not allow get -inf (a packed bitmask from
+   `jengine.structured_output`), before everything else, so nothing below can bring them back and
+   logprobs are those of the constrained distribution (vLLM masks the logits before its sampler too);
 1. raw logprobs: `log_softmax` of the model's logits, before any processing (vLLM's default
    ``logprobs_mode="raw_logprobs"``); only computed when some row asked for logprobs;
 2. min_tokens: the EOS and stop token ids of rows that have not yet produced `min_tokens` get -inf;
@@ -37,6 +40,7 @@ same tokens whatever else shares the batch and whichever row it sits in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Optional, Sequence
 
@@ -78,10 +82,13 @@ class SamplingTensors:
     logit_bias_ids: jax.Array  # i32[S, B]; token ids of the row's logit_bias
     logit_bias_values: jax.Array  # f32[S, B]; the biases added to those ids' logits
     num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
+    token_bitmask: jax.Array  # i32[S, ceil(V / 32)]; bit t % 32 of word t // 32: token t allowed
+    #   (all ones for rows without structured outputs)
     all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
     any_top_k_or_p: jax.Array  # bool[]
     any_processing: jax.Array  # bool[]; some row has banned ids (min_tokens), a logit_bias or penalties
     any_logprobs: jax.Array  # bool[]
+    any_constrained: jax.Array  # bool[]; some row has a token bitmask (else it is not read)
 
 
 jax.tree_util.register_dataclass(
@@ -173,6 +180,8 @@ class RowState:
     # The request's incremental penalty state (the engine keeps one per request that has penalties);
     # None: the builder de-duplicates the last `history_len` output / prompt tokens itself.
     penalty_history: Optional[PenaltyHistory] = None
+    # Packed allowed-token bits (int32 [ceil(V / 32)]) of a row with structured outputs; None: all allowed.
+    token_bitmask: Optional[np.ndarray] = None
 
 
 def seed_to_key_data(seed: int) -> tuple[int, int]:
@@ -221,6 +230,12 @@ def build_sampling_tensors(
     bias_ids = np.full((S, max_logit_bias), V, np.int32)
     bias_values = np.zeros((S, max_logit_bias), np.float32)
     num_logprobs = np.full(S, -1, np.int32)
+    mask_rows = [(i, row.token_bitmask) for i, row in enumerate(rows) if row is not None and row.token_bitmask is not None]
+    bitmask = _all_allowed(S, -(-V // 32))
+    if mask_rows:
+        bitmask = bitmask.copy()
+        for i, m in mask_rows:
+            bitmask[i] = m
     all_greedy = True
     any_kp = False
     any_banned = False
@@ -301,8 +316,16 @@ def build_sampling_tensors(
         banned_token_ids=banned, logit_bias_ids=bias_ids, logit_bias_values=bias_values, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
         any_processing=np.bool_(any_banned or any_bias or any_history or bool(hist_rows)),
-        any_logprobs=np.bool_(any_lp),
+        any_logprobs=np.bool_(any_lp), token_bitmask=bitmask, any_constrained=np.bool_(bool(mask_rows)),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _all_allowed(num_rows: int, num_words: int) -> np.ndarray:
+    """The read-only all-ones bitmask of a batch shape (no allocation for unconstrained steps)."""
+    mask = np.full((num_rows, num_words), -1, np.int32)
+    mask.flags.writeable = False
+    return mask
 
 
 def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int, int]], vocab_size: int,
@@ -322,6 +345,20 @@ def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int,
 
 
 # -------------------------------------------------------------------------------------------- device
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Sets the logits of tokens whose bit is clear in the packed `bitmask` [S, ceil(V / 32)] to -inf."""
+    S, V = logits.shape
+    words = lax.bitcast_convert_type(bitmask, jnp.uint32)
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    allowed = bits.reshape(S, -1)[:, :V] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _constrain(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """`apply_token_bitmask` when some row is constrained; batches without any skip it."""
+    return lax.cond(t.any_constrained, lambda x: apply_token_bitmask(x, t.token_bitmask), lambda x: x, logits)
 
 
 def apply_min_tokens_and_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -495,7 +532,7 @@ def filtered_logits(logits: jax.Array, t: SamplingTensors, *,
     Greedy rows get their (masked, penalised) logits unscaled and unfiltered. For tests and debugging;
     `sample` computes the same thing without materialising it.
     """
-    x = apply_min_tokens_and_penalties(logits.astype(jnp.float32), t)
+    x = apply_min_tokens_and_penalties(_constrain(logits.astype(jnp.float32), t), t)
     xs, row_max = _scale(x, t)
     _, thr = _filter_weights(xs, row_max, t, num_candidates)
     kept = jnp.where(xs >= thr[:, None], xs, -jnp.inf)
@@ -506,7 +543,7 @@ def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
            num_candidates: int = DEFAULT_NUM_CANDIDATES) -> SamplerOutput:
     """Picks one token per row of `logits` [S, V] (float32). Jittable; `max_logprobs` (the width of
     the top-logprobs outputs) and `num_candidates` are static: use `sample_jit` or close over them."""
-    raw = logits.astype(jnp.float32)
+    raw = _constrain(logits.astype(jnp.float32), t)
 
     def processed(_):
         x = apply_min_tokens_and_penalties(raw, t)

@@ -10,6 +10,8 @@ import math
 import numbers
 from typing import Optional, Union
 
+from jengine.structured_output.params import StructuredOutputsParams  # re-exported (vLLM imports it from here)
+
 _SAMPLING_EPS = 1e-5
 DEFAULT_MAX_LOGPROBS = 20
 
@@ -39,6 +41,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None  # token id -> bias added to its logit before penalties
+    structured_outputs: Optional[StructuredOutputsParams] = None  # constrain the output (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -95,6 +98,10 @@ class SamplingParams:
             _check(bad is None, "logit_bias", f"token ids must be non-negative, got {bad}")
             bad_bias = next((b for b in self.logit_bias.values() if not math.isfinite(b)), None)
             _check(bad_bias is None, "logit_bias", f"biases must be finite, got {bad_bias}")
+        if self.structured_outputs is not None:
+            _check(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                   f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
+            self.structured_outputs.verify()
 
     def clone(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

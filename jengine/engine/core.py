@@ -26,6 +26,7 @@ from jengine.request import Request, RequestStatus
 from jengine.sampler import PenaltyHistory, RowState, has_repetition_penalty, needs_penalties
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
+from jengine.structured_output.manager import StructuredOutputManager
 from jengine.tokenizer import load_tokenizer
 from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
 
@@ -75,6 +76,7 @@ class EngineCore:
         self._rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
         self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
+        self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.load_seconds = time.perf_counter() - t0
         self.runner.warmup()
         if self.plan is not None:
@@ -111,6 +113,8 @@ class EngineCore:
             outside = next((t for t in params.logit_bias if not 0 <= t < self.vocab_size), None)
             if outside is not None:
                 raise ValueError(f"SamplingParams.logit_bias has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
+        if params.structured_outputs is not None:
+            self.structured_output.validate(params.structured_outputs)  # compiles once; later requests hit the cache
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt must not be empty")
@@ -143,6 +147,9 @@ class EngineCore:
             self._seeds[child_id] = seed
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority)
             children.append(req)
+        if params.structured_outputs is not None:
+            for req in children:  # each child its own matcher
+                self.structured_output.add(req.request_id, params.structured_outputs)
         self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params, [c.request_id for c in children], arrival_time)
         for req in children:
             self.scheduler.add_request(req)
@@ -180,6 +187,28 @@ class EngineCore:
     def _forget(self, child_id: str) -> None:
         self._seeds.pop(child_id, None)
         self._penalties.pop(child_id, None)
+        self.structured_output.remove(child_id)
+
+    def _fill_token_bitmasks(self, scheduled: Sequence, rows: list) -> None:
+        """Gives each sampling row with structured outputs its allowed-token mask for this step."""
+        so = self.structured_output
+        if not len(so):
+            return
+        idx = [i for i, s in enumerate(scheduled) if s.samples and s.request.request_id in so]
+        if idx:
+            masks = np.empty((len(idx), so.num_words), np.int32)
+            so.fill_bitmask([scheduled[i].request.request_id for i in idx], masks)
+            for j, i in enumerate(idx):
+                rows[i].token_bitmask = masks[j]
+
+    def _accept_structured(self, scheduled: Sequence, sampled: Sequence[Optional[int]]) -> None:
+        """Advances the matchers of constrained sequences that are still running by their new token."""
+        so = self.structured_output
+        if not len(so):
+            return
+        for s, token in zip(scheduled, sampled):
+            if token is not None and not s.request.is_finished and s.request.request_id in so:
+                so.accept(s.request.request_id, [token])
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration; returns outputs of requests that progressed or finished."""
@@ -187,9 +216,11 @@ class EngineCore:
         step_out, sampled = None, []
         if sched.scheduled:
             rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
+            self._fill_token_bitmasks(sched.scheduled, rows)
             step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
             sampled = [int(step_out.token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
         finished = self.scheduler.update_from_output(sched, sampled)
+        self._accept_structured(sched.scheduled, sampled)
         outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)
         for child_id, stop_str in stopped:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)

@@ -1,0 +1,17 @@
+"""Structured outputs: constrain a request's tokens to a JSON schema, regex, choice or grammar.
+
+`params` (no dependencies): `StructuredOutputsParams`. `backend`: llguidance compilation and the
+tokenizer bridge. `manager`: per-sequence matchers and the step's packed token bitmasks, which
+`jengine.sampler` applies on the device.
+"""
+from jengine.structured_output.params import StructuredOutputsParams
+
+__all__ = ["StructuredOutputsParams", "StructuredOutputManager"]
+
+
+def __getattr__(name: str):
+    if name == "StructuredOutputManager":  # lazy: keeps numpy/llguidance out of `import jengine.sampling_params`
+        from jengine.structured_output.manager import StructuredOutputManager
+
+        return StructuredOutputManager
+    raise AttributeError(f"module 'jengine.structured_output' has no attribute {name!r}")
