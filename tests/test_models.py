@@ -66,7 +66,7 @@ def check_parity(path: str, prompt: list[int] = PROMPT, decode_steps: int = 4) -
     assert tokens == hf_greedy(hf, prompt, decode_steps)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_hf_parity(tmp_path, arch):
     check_parity(make_tiny_checkpoint(tmp_path, arch))
 
@@ -274,3 +274,90 @@ def test_unsupported_gguf_architecture_names_the_supported_ones(tmp_path):
     w.close()
     with pytest.raises(NotImplementedError, match=r"GGUF architecture 'falcon' is not supported; supported: llama, qwen2, qwen3"):
         load_model(path)
+
+
+# ----- Gemma 2 / Gemma 3 -----------------------------------------------------------------------
+
+
+def test_gemma_configs(tmp_path):
+    g2 = read_hf_config(make_tiny_checkpoint(tmp_path, "gemma2", tokenizer=False))
+    assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert (g2.sliding_window, g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (5, 5.0, 10.0, 24.0)
+    g3 = read_hf_config(make_tiny_checkpoint(tmp_path, "gemma3", tokenizer=False))
+    assert g3.layer_types == ("sliding_attention",) * 5 + ("full_attention",) + ("sliding_attention",) * 2
+    assert g3.qk_norm and g3.attn_logit_softcapping is None
+    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling) == (10000.0, 100.0, None)
+
+
+def test_gemma3_linear_rope_on_global_layers_and_transformers4_spelling(tmp_path):
+    """Linear RoPE scaling applies to the global layers only; the transformers 4 spelling reads the same."""
+    path = make_tiny_checkpoint(tmp_path, "gemma3", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    new = read_hf_config(path)
+    assert new.rope_scaling == RopeScaling("linear", 4.0) and new.local_rope_scaling is None
+    check_parity(path, decode_steps=2)
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    rope = raw.pop("rope_parameters")
+    raw.pop("layer_types")  # transformers 4 configs of Gemma 3 give the pattern instead
+    raw.pop("_sliding_window_pattern")
+    raw.update(rope_theta=rope["full_attention"]["rope_theta"], rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+               rope_scaling={"type": "linear", "factor": 4.0}, sliding_window_pattern=6, torch_dtype=raw.pop("dtype"))
+    with open(cfg_path, "w") as f:
+        json.dump(raw, f)
+    assert read_hf_config(path) == new
+
+
+def test_gemma2_ragged_batch_of_two(tmp_path):
+    """Two sequences in one call through alternating sliding/global layers, then decoding both, match HF."""
+    path = make_tiny_checkpoint(tmp_path, "gemma2")
+    loaded, hf = load_model(path), hf_model(path)
+    runner = PagedRunner(loaded.model)
+    a, b = PROMPT[:9], [7, 300, 21, 4, 150]
+    out_a, out_b = runner.step([(0, a), (1, b)])
+    np.testing.assert_allclose(out_a, hf_logits(hf, a), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out_b, hf_logits(hf, b), atol=1e-4, rtol=1e-4)
+    seqs = {0: list(a), 1: list(b)}
+    last = {0: out_a[-1], 1: out_b[-1]}
+    for _ in range(3):
+        batch = [(sid, [int(last[sid].argmax())]) for sid in (1, 0)]
+        for sid, toks in batch:
+            seqs[sid] += toks
+        for (sid, _), out in zip(batch, runner.step(batch)):
+            last[sid] = out[0]
+    assert seqs[0][len(a):] == hf_greedy(hf, a, 3)
+    assert seqs[1][len(b):] == hf_greedy(hf, b, 3)
+
+
+GEMMA3 = {**TINY_CONFIG, "architectures": ["Gemma3ForCausalLM"], "head_dim": 16}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_activation", "silu"), ("use_bidirectional_attention", True), ("layer_types", ["chunked_attention"] * 2),
+])
+def test_gemma_unsupported_config_is_named(field, value):
+    with pytest.raises(NotImplementedError, match=field):
+        ModelConfig.from_hf_config({**GEMMA3, field: value})
+    with pytest.raises(NotImplementedError, match=r"rope_parameters.full_attention: rope_type 'yarn'"):
+        ModelConfig.from_hf_config({**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}})
+
+
+def test_scan_layers_pattern_units_and_tail():
+    """Each layer runs once, in order, with the slot of its place in the pattern."""
+    from jengine.models.layers import pattern_period, scan_layers
+
+    kinds = ("s", "s", "f") * 2 + ("s",)
+    assert pattern_period(kinds) == 3 and pattern_period(("a",) * 4) == 1 and pattern_period(("a", "b", "a")) == 2
+    weights = {"w": jnp.arange(7, dtype=jnp.float32) + 1}
+    seen = []
+
+    def layer(slot, i, p, carry):
+        seen.append(kinds[slot])
+        return carry * 10 + p["w"] * (1 if kinds[slot] == "s" else -1)
+
+    out = scan_layers(layer, weights, jnp.float32(0), 7, pattern_period(kinds))
+    expected = 0.0
+    for i, k in enumerate(kinds):
+        expected = expected * 10 + (i + 1) * (1 if k == "s" else -1)
+    assert float(out) == expected
+    assert seen == ["s", "s", "f", "s"]  # the unit traced once (3 slots), then the tail layer

@@ -8,13 +8,15 @@
 Layout: `config.py` (the fields all families share, parsing helpers), `layers.py` (`linear`, norms,
 MLPs, the attention call, the layer scan), `rope.py`, `base.py` (`CausalLM`: the contract a family
 implements: config parsing, weight-name maps, partition kinds, forward), and a file per family
-(`llama.py`, ...). Adding an architecture means a family file plus a line in the tables below;
+(`llama.py`, `gemma2.py`, `gemma3.py`). Adding an architecture means a family file plus a line in the tables below;
 the loader and `jengine.sharding` ask the family class for everything architecture-specific.
 """
 from __future__ import annotations
 
 from jengine.models.base import CausalLM
 from jengine.models.config import ModelConfig, RopeScaling
+from jengine.models.gemma2 import Gemma2ForCausalLM
+from jengine.models.gemma3 import Gemma3ForCausalLM
 from jengine.models.llama import LlamaForCausalLM, param_shapes
 
 # HF `architectures[0]` -> family class
@@ -23,6 +25,8 @@ _REGISTRY: dict[str, type[CausalLM]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 # GGUF `general.architecture` -> family class
 _GGUF_REGISTRY: dict[str, type[CausalLM]] = {
@@ -56,6 +60,8 @@ def get_gguf_model_class(architecture: str | None) -> type[CausalLM]:
 
 __all__ = [
     "CausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "LlamaForCausalLM",
     "ModelConfig",
     "RopeScaling",
