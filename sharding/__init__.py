@@ -13,7 +13,6 @@ See README.md in this folder for the rules and the multi-host protocol.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Optional
 
@@ -34,7 +33,7 @@ from jengine.sharding.rules import (
 
 def read_model_config(model: Optional[str], load_format: str = "auto") -> Any:
     """The `ModelConfig` of a checkpoint without reading its weights (rules need head counts first)."""
-    from jengine.loader import default_model_path, read_hf_config
+    from jengine.loader import default_model_path, read_hf_config, tie_if_lm_head_absent
 
     path = default_model_path() if model is None else os.path.expanduser(model)
     if os.path.isfile(path) and path.endswith(".gguf"):
@@ -42,11 +41,10 @@ def read_model_config(model: Optional[str], load_format: str = "auto") -> Any:
 
         return GGUFCheckpoint(path).config()
     config = read_hf_config(path)
-    if load_format != "dummy" and not config.tie_word_embeddings:
+    if load_format != "dummy":
         from jengine.loader.safetensors_format import SafetensorsCheckpoint
 
-        if "lm_head.weight" not in SafetensorsCheckpoint(path):
-            config = dataclasses.replace(config, tie_word_embeddings=True)  # as load_model decides
+        config = tie_if_lm_head_absent(config, SafetensorsCheckpoint(path))  # as load_model decides
     return config
 
 

@@ -1,15 +1,15 @@
-"""Name-based partition rules: where each parameter and the KV cache live on the ("data", "model") mesh.
+"""Partition rules: where each parameter and the KV cache live on the ("data", "model") mesh.
 
 Megatron-style tensor parallelism expressed as `PartitionSpec`s; XLA's partitioner (GSPMD) inserts
 the collectives (an all-reduce after each row-parallel matmul, gathers for the vocab-parallel
-embedding and LM head). Parameters are named as in `jengine.models.llama` and stored `[in, out]`
-with a leading layer axis for `layers.*`:
+embedding and LM head). Each model family says what every parameter is (`partition_kinds` in
+`jengine.models`); parameters are stored `[in, out]` with a leading layer axis for `layers.*`:
 
-    layers.wq / wk / wv / w_gate / w_up   [L, in, out]  column-parallel  P(None, None, "model")
-    layers.bq / bk / bv                   [L, out]      column-parallel  P(None, "model")
-    layers.wo / w_down                    [L, in, out]  row-parallel     P(None, "model", None)
-    embed / lm_head                       [V, H]        vocab-parallel   P("model", None)
-    norms, layers.bo, anything unknown                  replicated       P()
+    COLUMN      output features (last axis; biases too)   e.g. P(None, None, "model")
+    COLUMN_KV   like COLUMN when the model axis divides the KV heads, else replicated
+    ROW         input features (axis -2)                  e.g. P(None, "model", None)
+    VOCAB       rows of the embedding / LM head            P("model", None)
+    REPLICATED  norms, output biases; unknown names are replicated with a warning
 
 K/V projections and the KV cache are sharded over KV heads only when the model axis divides the KV
 head count; otherwise (e.g. 2 KV heads on 4 devices) they are replicated, so every device holds the
@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jengine.models import get_model_class
+from jengine.models.base import COLUMN, COLUMN_KV, PARTITION_KINDS, REPLICATED, ROW, VOCAB
 from jengine.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ MODEL = "model"
 
 # Axis of the KV heads in each attention backend's cache layout (see `jengine.pallas_kernels`).
 KV_HEAD_AXIS = {"reference": 1, "cpu": 1, "gpu": 1, "tpu": 1}
-
-_COLUMN = re.compile(r"^layers\.(wq|w_gate|w_up)$")
-_COLUMN_KV = re.compile(r"^layers\.(wk|wv)$")
-_COLUMN_BIAS = re.compile(r"^layers\.bq$")
-_COLUMN_BIAS_KV = re.compile(r"^layers\.(bk|bv)$")
-_ROW = re.compile(r"^layers\.(wo|w_down)$")
-_VOCAB = re.compile(r"^(embed|lm_head)$")
-_REPLICATED = re.compile(r"(^|\.)(\w*norm|bo)$")
 
 
 def valid_tensor_parallel_sizes(cfg: ModelConfig, max_size: Optional[int] = None) -> list[int]:
@@ -74,23 +67,21 @@ def shards_kv_heads(cfg: ModelConfig, tp: int) -> bool:
 
 
 def partition_spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int) -> P:
-    """The `PartitionSpec` of parameter `name` (see the module docstring's table)."""
-    if tp == 1 or _REPLICATED.search(name):
+    """The `PartitionSpec` of parameter `name`, from the kind its model family gives it."""
+    kind = get_model_class(cfg.architecture).partition_kinds(cfg).get(name)
+    if kind is None:
+        logger.warning("no partition rule for parameter %r; replicating it", name)
         return P()
-    if _COLUMN.match(name):
-        return P(None, None, MODEL)
-    if _COLUMN_KV.match(name):
-        return P(None, None, MODEL) if shards_kv_heads(cfg, tp) else P()
-    if _COLUMN_BIAS.match(name):
-        return P(None, MODEL)
-    if _COLUMN_BIAS_KV.match(name):
-        return P(None, MODEL) if shards_kv_heads(cfg, tp) else P()
-    if _ROW.match(name):
-        return P(None, MODEL, None)
-    if _VOCAB.match(name):
+    if tp == 1 or kind == REPLICATED or (kind == COLUMN_KV and not shards_kv_heads(cfg, tp)):
+        return P()
+    nd = len(shape)
+    if kind in (COLUMN, COLUMN_KV):
+        return P(*([None] * (nd - 1)), MODEL)
+    if kind == ROW:
+        return P(*([None] * (nd - 2)), MODEL, None)
+    if kind == VOCAB:
         return P(MODEL, None) if shape[0] % tp == 0 else P()
-    logger.warning("no partition rule for parameter %r; replicating it", name)
-    return P()
+    raise ValueError(f"{name}: unknown partition kind {kind!r} (known: {PARTITION_KINDS})")
 
 
 def _check_divisible(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:

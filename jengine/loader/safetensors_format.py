@@ -12,6 +12,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from jengine.models import get_model_class
 from jengine.models.config import ModelConfig
 
 _DTYPES = {
@@ -19,27 +20,6 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
-
-# our layer parameter -> (HF name under `model.layers.{i}.`, stored [out, in] so needs a transpose)
-HF_LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False),
-    "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-    "bo": ("self_attn.o_proj.bias", False),
-    "q_norm": ("self_attn.q_norm.weight", False),
-    "k_norm": ("self_attn.k_norm.weight", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
-HF_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-
 
 class SafetensorsFile:
     """Lazy numpy views of the tensors of one `.safetensors` file."""
@@ -91,13 +71,12 @@ class SafetensorsCheckpoint:
         return self._files[self._where[name]].get(name)
 
     def fetch_for(self, cfg: ModelConfig):
-        """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights)."""
+        """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights), by the family's name map."""
+        names = get_model_class(cfg.architecture).hf_names(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
-            if layer is None:
-                return self.get(HF_GLOBAL_NAMES[name])
-            hf, transpose = HF_LAYER_NAMES[name.removeprefix("layers.")]
-            w = self.get(f"model.layers.{layer}.{hf}")
+            template, transpose = names[name]
+            w = self.get(template.format(i=layer))
             return w.T if transpose else w
 
         return fetch

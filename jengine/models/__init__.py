@@ -1,25 +1,45 @@
-"""Model registry: HF `architectures[0]` name -> model class.
+"""The model layer: one file per architecture family, built from shared blocks.
 
-    get_model_class(architecture) -> type        SUPPORTED_ARCHITECTURES
-    ModelConfig, RopeScaling                     (jengine.models.config)
-    param_shapes(config) -> {name: shape}        (per model class, `cls.param_shapes`)
+    get_model_class(architecture) -> CausalLM subclass       # HF `architectures[0]`
+    get_gguf_model_class(general_architecture) -> CausalLM subclass
+    SUPPORTED_ARCHITECTURES, SUPPORTED_GGUF_ARCHITECTURES
+    ModelConfig, RopeScaling                                  (jengine.models.config)
+
+Layout: `config.py` (the fields all families share, parsing helpers), `layers.py` (`linear`, norms,
+MLPs, the attention call, the layer scan), `rope.py`, `base.py` (`CausalLM`: the contract a family
+implements: config parsing, weight-name maps, partition kinds, forward), and a file per family
+(`llama.py`, `gemma2.py`, `gemma3.py`). Adding an architecture means a family file plus a line in the tables below;
+the loader and `jengine.sharding` ask the family class for everything architecture-specific.
 """
 from __future__ import annotations
 
+from jengine.models.base import CausalLM
 from jengine.models.config import ModelConfig, RopeScaling
+from jengine.models.gemma2 import Gemma2ForCausalLM
+from jengine.models.gemma3 import Gemma3ForCausalLM
 from jengine.models.llama import LlamaForCausalLM, param_shapes
 
-_REGISTRY: dict[str, type] = {
+# HF `architectures[0]` -> family class
+_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+}
+# GGUF `general.architecture` -> family class
+_GGUF_REGISTRY: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_GGUF_REGISTRY)
 
 
-def get_model_class(architecture: str) -> type:
-    """The model class for an HF architecture name; a clear error for unsupported ones."""
+def get_model_class(architecture: str) -> type[CausalLM]:
+    """The family class for an HF architecture name; a clear error for unsupported ones."""
     try:
         return _REGISTRY[architecture]
     except KeyError:
@@ -28,4 +48,26 @@ def get_model_class(architecture: str) -> type:
         ) from None
 
 
-__all__ = ["ModelConfig", "RopeScaling", "LlamaForCausalLM", "get_model_class", "param_shapes", "SUPPORTED_ARCHITECTURES"]
+def get_gguf_model_class(architecture: str | None) -> type[CausalLM]:
+    """The family class for a GGUF `general.architecture`; a clear error for unsupported ones."""
+    try:
+        return _GGUF_REGISTRY[architecture]  # type: ignore[index]
+    except KeyError:
+        raise NotImplementedError(
+            f"GGUF architecture {architecture!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        ) from None
+
+
+__all__ = [
+    "CausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "RopeScaling",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_GGUF_ARCHITECTURES",
+    "get_gguf_model_class",
+    "get_model_class",
+    "param_shapes",
+]

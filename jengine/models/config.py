@@ -1,20 +1,14 @@
-"""Architecture hyperparameters of the Llama family, parsed from HF `config.json` or GGUF metadata.
+"""The fields every model family shares, plus the parsing helpers the families' config readers use.
 
-One frozen (hashable) dataclass so it can be a static argument of jitted code. Both transformers 4
-(`rope_theta`, `rope_scaling`) and transformers 5 (`rope_parameters`) spellings are accepted.
+`ModelConfig` is frozen (hashable) because it is a static argument of jitted code. Each family
+subclasses it with its own extra fields (`LlamaConfig`, `GemmaConfig`) and parses HF `config.json`
+(transformers 4 and 5 spellings) and GGUF metadata itself; `ModelConfig.from_hf_config` and
+`ModelConfig.from_gguf_metadata` only look the family up in the registry and hand over.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
-
-ARCH_LLAMA = "LlamaForCausalLM"
-ARCH_MISTRAL = "MistralForCausalLM"
-ARCH_QWEN2 = "Qwen2ForCausalLM"
-ARCH_QWEN3 = "Qwen3ForCausalLM"
-
-# GGUF `general.architecture` -> HF architecture name.
-GGUF_ARCHITECTURES = {"llama": ARCH_LLAMA, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3}  # Mistral GGUFs use "llama"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +28,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the model code needs; no transformers objects, so it is cheap and hashable."""
+    """What the engine needs of any model: sizes, cache shape, vocabulary, special tokens.
+
+    No transformers objects, so it is cheap and hashable. Family subclasses add their own fields.
+    """
 
     architecture: str
     vocab_size: int
@@ -49,10 +46,6 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # biases on q/k/v projections
-    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 `attention_bias`)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
-    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None  # "float32", "bfloat16", ... as stored in the checkpoint
@@ -67,138 +60,127 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """Parses a `config.json` dict (transformers 4 or 5 spelling)."""
+        """Parses a `config.json` dict with the parser of the family that `architectures[0]` names."""
+        from jengine.models import get_model_class
+
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no `architectures` entry")
-        arch = archs[0]
-        if arch not in (ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3):
-            raise NotImplementedError(f"architecture {arch!r} is not supported")
-        if cfg.get("mlp_bias"):
-            raise NotImplementedError("mlp_bias=True is not supported")
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        theta, scaling = _parse_rope(cfg)
-
-        if arch == ARCH_QWEN2:
-            qkv_bias, o_bias = True, False
-        elif arch == ARCH_MISTRAL:
-            qkv_bias = o_bias = False
-        else:  # Llama and Qwen3 put `attention_bias` on q/k/v and o alike
-            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-
-        window = None
-        if arch == ARCH_MISTRAL:
-            window = cfg.get("sliding_window")
-        elif arch in (ARCH_QWEN2, ARCH_QWEN3) and cfg.get("use_sliding_window"):
-            raise NotImplementedError("Qwen per-layer sliding window (use_sliding_window=True) is not supported")
-
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        return cls(
-            architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=arch == ARCH_QWEN3,
-            sliding_window=int(window) if window else None,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            checkpoint_dtype=_dtype_name(cfg.get("dtype") or cfg.get("torch_dtype")),
-        )
+        return get_model_class(archs[0]).config_from_hf(cfg)
 
     @classmethod
     def from_gguf_metadata(
         cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: tuple[float, ...] | None = None
     ) -> "ModelConfig":
-        """Builds the config from GGUF key/values (`{arch}.block_count`, ...).
+        """Parses GGUF key/values with the family that `general.architecture` names.
 
         `tie_word_embeddings` is whether the file lacks `output.weight`; `freq_factors` is the content of a
         `rope_freqs.weight` tensor when present (llama.cpp's form of Llama 3 RoPE scaling).
         """
-        garch = meta["general.architecture"]
-        if garch not in GGUF_ARCHITECTURES:
-            raise NotImplementedError(f"GGUF architecture {garch!r} is not supported")
-        arch = GGUF_ARCHITECTURES[garch]
+        from jengine.models import get_gguf_model_class
 
-        def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"{garch}.{key}", default)
-
-        hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-        kv_heads = get("attention.head_count_kv", heads)
-        head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
-        vocab = get("vocab_size")
-        if vocab is None:
-            vocab = len(meta["tokenizer.ggml.tokens"])
-        scaling = None
-        stype = get("rope.scaling.type")
-        if freq_factors is not None:
-            scaling = RopeScaling("freq_factors", freq_factors=tuple(float(f) for f in freq_factors))
-        elif stype not in (None, "none"):
-            if stype != "linear":
-                raise NotImplementedError(f"GGUF rope scaling {stype!r} is not supported")
-            scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor", 1.0)))
-        eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
-        eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
-        window = get("attention.sliding_window")
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        return cls(
-            architecture=arch,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
-            num_heads=heads,
-            num_kv_heads=int(kv_heads),
-            head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=int(get("context_length", 2048)),
-            tie_word_embeddings=tie_word_embeddings,
-            attention_bias=arch == ARCH_QWEN2,
-            o_bias=False,
-            qk_norm=arch == ARCH_QWEN3,
-            sliding_window=int(window) if window and arch == ARCH_MISTRAL else None,
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=eos_ids,
-            checkpoint_dtype=None,
+        return get_gguf_model_class(meta.get("general.architecture")).config_from_gguf(
+            meta, tie_word_embeddings=tie_word_embeddings, freq_factors=freq_factors
         )
 
 
-def _dtype_name(d: Any) -> str | None:
-    if d is None:
-        return None
-    return str(d).removeprefix("torch.")
+# ----- helpers for the families' parsers ------------------------------------------------------
 
 
-def _parse_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    spec = params or scaling
+def dtype_name(d: Any) -> str | None:
+    """`config.json`'s `dtype`/`torch_dtype` ("torch.bfloat16" or "bfloat16") as a plain name."""
+    return None if d is None else str(d).removeprefix("torch.")
+
+
+def eos_ids(eos: Any) -> tuple[int, ...]:
+    """An `eos_token_id` entry (int, list or None) as a tuple."""
+    if isinstance(eos, (list, tuple)):
+        return tuple(int(e) for e in eos)
+    return () if eos is None else (int(eos),)
+
+
+def parse_rope_spec(spec: Mapping[str, Any], where: str = "rope_scaling") -> RopeScaling | None:
+    """A `rope_parameters` / `rope_scaling` dict -> RopeScaling (None for plain RoPE).
+
+    Raises NotImplementedError naming the type for anything but default, linear and llama3.
+    """
     rtype = spec.get("rope_type", spec.get("type", "default"))
     if rtype in (None, "default"):
-        return theta, None
+        return None
     if rtype not in SUPPORTED_ROPE_TYPES:
-        raise NotImplementedError(f"rope_type {rtype!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+        raise NotImplementedError(f"{where}: rope_type {rtype!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
     if rtype == "linear":
-        return theta, RopeScaling("linear", factor=float(spec["factor"]))
-    return theta, RopeScaling(
+        return RopeScaling("linear", factor=float(spec["factor"]))
+    return RopeScaling(
         "llama3",
         factor=float(spec["factor"]),
         low_freq_factor=float(spec.get("low_freq_factor", 1.0)),
         high_freq_factor=float(spec.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(spec.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def parse_rope(cfg: Mapping[str, Any], default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", default_theta)))
+    return theta, parse_rope_spec(params or scaling)
+
+
+def unsupported_field(arch: str, field: str, value: Any) -> NotImplementedError:
+    """The error for a config field set to a value this family cannot run (raise it)."""
+    return NotImplementedError(f"{arch}: config field {field}={value!r} is not supported")
+
+
+def base_fields(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """The `ModelConfig` fields read the same way by every family from `config.json`."""
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    return dict(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids(cfg.get("eos_token_id")),
+        checkpoint_dtype=dtype_name(cfg.get("dtype") or cfg.get("torch_dtype")),
+    )
+
+
+def gguf_base_fields(meta: Mapping[str, Any], arch: str, *, tie_word_embeddings: bool) -> dict[str, Any]:
+    """The `ModelConfig` fields read the same way by every family from GGUF `{general.architecture}.*` keys."""
+    garch = meta["general.architecture"]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{garch}.{key}", default)
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    vocab = get("vocab_size")
+    if vocab is None:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return dict(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        checkpoint_dtype=None,
     )

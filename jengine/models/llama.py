@@ -1,7 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as one Flax NNX model.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3): pre-norm blocks, SwiGLU, one RoPE.
 
-Parameters (names are what sharding rules key on; L = layers, H = hidden, V = vocab, F = FFN,
-D = head_dim, Hq/Hkv = query/KV heads). All matrices are stored [in, out] so `x @ w` is the matmul:
+Parameters (L = layers, H = hidden, V = vocab, F = FFN, D = head_dim, Hq/Hkv = query/KV heads),
+matrices stored [in, out]:
 
     embed              [V, H]
     layers.attn_norm   [L, H]          layers.mlp_norm  [L, H]
@@ -15,145 +15,204 @@ D = head_dim, Hq/Hkv = query/KV heads). All matrices are stored [in, out] so `x 
     final_norm         [H]
     lm_head            [V, H]          (absent when embeddings are tied; same layout as `embed`)
 
-The layers run under `jax.lax.scan` over the stacked weights with the KV cache in the carry, so
-compile time does not grow with depth and XLA updates the (donated) cache in place.
+The four architectures differ only in config: Qwen2 has q/k/v biases, Qwen3 per-head q/k RMSNorm
+and an explicit head_dim, Mistral one sliding window for every layer, Llama optional biases on all
+four projections. All layers are alike, so they run as one `lax.scan`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
-from jengine.attention import AttentionMetadata, paged_attention
-from jengine.models.config import ModelConfig
-from jengine.models.rope import apply_rope, cos_sin, inv_frequencies
+from jengine.attention import AttentionMetadata
+from jengine.models import layers as nn
+from jengine.models.base import COLUMN, COLUMN_KV, REPLICATED, ROW, VOCAB, CausalLM, NameMap
+from jengine.models.config import ModelConfig, RopeScaling, base_fields, gguf_base_fields, parse_rope, unsupported_field
+from jengine.models.rope import cos_sin, inv_frequencies
 
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter the model holds for `cfg` (see module docstring)."""
-    L, H, F, D = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed": (cfg.vocab_size, H),
-        "layers.attn_norm": (L, H),
-        "layers.wq": (L, H, cfg.q_size),
-        "layers.wk": (L, H, cfg.kv_size),
-        "layers.wv": (L, H, cfg.kv_size),
-        "layers.wo": (L, cfg.q_size, H),
-        "layers.mlp_norm": (L, H),
-        "layers.w_gate": (L, H, F),
-        "layers.w_up": (L, H, F),
-        "layers.w_down": (L, F, H),
-        "final_norm": (H,),
-    }
-    if cfg.attention_bias:
-        shapes.update({"layers.bq": (L, cfg.q_size), "layers.bk": (L, cfg.kv_size), "layers.bv": (L, cfg.kv_size)})
-    if cfg.o_bias:
-        shapes["layers.bo"] = (L, H)
-    if cfg.qk_norm:
-        shapes.update({"layers.q_norm": (L, D), "layers.k_norm": (L, D)})
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (cfg.vocab_size, H)
-    return shapes
+ARCH_LLAMA = "LlamaForCausalLM"
+ARCH_MISTRAL = "MistralForCausalLM"
+ARCH_QWEN2 = "Qwen2ForCausalLM"
+ARCH_QWEN3 = "Qwen3ForCausalLM"
+ARCHITECTURES = (ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3)
+# GGUF `general.architecture` -> HF architecture (Mistral GGUFs say "llama")
+GGUF_ARCHITECTURES = {"llama": ARCH_LLAMA, "qwen2": ARCH_QWEN2, "qwen3": ARCH_QWEN3}
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """HF-style RMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(ModelConfig):
+    attention_bias: bool = False  # biases on q/k/v projections
+    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 `attention_bias`)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # Mistral: every layer
 
 
-class StackedLayers(nnx.Module):
-    """Holds the per-layer weights stacked on a leading layer axis (`layers.*` parameters)."""
+# our layer parameter -> (HF name under `model.layers.{i}.`, GGUF name under `blk.{i}.`, stored [out, in])
+_LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", "attn_norm.weight", False),
+    "wq": ("self_attn.q_proj.weight", "attn_q.weight", True),
+    "wk": ("self_attn.k_proj.weight", "attn_k.weight", True),
+    "wv": ("self_attn.v_proj.weight", "attn_v.weight", True),
+    "wo": ("self_attn.o_proj.weight", "attn_output.weight", True),
+    "bq": ("self_attn.q_proj.bias", "attn_q.bias", False),
+    "bk": ("self_attn.k_proj.bias", "attn_k.bias", False),
+    "bv": ("self_attn.v_proj.bias", "attn_v.bias", False),
+    "bo": ("self_attn.o_proj.bias", "attn_output.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight", False),
+    "mlp_norm": ("post_attention_layernorm.weight", "ffn_norm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", "ffn_gate.weight", True),
+    "w_up": ("mlp.up_proj.weight", "ffn_up.weight", True),
+    "w_down": ("mlp.down_proj.weight", "ffn_down.weight", True),
+}
+_GLOBAL_NAMES = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
+    "final_norm": ("model.norm.weight", "output_norm.weight"),
+    "lm_head": ("lm_head.weight", "output.weight"),
+}
+_PARTITION = {
+    "embed": VOCAB, "lm_head": VOCAB, "final_norm": REPLICATED,
+    "layers.attn_norm": REPLICATED, "layers.mlp_norm": REPLICATED, "layers.q_norm": REPLICATED, "layers.k_norm": REPLICATED,
+    "layers.wq": COLUMN, "layers.bq": COLUMN, "layers.wk": COLUMN_KV, "layers.bk": COLUMN_KV,
+    "layers.wv": COLUMN_KV, "layers.bv": COLUMN_KV, "layers.wo": ROW, "layers.bo": REPLICATED,
+    "layers.w_gate": COLUMN, "layers.w_up": COLUMN, "layers.w_down": ROW,
+}
 
-    def __init__(self, params: Mapping[str, jax.Array]):
-        self.names = tuple(sorted(params))
-        for name, value in params.items():
-            setattr(self, name, nnx.Param(value))
 
-    def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
+class LlamaForCausalLM(CausalLM):
+    """Decoder-only Llama-family transformer over a paged KV cache."""
 
+    config_class = LlamaConfig
 
-class LlamaForCausalLM(nnx.Module):
-    """Decoder-only Llama-family transformer over a paged KV cache.
+    @classmethod
+    def config_from_hf(cls, cfg: Mapping[str, Any]) -> LlamaConfig:
+        arch = cfg["architectures"][0]
+        if arch not in ARCHITECTURES:
+            raise NotImplementedError(f"architecture {arch!r} is not in the Llama family ({', '.join(ARCHITECTURES)})")
+        if cfg.get("mlp_bias"):
+            raise unsupported_field(arch, "mlp_bias", cfg["mlp_bias"])
+        if arch in (ARCH_QWEN2, ARCH_QWEN3) and cfg.get("use_sliding_window"):
+            raise unsupported_field(arch, "use_sliding_window", cfg["use_sliding_window"])
+        theta, scaling = parse_rope(cfg)
+        if arch == ARCH_QWEN2:
+            qkv_bias, o_bias = True, False
+        elif arch == ARCH_MISTRAL:
+            qkv_bias = o_bias = False
+        else:  # Llama and Qwen3 put `attention_bias` on q/k/v and o alike
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        window = cfg.get("sliding_window") if arch == ARCH_MISTRAL else None
+        return LlamaConfig(
+            **base_fields(cfg, arch),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=arch == ARCH_QWEN3,
+            sliding_window=int(window) if window else None,
+        )
 
-    Built from already-loaded arrays (`params` keyed as in `param_shapes`); see `jengine.loader`.
-    """
+    @classmethod
+    def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None) -> LlamaConfig:
+        garch = meta["general.architecture"]
+        arch = GGUF_ARCHITECTURES[garch]
+        scaling = None
+        stype = meta.get(f"{garch}.rope.scaling.type")
+        if freq_factors is not None:
+            scaling = RopeScaling("freq_factors", freq_factors=tuple(float(f) for f in freq_factors))
+        elif stype not in (None, "none"):
+            if stype != "linear":
+                raise NotImplementedError(f"GGUF rope scaling {stype!r} is not supported (supported: linear)")
+            scaling = RopeScaling("linear", factor=float(meta.get(f"{garch}.rope.scaling.factor", 1.0)))
+        return LlamaConfig(
+            **gguf_base_fields(meta, arch, tie_word_embeddings=tie_word_embeddings),
+            rope_scaling=scaling,
+            attention_bias=arch == ARCH_QWEN2,
+            qk_norm=arch == ARCH_QWEN3,
+            sliding_window=None,  # Mistral GGUFs say `llama`: nothing marks a window as in use
+        )
 
-    param_shapes = staticmethod(param_shapes)
+    @classmethod
+    def param_shapes(cls, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter the model holds for `cfg` (see module docstring)."""
+        L, H, F, D = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "embed": (cfg.vocab_size, H),
+            "layers.attn_norm": (L, H),
+            "layers.wq": (L, H, cfg.q_size),
+            "layers.wk": (L, H, cfg.kv_size),
+            "layers.wv": (L, H, cfg.kv_size),
+            "layers.wo": (L, cfg.q_size, H),
+            "layers.mlp_norm": (L, H),
+            "layers.w_gate": (L, H, F),
+            "layers.w_up": (L, H, F),
+            "layers.w_down": (L, F, H),
+            "final_norm": (H,),
+        }
+        if cfg.attention_bias:
+            shapes.update({"layers.bq": (L, cfg.q_size), "layers.bk": (L, cfg.kv_size), "layers.bv": (L, cfg.kv_size)})
+        if cfg.o_bias:
+            shapes["layers.bo"] = (L, H)
+        if cfg.qk_norm:
+            shapes.update({"layers.q_norm": (L, D), "layers.k_norm": (L, D)})
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head"] = (cfg.vocab_size, H)
+        return shapes
 
-    def __init__(self, config: ModelConfig, params: Mapping[str, jax.Array]):
-        expected = param_shapes(config)
-        if set(params) != set(expected):
-            raise ValueError(f"parameter names differ: missing {set(expected) - set(params)}, extra {set(params) - set(expected)}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(params[name].shape)}")
-        self.config = config
-        self.embed = nnx.Param(params["embed"])
-        self.layers = StackedLayers({k.removeprefix("layers."): v for k, v in params.items() if k.startswith("layers.")})
-        self.final_norm = nnx.Param(params["final_norm"])
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(params["lm_head"])
+    @classmethod
+    def hf_names(cls, cfg: LlamaConfig) -> NameMap:
+        names = {k: (hf, False) for k, (hf, _) in _GLOBAL_NAMES.items()}
+        names.update({f"layers.{k}": (f"model.layers.{{i}}.{hf}", t) for k, (hf, _, t) in _LAYER_NAMES.items()})
+        return names
 
-    @property
-    def dtype(self) -> Any:
-        return self.embed[...].dtype
+    @classmethod
+    def gguf_names(cls, cfg: LlamaConfig) -> NameMap:
+        names = {k: (g, False) for k, (_, g) in _GLOBAL_NAMES.items()}
+        names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (_, g, t) in _LAYER_NAMES.items()})
+        return names
 
-    def __call__(
-        self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata
-    ) -> tuple[Any, jax.Array]:
-        """Runs the new tokens[T] through all layers; returns (kv_cache, final-normed hidden[T, H])."""
+    @classmethod
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: LlamaConfig, meta: Mapping[str, Any]) -> np.ndarray:
+        """Undoes the Q/K row permutation llama.cpp's converter applies for the `llama` architecture."""
+        if meta.get("general.architecture") != "llama":
+            return w
+        if name in ("layers.wq", "layers.bq"):
+            return unpermute_rows(w, cfg.num_heads)
+        if name in ("layers.wk", "layers.bk"):
+            return unpermute_rows(w, cfg.num_kv_heads)
+        return w
+
+    @classmethod
+    def partition_kinds(cls, cfg: LlamaConfig) -> dict[str, str]:
+        return dict(_PARTITION)
+
+    def __call__(self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata) -> tuple[Any, jax.Array]:
         cfg = self.config
-        x = jnp.take(self.embed[...], token_ids, axis=0)
-        cos, sin = cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        rope = cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        spec = nn.AttentionSpec(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+            qk_norm=functools.partial(nn.rms_norm, eps=cfg.rms_norm_eps) if cfg.qk_norm else None,
+        )
 
-        def body(carry, xs):
+        def layer(slot: int, i: Any, p: nn.Params, carry: Any) -> Any:
             x, cache = carry
-            p, layer = xs
-            x, cache = _decoder_layer(cfg, p, layer, x, cache, cos, sin, md)
-            return (x, cache), None
+            cache, o = nn.attention(spec, p, nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), cache, i, md, rope)
+            x = x + o
+            x = x + nn.swiglu(nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p)
+            return x, cache
 
-        xs = (self.layers.arrays(), jnp.arange(cfg.num_layers, dtype=jnp.int32))
-        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), xs)
-        return kv_cache, rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-
-    def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden[S, H] -> logits[S, V] in float32 (accumulated in float32, no float32 weight copy)."""
-        w = self.embed[...] if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("sh,vh->sv", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        x = nn.embed(self.embed[...], token_ids)
+        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers)
+        return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
 
-def _decoder_layer(
-    cfg: ModelConfig,
-    p: Mapping[str, jax.Array],
-    layer: jax.Array,
-    x: jax.Array,
-    cache: Any,
-    cos: jax.Array,
-    sin: jax.Array,
-    md: AttentionMetadata,
-) -> tuple[jax.Array, Any]:
-    """One pre-norm block: attention then SwiGLU MLP, both residual."""
-    T, D = x.shape[0], cfg.head_dim
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
-    if cfg.attention_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = q.reshape(T, cfg.num_heads, D)
-    k = k.reshape(T, cfg.num_kv_heads, D)
-    v = v.reshape(T, cfg.num_kv_heads, D)
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache, o = paged_attention(cache, layer, q, k, v, md, sm_scale=D**-0.5, sliding_window=cfg.sliding_window)
-    o = o.reshape(T, cfg.q_size).astype(x.dtype) @ p["wo"]
-    if cfg.o_bias:
-        o = o + p["bo"]
-    x = x + o
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-    return x, cache
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's per-head row interleave of Q/K weights (rows = heads * head_dim)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+param_shapes = LlamaForCausalLM.param_shapes  # kept for callers of `jengine.models.llama.param_shapes`

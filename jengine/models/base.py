@@ -1,0 +1,120 @@
+"""The contract every model family implements, and what the families share of it.
+
+A family is a `CausalLM` subclass in its own file. Its class methods are what the rest of the
+engine asks of it (the loader, `jengine.sharding`, the registry); its instance is the Flax NNX
+model the runner calls:
+
+    config_from_hf(config_json) -> ModelConfig            config_from_gguf(metadata, ...) -> ModelConfig
+    param_shapes(cfg) -> {name: shape}                     partition_kinds(cfg) -> {name: COLUMN | ROW | ...}
+    hf_names(cfg) -> {name: (template, transpose)}         gguf_names(cfg) -> {name: (template, transpose)}
+    from_gguf_tensor(name, array, cfg, metadata) -> array  (llama.cpp layout fixes; default: none)
+    model(kv_cache, token_ids[T], positions[T], md) -> (kv_cache, hidden[T, H])
+    model.compute_logits(hidden[S, H]) -> logits[S, V] (float32)
+
+Parameter names are flat: `embed`, `final_norm`, `lm_head` and `layers.<short>` stacked over a
+leading layer axis; matrices are stored `[in, out]` (so `linear(x, w)` is `x @ w`). Name templates
+use `{i}` for the layer index; `transpose` says the checkpoint stores the matrix `[out, in]`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jengine.attention import AttentionMetadata
+from jengine.models.config import ModelConfig
+
+# What tensor parallelism does with a parameter (`jengine.sharding.rules` turns these into specs):
+COLUMN = "column"  # output features split over the model axis (last axis; biases too)
+COLUMN_KV = "column_kv"  # like COLUMN, but only when the model axis divides the KV heads, else replicated
+ROW = "row"  # input features split (axis -2); XLA all-reduces the partial sums
+VOCAB = "vocab"  # rows of the embedding / LM head split when the model axis divides the vocabulary
+REPLICATED = "replicated"
+PARTITION_KINDS = (COLUMN, COLUMN_KV, ROW, VOCAB, REPLICATED)
+
+NameMap = dict[str, tuple[str, bool]]
+
+
+class StackedLayers(nnx.Module):
+    """Holds the per-layer weights stacked on a leading layer axis (`layers.*` parameters)."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.names = tuple(sorted(params))
+        for name, value in params.items():
+            setattr(self, name, nnx.Param(value))
+
+    def arrays(self) -> dict[str, Any]:
+        """Name -> stacked weight: an array, or a `Weight` pytree (hence `get_value`, not `[...]`)."""
+        return {name: getattr(self, name).get_value() for name in self.names}
+
+
+class CausalLM(nnx.Module):
+    """Shared parts of a decoder-only model: parameter checks and holding, the LM head.
+
+    Subclasses set `config_class` and implement the class methods in the module docstring and
+    `__call__`. Built from already-loaded arrays keyed as in `param_shapes` (see `jengine.loader`).
+    """
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, config: ModelConfig, params: Mapping[str, Any]):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        expected = self.param_shapes(config)
+        if set(params) != set(expected):
+            raise ValueError(f"parameter names differ: missing {set(expected) - set(params)}, extra {set(params) - set(expected)}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        self.config = config
+        self.embed = nnx.Param(params["embed"])
+        self.layers = StackedLayers({k.removeprefix("layers."): v for k, v in params.items() if k.startswith("layers.")})
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(params["lm_head"])
+
+    # ----- what the loader and the sharding rules ask of a family ------------------------------
+    @classmethod
+    def config_from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None) -> ModelConfig:
+        raise NotImplementedError(f"{cls.__name__} cannot be read from GGUF files")
+
+    @classmethod
+    def param_shapes(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @classmethod
+    def hf_names(cls, cfg: ModelConfig) -> NameMap:
+        raise NotImplementedError
+
+    @classmethod
+    def gguf_names(cls, cfg: ModelConfig) -> NameMap:
+        raise NotImplementedError(f"{cls.__name__} cannot be read from GGUF files")
+
+    @classmethod
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: ModelConfig, meta: Mapping[str, Any]) -> np.ndarray:
+        """A GGUF tensor (after dequantization, before transposing) in the HF checkpoint's convention."""
+        return w
+
+    @classmethod
+    def partition_kinds(cls, cfg: ModelConfig) -> dict[str, str]:
+        raise NotImplementedError
+
+    # ----- the model ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> Any:
+        return self.embed[...].dtype
+
+    def __call__(self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata) -> tuple[Any, jax.Array]:
+        """Runs the new tokens[T] through all layers; returns (kv_cache, final-normed hidden[T, H])."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden[S, H] -> logits[S, V] in float32 (accumulated in float32, no float32 weight copy)."""
+        w = self.embed[...] if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("sh,vh->sv", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
