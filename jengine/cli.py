@@ -94,6 +94,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=tuple(ns.api_key or ()),
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
+        trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
     )
     if ns.log_level.upper() == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     srv.add_argument("--max-pending-requests", type=_positive_int, default=None, help="answer 503 beyond this many unfinished requests (default: no limit)")
     srv.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="accept a `chat_template` in requests (it is Jinja that runs on the server; rendering is bounded in time either way)")
+    srv.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 2**20,
+                     help="answer 413 to a request body larger than this (default: 8 MiB)")
     srv.set_defaults(func=_cmd_serve)
     return parser
 

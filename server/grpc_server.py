@@ -98,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.serving.check_model(request.model)
             text, ids, prompt_param = self._prompt(request)
             fields = self._sampling_fields(request.sampling_params)
-            max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens")
+            max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens", prompt_param)
             try:
                 params = build_sampling_params({**fields, "max_tokens": max_tokens}, self.serving.max_logprobs)
                 self.engine.validate(ids, params)
@@ -120,6 +120,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         first = True
         try:
             async for out in stream:
+                failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
+                if failed is not None:  # the engine could not run this request (the others go on)
+                    await context.abort(grpc.StatusCode.INTERNAL, str(failed.stop_reason or "the engine could not serve this request"))
                 msgs = []
                 for c in out.outputs:
                     text_len, num_tokens, done = sent.get(c.index, (0, 0, False))

@@ -33,7 +33,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
-    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias")) as srv:
+    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias"),
+                     trust_request_chat_template=True) as srv:
         yield srv
 
 

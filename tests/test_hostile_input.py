@@ -1,0 +1,249 @@
+"""Hostile input against a real server (tiny checkpoint, API key on, loopback): every bad request is a fast
+4xx in the OpenAI error shape, and the engine keeps serving.
+
+Each case below was either found by a hostile-input run against `jengine serve` (an OverflowError that
+killed the engine loop, `n` = 2**63 that hung the server, a lone surrogate that gave a 500, a 20 MB
+body that blocked the event loop, a request chat template that never finished) or is one of the
+classic malformed inputs (invalid JSON, wrong types for every sampling field, out-of-range values).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from jengine.server.api_server import BackgroundServer
+from tiny_models import VOCAB_SIZE
+from tiny_server import slow_down_steps, tiny_server
+
+KEY = "sk-hostile"
+MODEL = "tiny"
+MAX_MODEL_LEN = 512
+BODY_LIMIT = 64 * 1024
+FAST_S = 5.0  # a refusal is answered well within this, even on a loaded 2-core machine
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
+    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=(KEY,), served_model_names=(MODEL,),
+                     max_request_body_bytes=BODY_LIMIT, chat_template_timeout_s=1.0) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server: BackgroundServer):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60.0) as c:
+        yield c
+
+
+def _assert_openai_error(r: httpx.Response, status: int, param: Any = "any") -> dict:
+    assert r.status_code == status, r.text[:500]
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"], err
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+def _healthy_and_serving(http: httpx.Client, server: BackgroundServer) -> None:
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0.0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    assert server.engine.core.compilations_after_warmup == 0
+
+
+# ----- hand-written hostile bodies: (path, raw JSON text or object, status, param) ----------------------------
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+C, CHAT, TOK = "/v1/completions", "/v1/chat/completions", "/tokenize"
+RAW_CASES = [  # bodies the official client would never send
+    (C, "", 400, None),
+    (C, "{", 400, None),
+    (C, '{"model": "tiny", "prompt": "hi",}', 400, None),
+    (C, "[1, 2]", 400, None),
+    (C, '"just a string"', 400, None),
+    (C, '{"model": "tiny", "prompt": "a\x00b"}', 400, None),  # a raw NUL inside a JSON string is invalid JSON
+    (C, '{"model": "tiny", "prompt": ' + _nested(5000) + "}", 400, None),
+    (C, '{"model": "tiny", "prompt": "hi", "user": ' + _nested(5000) + "}", 400, None),  # unknown depth in any field
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": ' + _nested(5000) + "}]}", 400, None),
+    (C, '{"model": "tiny", "prompt": "a\\ud800b"}', 400, None),  # lone surrogates
+    (C, '{"model": "tiny", "prompt": "a\\udc00"}', 400, None),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    (TOK, '{"model": "tiny", "prompt": "\\udfff"}', 400, None),
+    (C, '{"model": "tiny", "prompt": "hi", "temperature": 1e999}', 400, "temperature"),  # infinity
+]
+
+SAMPLING_FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "stop", "stop_token_ids", "logit_bias",
+                   "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "priority",
+                   "stream", "echo", "best_of", "response_format", "stream_options", "min_tokens", "return_tokens_as_token_ids"]
+CHAT_FIELDS = ["logprobs", "top_logprobs", "max_completion_tokens", "add_generation_prompt", "continue_final_message", "tools",
+               "chat_template_kwargs"]
+HUGE = 2**63
+BIG = 2**40
+OBJECT_CASES = [
+    *[(C, {"prompt": "hi", field: {"not": "a value"}}, 400, field) for field in SAMPLING_FIELDS if field != "stream_options"],
+    *[(C, {"prompt": "hi", field: "xyz"}, 400, field) for field in SAMPLING_FIELDS if field not in ("stop",)],
+    *[(CHAT, {"messages": MSGS, field: "xyz"}, 400, field) for field in CHAT_FIELDS],
+    (C, {"prompt": "hi", "n": 10000}, 400, "n"),
+    (C, {"prompt": "hi", "n": HUGE}, 400, "n"),
+    (C, {"prompt": "hi", "n": HUGE, "best_of": HUGE}, 400, "n"),
+    (C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (C, {"prompt": "hi", "logprobs": 10**6}, 400, "logprobs"),
+    (C, {"prompt": "hi", "prompt_logprobs": HUGE}, 400, "prompt_logprobs"),
+    (CHAT, {"messages": MSGS, "logprobs": True, "top_logprobs": 10**6}, 400, "top_logprobs"),
+    (C, {"prompt": "hi", "max_tokens": HUGE}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_completion_tokens": HUGE}, 400, "max_completion_tokens"),
+    (C, {"prompt": "hi", "min_tokens": BIG, "max_tokens": None}, 400, "min_tokens"),
+    (C, {"prompt": "hi", "stop_token_ids": [BIG], "min_tokens": 2}, 400, "stop_token_ids"),  # killed the engine loop
+    (C, {"prompt": "hi", "stop_token_ids": [VOCAB_SIZE]}, 400, "stop_token_ids"),
+    (C, {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    (C, {"prompt": "hi", "stop_token_ids": list(range(2000))}, 400, "stop_token_ids"),
+    (C, {"prompt": "hi", "stop": ["x"] * 100}, 400, "stop"),
+    (C, {"prompt": "hi", "stop": "x" * 5000}, 400, "stop"),
+    (C, {"prompt": "hi", "top_k": BIG, "temperature": 1.0}, 400, "top_k"),
+    (C, {"prompt": "hi", "top_k": VOCAB_SIZE + 1, "temperature": 1.0}, 400, "top_k"),
+    (C, {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    (C, {"prompt": "hi", "priority": 2**70}, 400, "priority"),
+    (C, {"prompt": "hi", "logit_bias": {str(BIG): 1}}, 400, "logit_bias"),
+    (C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    (C, {"prompt": ["hi"] * 300}, 400, "prompt"),
+    (C, {"prompt": [VOCAB_SIZE]}, 400, "prompt"),
+    (C, {"prompt": [BIG]}, 400, "prompt"),
+    (C, {"prompt": [[1, 2], [HUGE]]}, 400, "prompt"),
+    (C, {"prompt": "hi " * 2000}, 400, "prompt"),  # tokenizes to far more than max_model_len
+    (C, {"prompt": list(range(1, 300)) * 3}, 400, "prompt"),
+    (C, {"prompt": "x" * 40000}, 400, "prompt"),  # more characters than the window can hold: refused untokenized
+    (CHAT, {"messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "messages"),
+    (CHAT, {"messages": MSGS, "chat_template": "{{ messages[0]['content'] }}"}, 400, "chat_template"),  # not trusted
+    (CHAT, {"messages": MSGS, "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs"),
+    (CHAT, {"messages": MSGS, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, 400, "chat_template_kwargs"),
+    (TOK, {"messages": MSGS, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+    (C, {"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+    (CHAT, {"messages": MSGS, "model": "no-such-model"}, 404, "model"),
+    ("/detokenize", {"tokens": [BIG]}, 400, "tokens"),
+    ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,raw,status,param", RAW_CASES, ids=[f"raw{i}" for i in range(len(RAW_CASES))])
+def test_malformed_bodies(http: httpx.Client, path: str, raw: str, status: int, param: Any) -> None:
+    t0 = time.monotonic()
+    r = http.post(path, content=raw.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"})
+    _assert_openai_error(r, status, param)
+    assert time.monotonic() - t0 < FAST_S
+
+
+@pytest.mark.parametrize("path,body,status,param", OBJECT_CASES, ids=[f"{p.strip('/').replace('/', '_')}-{param}-{i}" for i, (p, _, _, param) in enumerate(OBJECT_CASES)])
+def test_bad_values(http: httpx.Client, path: str, body: dict, status: int, param: Any) -> None:
+    t0 = time.monotonic()
+    r = http.post(path, json={"model": MODEL, **body})
+    _assert_openai_error(r, status, param)
+    assert time.monotonic() - t0 < FAST_S
+
+
+def test_nul_bytes_in_text_are_served(http: httpx.Client) -> None:
+    """An escaped NUL is valid text: a well-formed 200, not an error."""
+    r = http.post(C, json={"model": MODEL, "prompt": "a\u0000b", "max_tokens": 2, "stop": ["\u0000"]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+
+def test_api_key_missing_or_wrong(server: BackgroundServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY}):
+            err = _assert_openai_error(c.post(C, json={"model": MODEL, "prompt": "hi"}, headers=headers), 401)
+            assert err["code"] == "invalid_api_key"
+        # Refused before the body is read: a body over the limit without a key is a 401, not a 413.
+        _assert_openai_error(c.post(C, content=b"x" * (BODY_LIMIT + 1), headers={"Content-Type": "application/json"}), 401)
+
+
+def test_body_over_the_limit_is_413(http: httpx.Client, server: BackgroundServer) -> None:
+    big = b'{"model": "tiny", "prompt": "' + b"a" * BODY_LIMIT + b'"}'
+    t0 = time.monotonic()
+    _assert_openai_error(http.post(C, content=big, headers={"Content-Type": "application/json"}), 413)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    _assert_openai_error(http.post(C, content=chunks(), headers={"Content-Type": "application/json"}), 413)
+    assert time.monotonic() - t0 < FAST_S
+    just_under = b'{"model": "tiny", "max_tokens": 1, "prompt": "' + b"ab " * ((BODY_LIMIT - 200) // 3) + b'"}'
+    _assert_openai_error(http.post(C, content=just_under, headers={"Content-Type": "application/json"}), 400)  # over max_model_len
+    _healthy_and_serving(http, server)
+
+
+def test_preprocessing_stays_off_the_event_loop(http: httpx.Client, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing and tokenizing run on the preprocessing pool: while one request's preparation takes 2 s,
+    /health still answers at once."""
+    prepare = server.serving.prepare_completion
+
+    def slow_prepare(req: Any) -> Any:
+        time.sleep(2.0)  # blocks its thread, as a long tokenization would
+        return prepare(req)
+
+    monkeypatch.setattr(server.serving, "prepare_completion", slow_prepare)
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(r=http.post(C, json={"model": MODEL, "prompt": "hi", "max_tokens": 2})))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert http.get("/health").status_code == 200
+    assert time.monotonic() - t0 < 0.5, "the event loop was blocked by a request's preparation"
+    t.join(30)
+    assert done["r"].status_code == 200
+
+
+def test_request_chat_template_is_bounded_when_trusted(http: httpx.Client, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.serving, "trust_request_chat_template", True)
+    ok = http.post(TOK, json={"model": MODEL, "messages": MSGS, "chat_template": "<{{ messages[0]['content'] }}>", "add_special_tokens": False})
+    assert ok.status_code == 200, ok.text
+    assert http.post("/detokenize", json={"model": MODEL, "tokens": ok.json()["tokens"]}).json()["prompt"] == "<hi>"
+    forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    big = "{% for i in range(100000) %}{{ 'xxxxxxxxxx' }}{% endfor %}"  # a million characters: more than 512 tokens can hold
+    for template, param in ((forever, "chat_template"), (big, "messages")):
+        t0 = time.monotonic()
+        _assert_openai_error(http.post(CHAT, json={"model": MODEL, "messages": MSGS, "chat_template": template, "max_tokens": 1}), 400, param)
+        assert time.monotonic() - t0 < FAST_S
+    _healthy_and_serving(http, server)
+
+
+def test_a_request_that_fails_in_the_step_fails_alone(http: httpx.Client, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a bad request slips past validation (disabled here) and its step inputs cannot be built, that
+    request ends with a 500 (stream: an error event) while the others finish and the engine stays up."""
+    core = server.engine.core
+    free_before = core.kv_cache_manager.num_free_pages
+    monkeypatch.setattr(core, "validate_prompt", lambda ids, params: None)
+    slow_down_steps(server.engine, monkeypatch)
+    good: dict[str, Any] = {}
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    t = threading.Thread(target=lambda: good.update(r=http.post(C, json=body)))
+    t.start()
+    time.sleep(0.2)
+    too_many_biases = {str(i): 1.0 for i in range(301)}  # the step tensors hold at most 300 per row
+    bad = http.post(C, json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "logit_bias": too_many_biases})
+    err = _assert_openai_error(bad, 500)
+    assert "logit_bias" in err["message"]
+    with http.stream("POST", CHAT, json={"model": MODEL, "messages": MSGS, "max_tokens": 4, "stream": True, "logit_bias": too_many_biases}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert any('"error"' in line and "logit_bias" in line for line in lines) and lines[-1] == "data: [DONE]", lines
+    t.join(60)
+    assert good["r"].status_code == 200 and good["r"].json()["usage"]["completion_tokens"] == 24
+    assert server.engine.healthy
+    monkeypatch.undo()
+    _healthy_and_serving(http, server)
+    assert core.kv_cache_manager.num_free_pages == free_before
+    assert not core.scheduler.has_unfinished_requests() and not core.output_processor.child_ids("nothing")
+
+
+def test_still_healthy_after_everything(http: httpx.Client, server: BackgroundServer) -> None:
+    _healthy_and_serving(http, server)
