@@ -88,10 +88,10 @@ def _port(text: str) -> int:
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
-    from jengine.server.api_server import ServerSettings, serve
+    from jengine.server.api_server import ServerSettings, resolve_api_keys, serve
 
     settings = ServerSettings(
-        host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=tuple(ns.api_key or ()),
+        host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=resolve_api_keys(ns.api_key or (), ns.api_key_file),
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
         trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--grpc-port", type=_port, default=None, help="also serve gRPC (jengine.v1.Generation) on this port")
     srv.add_argument("--api-key", action="append", help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys)")
+    srv.add_argument("--api-key-file", default=None,
+                     help="read API keys from this file, one per line (keeps them out of `ps`); $JENGINE_API_KEY is read too")
     srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use; default: the model path")
     srv.add_argument("--chat-template", default=None, help="chat template file or Jinja text; default: the tokenizer's")
     srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")

@@ -60,6 +60,29 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # 413 beyond
 
 
+API_KEY_ENV = "JENGINE_API_KEY"
+
+
+def resolve_api_keys(flag_keys: Sequence[str] = (), key_file: Optional[str] = None,
+                     environ: Optional[dict[str, str]] = None) -> tuple[str, ...]:
+    """The API keys from `--api-key` (visible in `ps`), `$JENGINE_API_KEY` and `--api-key-file` (one key
+    per line; blank lines and `#` comments skipped), all of them valid, in that order. ValueError for an
+    unreadable or empty key file."""
+    env = os.environ if environ is None else environ
+    keys = [k.strip() for k in flag_keys]
+    keys.append(env.get(API_KEY_ENV, "").strip())
+    if key_file is not None:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                from_file = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise ValueError(f"--api-key-file {key_file!r} cannot be read: {e.strerror}") from None
+        if not from_file:
+            raise ValueError(f"--api-key-file {key_file!r} holds no key")
+        keys += from_file
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
 def load_chat_template(value: Optional[str]) -> Optional[str]:
     """`--chat-template` takes a file path or the Jinja text itself (as vLLM's does)."""
     if value is None:

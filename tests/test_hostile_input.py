@@ -247,3 +247,41 @@ def test_a_request_that_fails_in_the_step_fails_alone(http: httpx.Client, server
 
 def test_still_healthy_after_everything(http: httpx.Client, server: BackgroundServer) -> None:
     _healthy_and_serving(http, server)
+
+
+# ----- API keys: flag, environment, file ---------------------------------------------------------------
+def test_api_keys_from_flag_env_and_file(tmp_path: Any) -> None:
+    from jengine.server.api_server import API_KEY_ENV, resolve_api_keys
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("# operators' keys\nsk-file-1\n\n  sk-file-2  \nsk-flag\n")
+    keys = resolve_api_keys(["sk-flag"], str(key_file), {API_KEY_ENV: " sk-env "})
+    assert keys == ("sk-flag", "sk-env", "sk-file-1", "sk-file-2")
+    assert resolve_api_keys([], None, {API_KEY_ENV: ""}) == ()
+    assert resolve_api_keys([], None, {}) == ()
+    (tmp_path / "empty").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        resolve_api_keys([], str(tmp_path / "empty"), {})
+    with pytest.raises(ValueError, match="cannot be read"):
+        resolve_api_keys([], str(tmp_path / "missing"), {})
+
+
+def test_serve_fails_fast_on_a_bad_key_file(capsys: pytest.CaptureFixture) -> None:
+    from jengine.cli import main
+
+    t0 = time.monotonic()
+    assert main(["serve", "/nonexistent/model", "--api-key-file", "/nonexistent/keys"]) == 2
+    assert "--api-key-file" in capsys.readouterr().err and time.monotonic() - t0 < 5
+
+
+def test_env_key_guards_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """`jengine serve` with only $JENGINE_API_KEY set: the settings carry that key and /v1/* needs it."""
+    from jengine.cli import build_parser
+    from jengine.server import api_server
+
+    monkeypatch.setenv("JENGINE_API_KEY", "sk-from-env")
+    captured: dict[str, Any] = {}
+    monkeypatch.setattr(api_server, "serve", lambda engine_args, settings, **kw: captured.update(settings=settings) or 0)
+    ns = build_parser().parse_args(["serve", str(tmp_path)])
+    assert ns.func(ns) == 0
+    assert tuple(captured["settings"].api_keys) == ("sk-from-env",)
