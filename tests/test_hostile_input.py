@@ -17,7 +17,7 @@ import pytest
 
 from jengine.server.api_server import BackgroundServer
 from tiny_models import VOCAB_SIZE
-from tiny_server import slow_down_steps, tiny_server
+from tiny_server import StepWatch, slow_down_steps, tiny_server
 
 KEY = "sk-hostile"
 MODEL = "tiny"
@@ -285,3 +285,44 @@ def test_env_key_guards_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: An
     ns = build_parser().parse_args(["serve", str(tmp_path)])
     assert ns.func(ns) == 0
     assert tuple(captured["settings"].api_keys) == ("sk-from-env",)
+
+
+# ----- a client that goes away frees its pages within one step -----------------------------------------
+def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _assert_freed_within_one_step(server: BackgroundServer, watch: StepWatch, free_before: int, closed_at: float) -> None:
+    core = server.engine.core
+    assert _wait_for(lambda: bool(watch.freed) and not core.scheduler.has_unfinished_requests()), "the request kept running"
+    assert len(watch.asked) == 1 and watch.asked.keys() == watch.freed.keys()
+    rid = next(iter(watch.asked))
+    assert watch.freed[rid] - watch.asked[rid] <= 1, (watch.asked, watch.freed)
+    assert core.kv_cache_manager.num_free_pages == free_before
+    assert server.engine.num_pending_requests == 0
+    assert time.monotonic() - closed_at < 5.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_frees_pages_within_one_step(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    slow_down_steps(server.engine, monkeypatch)
+    watch = StepWatch(server.engine, monkeypatch)
+    free_before = server.engine.core.kv_cache_manager.num_free_pages
+    body = {"model": MODEL, "prompt": "Hello there, " * 20, "max_tokens": MAX_MODEL_LEN - 200, "n": 2, "temperature": 0.0,
+            "ignore_eos": True, "stream": stream}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(30.0, read=1.0)) as c:
+        if stream:
+            with c.stream("POST", C, json=body) as r:
+                lines = r.iter_lines()
+                assert all(next(lines) is not None for _ in range(4))
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s without an answer
+                c.post(C, json=body)
+    closed_at = time.monotonic()
+    assert watch.min_free_pages < free_before  # the request did hold pages while its client was there
+    _assert_freed_within_one_step(server, watch, free_before, closed_at)
