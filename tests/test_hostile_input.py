@@ -326,3 +326,53 @@ def test_disconnect_frees_pages_within_one_step(server: BackgroundServer, monkey
     closed_at = time.monotonic()
     assert watch.min_free_pages < free_before  # the request did hold pages while its client was there
     _assert_freed_within_one_step(server, watch, free_before, closed_at)
+
+
+# ----- admission: a flood beyond --max-pending-requests -------------------------------------------------
+def test_flood_beyond_max_pending_gets_fast_503_with_retry_after(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 clients at once against --max-pending-requests 4: the pending count never passes 4, every
+    refusal is a quick 503 with Retry-After, and every admitted request finishes completely."""
+    import concurrent.futures
+
+    limit, clients, max_tokens = 4, 40, 12
+    engine = server.engine
+    monkeypatch.setattr(engine, "max_pending_requests", limit)
+    slow_down_steps(engine, monkeypatch, 0.03)
+    most_pending = 0
+    step = engine.core.step
+
+    def watching_step() -> Any:
+        nonlocal most_pending
+        most_pending = max(most_pending, engine.num_pending_requests)
+        return step()
+
+    monkeypatch.setattr(engine.core, "step", watching_step)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, limits=limits)
+
+    def one(i: int) -> tuple[httpx.Response, float]:
+        body = {"model": MODEL, "prompt": f"Flood {i}", "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": i % 2 == 0}
+        t0 = time.monotonic()
+        r = client.post(C, json=body)
+        return r, time.monotonic() - t0
+
+    with client, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients), timeout=120))
+    ok = [(r, s) for r, s in results if r.status_code == 200]
+    refused = [(r, s) for r, s in results if r.status_code == 503]
+    assert len(ok) + len(refused) == clients, [r.status_code for r, _ in results]
+    assert len(ok) >= limit and refused, (len(ok), len(refused))
+    assert most_pending <= limit
+    for r, seconds in refused:
+        err = _assert_openai_error(r, 503)
+        assert err["type"] == "ServiceUnavailableError" and r.headers["Retry-After"] == "1"
+        assert seconds < 2.0, "a refusal must not wait for the queue"
+    for r, _ in ok:  # every admitted request finished completely
+        if r.headers["content-type"].startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in r.text
+        else:
+            assert r.json()["usage"]["completion_tokens"] == max_tokens
+    monkeypatch.undo()
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        _healthy_and_serving(c, server)
