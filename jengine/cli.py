@@ -87,6 +87,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from jengine.server.api_server import ServerSettings, resolve_api_keys, serve
 
@@ -95,6 +102,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
         trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
+        shutdown_timeout_s=ns.shutdown_timeout,
     )
     if ns.log_level.upper() == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
@@ -172,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept a `chat_template` in requests (it is Jinja that runs on the server; rendering is bounded in time either way)")
     srv.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 2**20,
                      help="answer 413 to a request body larger than this (default: 8 MiB)")
+    srv.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                     help="on SIGTERM, refuse new requests (503, /health 503) and let those in flight finish for up to "
+                          "this many seconds, then exit 0 (default: 30; 0 aborts them at once)")
     srv.set_defaults(func=_cmd_serve)
     return parser
 

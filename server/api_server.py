@@ -20,7 +20,9 @@ import dataclasses
 import hmac
 import logging
 import os
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Optional
 
@@ -41,6 +43,7 @@ logger = logging.getLogger("jengine.server")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -58,6 +61,7 @@ class ServerSettings:
     trust_request_chat_template: bool = False  # accept `chat_template` in requests (it runs on the server)
     chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S  # rendering longer than this is a 400
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # 413 beyond
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: finish in-flight requests for up to this long
 
 
 API_KEY_ENV = "JENGINE_API_KEY"
@@ -227,8 +231,8 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
         return _json(await serving.run_sync(serving.detokenize, body))
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.healthy else 503)
+    async def health() -> Response:  # 503 once the engine died, and while draining (readiness: send no more)
+        return Response(status_code=200 if engine.healthy and not serving.draining else 503)
 
     @app.get("/version")
     async def version() -> Any:
@@ -290,6 +294,10 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
         grpc_server, info.grpc_port = await start_grpc_server(serving, settings.host, settings.grpc_port)
         logger.info("gRPC server on %s:%d", settings.host, info.grpc_port)
     serve_task = asyncio.ensure_future(http.serve())
+    loop = asyncio.get_running_loop()
+    drain_asked = asyncio.Event()
+    drainer = asyncio.ensure_future(_drain_when_asked(drain_asked, serving, http, grpc_server, settings.shutdown_timeout_s))
+    previous_sigterm = None
     try:
         while not http.started:
             if serve_task.done():
@@ -299,6 +307,9 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
         info.port = http.servers[0].sockets[0].getsockname()[1]
         info.http = http
         info.serving = serving
+        info.drain = lambda: loop.call_soon_threadsafe(drain_asked.set)
+        if threading.current_thread() is threading.main_thread():  # `jengine serve`: SIGTERM drains (uvicorn's handler stops at once)
+            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: info.drain())
         logger.info("HTTP server on http://%s:%d (model %s)", settings.host, info.port, serving.model_name)
         if started is not None:
             started(info)
@@ -311,6 +322,9 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
             http.should_exit = True
             await serve_task
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        drainer.cancel()
         if not serve_task.done():
             http.should_exit = True
             await asyncio.wait({serve_task}, timeout=10)
@@ -319,12 +333,37 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
         serving.close()
 
 
+async def _drain_when_asked(asked: asyncio.Event, serving: OpenAIServing, http: Any, grpc_server: Any, timeout_s: float) -> None:
+    """Graceful shutdown (SIGTERM): stop admitting (new requests 503, `/health` 503, gRPC health
+    NOT_SERVING), let the requests in flight finish for up to `timeout_s`, end those still running with
+    an error, then stop the HTTP server. A second signal stops waiting at once."""
+    await asked.wait()
+    asked.clear()
+    serving.draining = True
+    if grpc_server is not None:
+        await grpc_server.mark_not_serving()
+    engine = serving.engine
+    logger.info("draining: refusing new requests, waiting up to %.0f s for %d in flight", timeout_s, engine.num_pending_requests)
+    deadline = time.monotonic() + timeout_s
+    while engine.num_pending_requests and time.monotonic() < deadline and not asked.is_set() and engine.healthy:
+        await asyncio.sleep(0.05)
+    if engine.num_pending_requests:
+        # Stopping the engine ends each of them with an error (HTTP 500, an error event in a stream,
+        # gRPC UNAVAILABLE) at the next step boundary, rather than leaving them for uvicorn to cut.
+        logger.warning("drain ended with %d requests still in flight: they end with an error", engine.num_pending_requests)
+        engine.shutdown(timeout=0)
+    else:
+        logger.info("drained: no request in flight")
+    http.should_exit = True
+
+
 @dataclasses.dataclass
 class _Bound:
     port: int = 0
     grpc_port: Optional[int] = None
     http: Any = None
     serving: Optional[OpenAIServing] = None
+    drain: Optional[Callable[[], Any]] = None  # thread-safe: begin a graceful shutdown
 
 
 class BackgroundServer:
@@ -384,6 +423,12 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
+
+    def drain(self) -> None:
+        """What SIGTERM does to `jengine serve`: refuse new requests, finish those in flight (for up to
+        `shutdown_timeout_s`), then stop."""
+        assert self._info is not None and self._info.drain is not None
+        self._info.drain()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

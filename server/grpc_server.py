@@ -35,6 +35,8 @@ _SAMPLING_FIELDS = (
 
 
 def _status_for(error: APIError) -> grpc.StatusCode:
+    if error.code == "shutting_down":
+        return grpc.StatusCode.UNAVAILABLE
     return {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
             503: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(error.status, grpc.StatusCode.UNAVAILABLE if error.status == 500 else grpc.StatusCode.INTERNAL)
 
@@ -95,6 +97,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     # ----- RPCs -----------------------------------------------------------------------------------
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         try:
+            self.serving.check_admitting()
             self.serving.check_model(request.model)
             text, ids, prompt_param = self._prompt(request)
             fields = self._sampling_fields(request.sampling_params)
@@ -210,4 +213,5 @@ async def start_grpc_server(serving: OpenAIServing, host: str, port: int) -> tup
 
     serving.engine.add_death_callback(on_death)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    server.mark_not_serving = lambda: set_status(health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
     return server, bound

@@ -189,6 +189,7 @@ class OpenAIServing:
         self.max_logprobs = int(getattr(engine.config, "max_logprobs", 20))
         self.created = int(time.time())
         self.trust_request_chat_template = trust_request_chat_template
+        self.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
         self.chat_template_timeout_s = chat_template_timeout_s
         # Private copies: the engine thread decodes with its own tokenizer, the event loop (this thread)
         # uses `self.tokenizer`, and each preprocessing thread makes its own on first use.
@@ -363,8 +364,14 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise bad_request(ValueError(str(e)), rename=rename) from e
 
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down: send the request to another replica", code="shutting_down",
+                           headers={"Retry-After": RETRY_AFTER_S})
+
     def _start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: Optional[str],
                priority: int, prompt_param: str, rename: dict[str, str]) -> RequestStream:
+        self.check_admitting()
         try:
             return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority)
         except EngineOverloadedError as e:
@@ -480,6 +487,7 @@ class OpenAIServing:
         return plans
 
     async def create_completion(self, req: CompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_admitting()
         plans = await self.run_sync(self.prepare_completion, req)
         base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
@@ -608,6 +616,7 @@ class OpenAIServing:
         return text, ids, params, rename
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_admitting()
         text, ids, params, rename = await self.run_sync(self.prepare_chat, req)
         num_top = params.logprobs
         role, echo = chat_role_and_echo(req)
