@@ -144,13 +144,22 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _cmd_serve(ns: argparse.Namespace) -> int:
-    from jengine.server.api_server import ServerSettings, serve
+    from jengine.server.api_server import ServerSettings, resolve_api_keys, serve
 
     settings = ServerSettings(
-        host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=tuple(ns.api_key or ()),
+        host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=resolve_api_keys(ns.api_key or (), ns.api_key_file),
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
+        trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
+        shutdown_timeout_s=ns.shutdown_timeout,
     )
     if ns.log_level == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
@@ -221,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=_port, default=8000, help="HTTP port (0: a free one)")
     srv.add_argument("--grpc-port", type=_port, default=None, help="also serve gRPC (jengine.v1.Generation) on this port; default: no gRPC")
     srv.add_argument("--api-key", action="append", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys); default: no key")
+    srv.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="read API keys from this file, one per line (keeps them out of `ps`); $JENGINE_API_KEY is read too; default: none")
     srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="model name(s) clients use; default: the model path (SmolLM2-135M-Instruct for the default model). "
                           "A last NAME that is a local path is taken as MODEL (or put MODEL first)")
@@ -228,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     srv.add_argument("--max-pending-requests", type=_positive_int, default=None, help="answer 503 beyond this many unfinished requests; default: no limit")
     srv.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's own log level")
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="accept a `chat_template` in requests (it is Jinja that runs on the server; rendering is bounded in time either way); default: off")
+    srv.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 2**20,
+                     help="answer 413 to a request body larger than this; default: 8 MiB")
+    srv.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                     help="on SIGTERM, refuse new requests (503, /health 503) and let those in flight finish for up to "
+                          "this many seconds, then exit 0 (0 aborts them at once); default: 30")
     srv.set_defaults(func=_cmd_serve)
     return parser
 

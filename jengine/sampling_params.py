@@ -1,7 +1,10 @@
 """`SamplingParams`: how to pick each next token, with vLLM's names and defaults.
 
 Validation lives here so every frontend (Python API, HTTP, gRPC) rejects bad values the same way:
-a `ValueError` whose message names the field and the allowed range.
+a `ValueError` whose message names the field and the allowed range. Every count and list has an
+upper bound (`MAX_N`, `MAX_STOP_STRINGS`, ...), checked before any work is queued: one request must
+not be able to tie up the engine or overflow the int32 step tensors. The bounds that depend on the
+model (token ids within the vocabulary, the context window) are `EngineCore.validate_prompt`'s.
 """
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ from jengine.structured_output.params import StructuredOutputsParams  # re-expor
 
 _SAMPLING_EPS = 1e-5
 DEFAULT_MAX_LOGPROBS = 20
+MAX_N = 128  # completions per prompt (each is a sequence of its own)
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+INT32_MAX = 2**31 - 1  # token ids and counts go into int32 step tensors
 
 
 @dataclasses.dataclass
@@ -49,11 +57,17 @@ class SamplingParams:
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
         else:
+            _check(isinstance(self.stop, (list, tuple)), "stop", f"must be a string or a list of strings, got {type(self.stop).__name__}")
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        else:
+            _check(isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids", f"must be a list of token ids, got {type(self.stop_token_ids).__name__}")
+            self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         if self.seed is not None:
+            _check(_is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
             self.seed = int(self.seed)
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias", f"must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
@@ -70,32 +84,41 @@ class SamplingParams:
 
     def verify(self, max_logprobs: Optional[int] = DEFAULT_MAX_LOGPROBS) -> None:
         """Raises ValueError naming the first field out of range (`max_logprobs=None`: no upper bound)."""
-        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check_int(self.n, "n", 1, MAX_N)
+        for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+            value = _check_real(getattr(self, name), name)
+            _check(lo <= value <= hi, name, f"must be in [{lo:g}, {hi:g}], got {value}")
+        _check(_check_real(self.repetition_penalty, "repetition_penalty") > 0.0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        _check(_check_real(self.temperature, "temperature") >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0.0 < _check_real(self.top_p, "top_p") <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX, "top_k", f"must be -1, 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k!r}")
+        _check(0.0 <= _check_real(self.min_p, "min_p") <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None:
-            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+            _check_int(self.max_tokens, "max_tokens", 1, INT32_MAX)
+        _check_int(self.min_tokens, "min_tokens", 0, INT32_MAX)
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
-                if max_logprobs is not None:
-                    _check(value <= max_logprobs, name, f"must be <= max_logprobs={max_logprobs}, got {value}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
+                _check_int(value, name, 0, INT32_MAX if max_logprobs is None else max_logprobs,
+                           "" if max_logprobs is None else f" (max_logprobs={max_logprobs})")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(self.stop)}")
+        for s in self.stop:
+            _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS, "stop",
+                   f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
+            _check(_encodable(s), "stop", "must be valid Unicode text (no lone surrogates)")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} stop token ids are supported, got {len(self.stop_token_ids)}")
+        bad = next((t for t in self.stop_token_ids if not (_is_int(t) and 0 <= t <= INT32_MAX)), None)
+        _check(bad is None, "stop_token_ids", f"must be token ids (non-negative integers), got {bad!r}")
+        for name in ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output"):
+            _check(isinstance(getattr(self, name), bool), name, f"must be a boolean, got {getattr(self, name)!r}")
         if self.seed is not None:
             _check(-(2**63) <= self.seed < 2**64, "seed", f"must fit in 64 bits, got {self.seed}")
         if self.logit_bias:
-            bad = next((t for t in self.logit_bias if t < 0), None)
-            _check(bad is None, "logit_bias", f"token ids must be non-negative, got {bad}")
+            bad = next((t for t in self.logit_bias if not 0 <= t <= INT32_MAX), None)
+            _check(bad is None, "logit_bias", f"keys must be token ids (non-negative integers), got {bad}")
             bad_bias = next((b for b in self.logit_bias.values() if not math.isfinite(b)), None)
             _check(bad_bias is None, "logit_bias", f"biases must be finite, got {bad_bias}")
         if self.structured_outputs is not None:
@@ -110,3 +133,27 @@ class SamplingParams:
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"SamplingParams.{field} {message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(value: object, field: str, lo: int, hi: int, why: str = "") -> None:
+    _check(_is_int(value), field, f"must be an integer, got {value!r}")
+    _check(lo <= value <= hi, field, f"must be in [{lo}, {hi}]{why}, got {value}")  # type: ignore[operator]
+
+
+def _check_real(value: object, field: str) -> float:
+    """`value` as a float, or a ValueError naming `field` when it is not a finite number."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    _check(ok, field, f"must be a finite number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

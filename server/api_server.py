@@ -8,18 +8,21 @@ Both frontends run on one asyncio loop and share one `AsyncEngine` (whose device
 thread). Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}` with 400 for
 invalid requests (malformed JSON and type errors included, which FastAPI would answer with 422),
 401 for a missing or wrong API key on `/v1/*` (compared in constant time), 404 for an unknown model
-or route, 500 when the engine loop has died (and `/health` answers 503), 503 when it is overloaded.
-A client that disconnects (streaming or not) aborts its request at the next engine step.
+or route, 413 for a body over `max_request_body_bytes`, 500 when the engine loop has died (and
+`/health` answers 503), 503 with `Retry-After` when it is overloaded. Request bodies are parsed,
+tokenized and rendered on `OpenAIServing`'s thread pool, never on the event loop. A client that
+disconnects (streaming or not) aborts its request at the next engine step.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import os
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Optional
 
@@ -31,13 +34,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import jengine
 from jengine.engine.async_engine import AsyncEngine
 
+from .guards import BodySizeLimitMiddleware, error_response, json_response
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .serving import OpenAIServing
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request, validation_error
+from .serving import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, OpenAIServing
 
 logger = logging.getLogger("jengine.server")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -52,6 +58,33 @@ class ServerSettings:
     model_path: Optional[str] = None
     chat_template: Optional[str] = None  # a file path or the template text
     uvicorn_log_level: str = "info"
+    trust_request_chat_template: bool = False  # accept `chat_template` in requests (it runs on the server)
+    chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S  # rendering longer than this is a 400
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # 413 beyond
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: finish in-flight requests for up to this long
+
+
+API_KEY_ENV = "JENGINE_API_KEY"
+
+
+def resolve_api_keys(flag_keys: Sequence[str] = (), key_file: Optional[str] = None,
+                     environ: Optional[dict[str, str]] = None) -> tuple[str, ...]:
+    """The API keys from `--api-key` (visible in `ps`), `$JENGINE_API_KEY` and `--api-key-file` (one key
+    per line; blank lines and `#` comments skipped), all of them valid, in that order. ValueError for an
+    unreadable or empty key file."""
+    env = os.environ if environ is None else environ
+    keys = [k.strip() for k in flag_keys]
+    keys.append(env.get(API_KEY_ENV, "").strip())
+    if key_file is not None:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                from_file = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise ValueError(f"--api-key-file {key_file!r} cannot be read: {e.strerror}") from None
+        if not from_file:
+            raise ValueError(f"--api-key-file {key_file!r} holds no key")
+        keys += from_file
+    return tuple(dict.fromkeys(k for k in keys if k))
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -72,12 +105,8 @@ def default_model_names(model_path: Optional[str]) -> list[str]:
     return [model_path]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False, allow_nan=False), status_code=status, media_type="application/json")
-
-
-def _error(e: APIError) -> Response:
-    return _json(e.body(), e.status)
+_json = json_response
+_error = error_response
 
 
 async def _listen_for_disconnect(request: Request) -> None:
@@ -131,13 +160,16 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI app over `serving`; `api_keys` (any of them) guard `/v1/*`."""
+def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Sequence[str] = (),
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over `serving`; `api_keys` (any of them) guard `/v1/*`; bodies over
+    `max_request_body_bytes` get 413."""
     app = FastAPI(title="jengine", version=jengine.__version__, docs_url=None, redoc_url=None)
     keys = [k.encode() for k in api_keys]
     engine = serving.engine
 
-    if keys:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
+    if keys:  # added last, so outermost: a request without a valid key is refused before its body is read
         app.add_middleware(_APIKeyMiddleware, keys=keys)
 
     @app.exception_handler(APIError)
@@ -145,17 +177,8 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
         return _error(e)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> Response:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = loc[0] if loc else None
-        if first.get("type") == "json_invalid":
-            message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            param = None
-        else:
-            message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in errors[:5])
-        return _error(APIError(400, message, param=param))
+    async def request_validation_error(_: Request, e: RequestValidationError) -> Response:
+        return _error(validation_error(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> Response:
@@ -174,29 +197,42 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
             return _json(result)
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    async def _parse(request: Request, cls: type) -> Any:
+        """The request model from the body, parsed on the preprocessing pool (the body is read first,
+        under the size limit, so nothing else reads from the connection meanwhile)."""
+        raw = await request.body()
+        return await serving.run_sync(parse_request, cls, raw)
+
+    def _body(cls: type) -> dict[str, Any]:  # the request model in the OpenAPI schema (the body is parsed by hand)
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{cls.__name__}"}}}}}
+
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(request: Request) -> Any:
+        body = await _parse(request, CompletionRequest)
         return await _respond(request, lambda: serving.create_completion(body))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Any:
+        body = await _parse(request, ChatCompletionRequest)
         return await _respond(request, lambda: serving.create_chat_completion(body))
 
     @app.get("/v1/models")
     async def models() -> Any:
         return _json(serving.list_models())
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> Any:
-        return _json(serving.tokenize(body))
+    @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
+    async def tokenize(request: Request) -> Any:
+        body = await _parse(request, TokenizeRequest)
+        return _json(await serving.run_sync(serving.tokenize, body))
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> Any:
-        return _json(serving.detokenize(body))
+    @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(request: Request) -> Any:
+        body = await _parse(request, DetokenizeRequest)
+        return _json(await serving.run_sync(serving.detokenize, body))
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.healthy else 503)
+    async def health() -> Response:  # 503 once the engine died, and while draining (readiness: send no more)
+        return Response(status_code=200 if engine.healthy and not serving.draining else 503)
 
     @app.get("/version")
     async def version() -> Any:
@@ -206,12 +242,34 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    _add_request_schemas(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
+
+
+def _add_request_schemas(app: FastAPI, models: Sequence[type]) -> None:
+    """Puts the request models (and the models they use) into the OpenAPI components, where the
+    endpoints' `$ref`s point: the bodies are parsed by hand, so FastAPI does not list them itself."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def make_serving(engine: AsyncEngine, settings: ServerSettings) -> tuple[OpenAIServing, ServerMetrics]:
     names = list(settings.served_model_names) or default_model_names(settings.model_path)
-    serving = OpenAIServing(engine, names, model_path=settings.model_path or names[0], chat_template=load_chat_template(settings.chat_template))
+    serving = OpenAIServing(engine, names, model_path=settings.model_path or names[0], chat_template=load_chat_template(settings.chat_template),
+                            trust_request_chat_template=settings.trust_request_chat_template,
+                            chat_template_timeout_s=settings.chat_template_timeout_s)
     metrics = ServerMetrics(serving.model_name)
     metrics.attach(engine)
     return serving, metrics
@@ -224,7 +282,7 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
     import uvicorn
 
     serving, metrics = make_serving(engine, settings)
-    app = build_app(serving, metrics, api_keys=settings.api_keys)
+    app = build_app(serving, metrics, api_keys=settings.api_keys, max_request_body_bytes=settings.max_request_body_bytes)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
                             lifespan="off", timeout_graceful_shutdown=5)
     http = uvicorn.Server(config)
@@ -236,6 +294,10 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
         grpc_server, info.grpc_port = await start_grpc_server(serving, settings.host, settings.grpc_port)
         logger.info("gRPC server on %s:%d", settings.host, info.grpc_port)
     serve_task = asyncio.ensure_future(http.serve())
+    loop = asyncio.get_running_loop()
+    drain_asked = asyncio.Event()
+    drainer = asyncio.ensure_future(_drain_when_asked(drain_asked, serving, http, grpc_server, settings.shutdown_timeout_s))
+    previous_sigterm = None
     try:
         while not http.started:
             if serve_task.done():
@@ -244,6 +306,10 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
             await asyncio.sleep(0.02)
         info.port = http.servers[0].sockets[0].getsockname()[1]
         info.http = http
+        info.serving = serving
+        info.drain = lambda: loop.call_soon_threadsafe(drain_asked.set)
+        if threading.current_thread() is threading.main_thread():  # `jengine serve`: SIGTERM drains (uvicorn's handler stops at once)
+            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: info.drain())
         logger.info("HTTP server on http://%s:%d (model %s)", settings.host, info.port, serving.model_name)
         if started is not None:
             started(info)
@@ -256,11 +322,39 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
             http.should_exit = True
             await serve_task
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        drainer.cancel()
         if not serve_task.done():
             http.should_exit = True
             await asyncio.wait({serve_task}, timeout=10)
         if grpc_server is not None:
             await grpc_server.stop(grace=1)
+        serving.close()
+
+
+async def _drain_when_asked(asked: asyncio.Event, serving: OpenAIServing, http: Any, grpc_server: Any, timeout_s: float) -> None:
+    """Graceful shutdown (SIGTERM): stop admitting (new requests 503, `/health` 503, gRPC health
+    NOT_SERVING), let the requests in flight finish for up to `timeout_s`, end those still running with
+    an error, then stop the HTTP server. A second signal stops waiting at once."""
+    await asked.wait()
+    asked.clear()
+    serving.draining = True
+    if grpc_server is not None:
+        await grpc_server.mark_not_serving()
+    engine = serving.engine
+    logger.info("draining: refusing new requests, waiting up to %.0f s for %d in flight", timeout_s, engine.num_pending_requests)
+    deadline = time.monotonic() + timeout_s
+    while engine.num_pending_requests and time.monotonic() < deadline and not asked.is_set() and engine.healthy:
+        await asyncio.sleep(0.05)
+    if engine.num_pending_requests:
+        # Stopping the engine ends each of them with an error (HTTP 500, an error event in a stream,
+        # gRPC UNAVAILABLE) at the next step boundary, rather than leaving them for uvicorn to cut.
+        logger.warning("drain ended with %d requests still in flight: they end with an error", engine.num_pending_requests)
+        engine.shutdown(timeout=0)
+    else:
+        logger.info("drained: no request in flight")
+    http.should_exit = True
 
 
 @dataclasses.dataclass
@@ -268,6 +362,8 @@ class _Bound:
     port: int = 0
     grpc_port: Optional[int] = None
     http: Any = None
+    serving: Optional[OpenAIServing] = None
+    drain: Optional[Callable[[], Any]] = None  # thread-safe: begin a graceful shutdown
 
 
 class BackgroundServer:
@@ -319,8 +415,20 @@ class BackgroundServer:
         return self._info.grpc_port
 
     @property
+    def serving(self) -> OpenAIServing:
+        """The request handlers (tests adjust their limits)."""
+        assert self._info is not None and self._info.serving is not None
+        return self._info.serving
+
+    @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
+
+    def drain(self) -> None:
+        """What SIGTERM does to `jengine serve`: refuse new requests, finish those in flight (for up to
+        `shutdown_timeout_s`), then stop."""
+        assert self._info is not None and self._info.drain is not None
+        self._info.drain()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

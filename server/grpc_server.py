@@ -35,6 +35,8 @@ _SAMPLING_FIELDS = (
 
 
 def _status_for(error: APIError) -> grpc.StatusCode:
+    if error.code == "shutting_down":
+        return grpc.StatusCode.UNAVAILABLE
     return {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
             503: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(error.status, grpc.StatusCode.UNAVAILABLE if error.status == 500 else grpc.StatusCode.INTERNAL)
 
@@ -95,10 +97,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     # ----- RPCs -----------------------------------------------------------------------------------
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         try:
+            self.serving.check_admitting()
             self.serving.check_model(request.model)
             text, ids, prompt_param = self._prompt(request)
             fields = self._sampling_fields(request.sampling_params)
-            max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens")
+            max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens", prompt_param)
             try:
                 params = build_sampling_params({**fields, "max_tokens": max_tokens}, self.serving.max_logprobs)
                 self.engine.validate(ids, params)
@@ -120,6 +123,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         first = True
         try:
             async for out in stream:
+                failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
+                if failed is not None:  # the engine could not run this request (the others go on)
+                    await context.abort(grpc.StatusCode.INTERNAL, str(failed.stop_reason or "the engine could not serve this request"))
                 msgs = []
                 for c in out.outputs:
                     text_len, num_tokens, done = sent.get(c.index, (0, 0, False))
@@ -207,4 +213,5 @@ async def start_grpc_server(serving: OpenAIServing, host: str, port: int) -> tup
 
     serving.engine.add_death_callback(on_death)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    server.mark_not_serving = lambda: set_status(health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
     return server, bound

@@ -4,16 +4,26 @@
 build `SamplingParams`, check the context window) and the engine's cumulative `RequestOutput`s back
 into OpenAI responses: one JSON body, or SSE chunks whose deltas are the difference between
 consecutive cumulative outputs. Stop strings are held back by the engine's output processor, so the
-concatenated deltas equal the non-streamed text. Everything runs on the event loop; the engine's
-device work happens on its own thread (`AsyncEngine`).
+concatenated deltas equal the non-streamed text.
+
+Work that grows with the request (tokenizing, rendering the chat template, checking the parameters)
+runs on a small thread pool, each thread with its own tokenizer copy, so the event loop stays free to
+answer `/health` and stream other responses; the engine's device work happens on its own thread
+(`AsyncEngine`). Chat templates render under a deadline (`guards.call_with_deadline`) and a size
+bound; a template sent with the request is refused unless the operator trusts request templates.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
+import functools
+import inspect
 import json
 import math
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -22,9 +32,14 @@ from typing import Any, Optional, Union
 from jengine.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from jengine.sampling_params import SamplingParams
 
+from .guards import RenderTimeout, call_with_deadline, check_text
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
+MAX_CHARS_PER_TOKEN = 64  # text longer than this many characters per token of max_model_len cannot fit: refused untokenized
+DEFAULT_CHAT_TEMPLATE_TIMEOUT_S = 5.0
+RETRY_AFTER_S = "1"  # the Retry-After header of a 503 (overloaded): the queue moves every engine step
 _FIELD_RE = re.compile(r"^(?:SamplingParams\.)?([a-z_]+)\b")
 
 
@@ -161,7 +176,8 @@ class OpenAIServing:
     """Completions, chat completions, tokenize/detokenize and model listing over one `AsyncEngine`."""
 
     def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], *, model_path: Optional[str] = None,
-                 chat_template: Optional[str] = None) -> None:
+                 chat_template: Optional[str] = None, trust_request_chat_template: bool = False,
+                 chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, preprocess_threads: Optional[int] = None) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must not be empty")
         self.engine = engine
@@ -172,39 +188,100 @@ class OpenAIServing:
         self.max_model_len = engine.max_model_len
         self.max_logprobs = int(getattr(engine.config, "max_logprobs", 20))
         self.created = int(time.time())
-        # A private copy: the engine thread decodes with its own tokenizer while this one encodes.
+        self.trust_request_chat_template = trust_request_chat_template
+        self.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
+        self.chat_template_timeout_s = chat_template_timeout_s
+        # Private copies: the engine thread decodes with its own tokenizer, the event loop (this thread)
+        # uses `self.tokenizer`, and each preprocessing thread makes its own on first use.
+        self.tokenizer = self._copy_tokenizer()
+        self._local = threading.local()
+        self._local.tokenizer = self.tokenizer
+        threads = preprocess_threads or min(4, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jengine-preprocess")
         try:
-            self.tokenizer = copy.deepcopy(engine.tokenizer)
+            params = inspect.signature(self.tokenizer.apply_chat_template).parameters.values()
+            self._reserved_template_kwargs = frozenset(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        except (TypeError, ValueError):
+            self._reserved_template_kwargs = frozenset()
+        self._reserved_template_kwargs |= {"messages", "conversation", "tools", "documents", "chat_template", "tokenize"}
+
+    def _copy_tokenizer(self) -> Any:
+        try:
+            return copy.deepcopy(self.engine.tokenizer)
         except Exception:  # noqa: BLE001 - some tokenizers do not copy; sharing is read-only anyway
-            self.tokenizer = engine.tokenizer
+            return self.engine.tokenizer
+
+    @property
+    def _tok(self) -> Any:
+        """This thread's tokenizer (fast tokenizers must not be used from several threads at once)."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = self._copy_tokenizer()
+        return tok
+
+    async def run_sync(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the preprocessing pool, awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ----- shared helpers -------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> None:
         if name and name not in self.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found", type="NotFoundError")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    @property
+    def max_text_chars(self) -> int:
+        return MAX_CHARS_PER_TOKEN * self.max_model_len
+
+    def check_prompt_text(self, text: str, param: str) -> None:
+        """400 for text the tokenizer cannot take (lone surrogates) or that cannot fit the context window
+        whatever it tokenizes to, before spending time tokenizing it."""
+        check_text(text, param)
+        if len(text) > self.max_text_chars:
+            raise APIError(400, f"{param} is {len(text)} characters: more than max_model_len={self.max_model_len} tokens can hold "
+                                f"({MAX_CHARS_PER_TOKEN} characters per token at most)", param=param)
+
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        self.check_prompt_text(text, param)
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def render_chat(self, messages: Sequence[Any], *, chat_template: Optional[str], add_generation_prompt: bool,
                     continue_final_message: bool, kwargs: Optional[dict[str, Any]],
                     tools: Optional[list[dict[str, Any]]] = None) -> str:
+        """The chat prompt text; refuses request templates unless trusted, and bounds rendering in time
+        (`chat_template_timeout_s`) and size (what max_model_len can hold)."""
         msgs = normalize_messages(messages)
+        if chat_template is not None and not self.trust_request_chat_template:
+            raise APIError(400, "this server does not accept chat templates in requests (start it with --trust-request-chat-template "
+                                "to allow them)", param="chat_template")
+        kwargs = dict(kwargs or {})
+        reserved = sorted(k for k in kwargs if k in self._reserved_template_kwargs)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)} (use the request fields)", param="chat_template_kwargs")
+        tok = self._tok
         template = chat_template or self.chat_template
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "the model has no chat template; start the server with --chat-template or pass chat_template", param="messages")
+        if template is None and not getattr(tok, "chat_template", None):
+            raise APIError(400, "the model has no chat template; start the server with --chat-template", param="messages")
         if add_generation_prompt and continue_final_message:
             raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true", param="continue_final_message")
         try:
-            text = self.tokenizer.apply_chat_template(
+            text = call_with_deadline(
+                tok.apply_chat_template, self.chat_template_timeout_s,
                 msgs, chat_template=template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tokenize=False,
-                **({"tools": tools} if tools is not None else {}), **(kwargs or {}),
+                **({"tools": tools} if tools is not None else {}), **kwargs,
             )
         except APIError:
             raise
-        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+        except RenderTimeout as e:
+            raise APIError(400, f"could not apply the chat template: {e}", param="chat_template" if chat_template is not None else "messages") from None
+        except (Exception, RecursionError) as e:  # noqa: BLE001 - template errors are the request's fault
             raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
+        if not isinstance(text, str):
+            raise APIError(400, "the chat template did not render to text", param="messages")
+        self.check_prompt_text(text, "messages")
         return text
 
     def _token_str(self, token_id: int, lp: Any, as_ids: bool) -> str:
@@ -255,7 +332,10 @@ class OpenAIServing:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def _max_tokens(self, requested: Optional[int], prompt_len: int, field: str) -> Optional[int]:
+    def _max_tokens(self, requested: Optional[int], prompt_len: int, field: str, prompt_param: str = "prompt") -> Optional[int]:
+        if prompt_len >= self.max_model_len:
+            raise APIError(400, f"prompt is {prompt_len} tokens, but max_model_len is {self.max_model_len}: the prompt must leave room "
+                                "for at least one generated token", param=prompt_param)
         if requested is None:
             return max(1, self.max_model_len - prompt_len)
         if isinstance(requested, int) and requested >= 1 and prompt_len + requested > self.max_model_len:
@@ -284,12 +364,18 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise bad_request(ValueError(str(e)), rename=rename) from e
 
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down: send the request to another replica", code="shutting_down",
+                           headers={"Retry-After": RETRY_AFTER_S})
+
     def _start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: Optional[str],
                priority: int, prompt_param: str, rename: dict[str, str]) -> RequestStream:
+        self.check_admitting()
         try:
             return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority)
         except EngineOverloadedError as e:
-            raise APIError(503, str(e)) from e
+            raise APIError(503, str(e), headers={"Retry-After": RETRY_AFTER_S}) from e
         except EngineDeadError as e:
             raise APIError(500, f"the engine is not running: {e}") from e
         except ValueError as e:
@@ -331,6 +417,14 @@ class OpenAIServing:
                 s.cancel()
 
     @staticmethod
+    def _raise_if_failed(out: Any) -> None:
+        """An output whose choice the engine ended with finish_reason "error" (it could not run the
+        request) becomes a 500 for its client; other requests are not affected."""
+        for c in out.outputs:
+            if c.finish_reason == "error":
+                raise APIError(500, str(c.stop_reason or "the engine could not serve this request"), code="engine_error")
+
+    @staticmethod
     def _engine_error(e: BaseException) -> APIError:
         if isinstance(e, APIError):
             return e
@@ -351,6 +445,14 @@ class OpenAIServing:
             items = list(p)
         if not items:
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(items) > MAX_PROMPTS_PER_REQUEST:
+            raise APIError(400, f"prompt holds {len(items)} prompts; at most {MAX_PROMPTS_PER_REQUEST} are served in one request", param="prompt")
+        for item in items:  # cheap checks of every prompt before tokenizing any
+            if isinstance(item, str):
+                self.check_prompt_text(item, "prompt")
+            elif len(item) >= self.max_model_len:
+                raise APIError(400, f"prompt is {len(item)} tokens, but max_model_len is {self.max_model_len}: the prompt must leave "
+                                    "room for at least one generated token", param="prompt")
         out = []
         for item in items:
             if isinstance(item, str):
@@ -359,27 +461,35 @@ class OpenAIServing:
                 out.append((None, [int(t) for t in item]))
         return out
 
-    async def create_completion(self, req: CompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+    def prepare_completion(self, req: CompletionRequest) -> list[tuple[Optional[str], list[int], SamplingParams]]:
+        """Checks, tokenizes and validates every prompt of a completions request (on the preprocessing
+        pool): (text, token ids, params) per prompt, or an APIError before anything is queued."""
         self.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = self._completion_prompts(req)
         want_prompt_lps = req.prompt_logprobs
         if req.echo and req.logprobs is not None and want_prompt_lps is None:
             want_prompt_lps = req.logprobs
-        base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+        req_fields = req.model_copy(update={"prompt_logprobs": want_prompt_lps})
+        # Every field checked once before the prompts are tokenized (max_tokens against the window below).
+        self._params(req_fields, max_tokens=req.max_tokens, logprobs=req.logprobs, rename={})
         plans = []
-        for text, ids in prompts:
+        for text, ids in self._completion_prompts(req):
             max_tokens = self._max_tokens(req.max_tokens, len(ids), "max_tokens")
-            req_fields = req.model_copy(update={"prompt_logprobs": want_prompt_lps})
             params = self._params(req_fields, max_tokens=max_tokens, logprobs=req.logprobs, rename={})
             try:
                 self.engine.validate(ids, params)
             except ValueError as e:
                 raise bad_request(e) from e
             plans.append((text, ids, params))
+        return plans
+
+    async def create_completion(self, req: CompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_admitting()
+        plans = await self.run_sync(self.prepare_completion, req)
+        base = req.request_id or f"cmpl-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
             for i, (text, ids, params) in enumerate(plans):
@@ -406,6 +516,8 @@ class OpenAIServing:
             raise self._engine_error(e) from e
         if len(finals) != len(streams):
             raise APIError(500, "a request ended without a final output (aborted)")
+        for out in finals.values():
+            self._raise_if_failed(out)
         choices = []
         for i in range(len(plans)):
             out = finals[i]
@@ -438,6 +550,7 @@ class OpenAIServing:
         finals: dict[int, Any] = {}
         try:
             async for i, out in self._merge(streams):
+                self._raise_if_failed(out)
                 if out.finished:
                     finals[i] = out
                 chunk_choices = []
@@ -479,20 +592,33 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # ----- /v1/chat/completions -------------------------------------------------------------------
-    async def create_chat_completion(self, req: ChatCompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[str, list[int], SamplingParams, dict[str, str]]:
+        """Checks the request, renders and tokenizes the chat (on the preprocessing pool): (text, token
+        ids, params, field renames), or an APIError before anything is queued."""
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         check_tool_choice(req.tools, req.tool_choice)
-        text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
-                                continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
-        ids = self.encode(text, req.add_special_tokens)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         rename = {"max_tokens": field, "logprobs": "top_logprobs"}
-        max_tokens = self._max_tokens(requested, len(ids), field)
         num_top = (req.top_logprobs or 0) if req.logprobs else None
+        self._params(req, max_tokens=requested, logprobs=num_top, rename=rename)  # every field, before rendering
+        text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
+                                continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
+        ids = self.encode(text, req.add_special_tokens, param="messages")
+        max_tokens = self._max_tokens(requested, len(ids), field, "messages")
         params = self._params(req, max_tokens=max_tokens, logprobs=num_top, rename=rename)
+        try:
+            self.engine.validate(ids, params)
+        except ValueError as e:
+            raise bad_request(e, prompt_param="messages", rename=rename) from e
+        return text, ids, params, rename
+
+    async def create_chat_completion(self, req: ChatCompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
+        self.check_admitting()
+        text, ids, params, rename = await self.run_sync(self.prepare_chat, req)
+        num_top = params.logprobs
         role, echo = chat_role_and_echo(req)
         base = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         stream = self._start(base, ids, params, text, req.priority, "messages", rename)
@@ -512,6 +638,7 @@ class OpenAIServing:
             raise self._engine_error(e) from e
         if final is None:
             raise APIError(500, "the request ended without a final output (aborted)")
+        self._raise_if_failed(final)
         choices = []
         for c in final.outputs:
             logprobs = None if num_top is None else self.chat_logprobs(c.token_ids, c.logprobs or [], num_top, req.return_tokens_as_token_ids)
@@ -531,6 +658,7 @@ class OpenAIServing:
                 if echo:
                     yield sse({**head, "choices": [{"index": c, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]})
             async for out in stream:
+                self._raise_if_failed(out)
                 if out.finished:
                     final = out
                 chunk_choices = []
@@ -567,21 +695,21 @@ class OpenAIServing:
         if req.messages is not None:
             text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
                                     continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
-            ids = self.encode(text, bool(req.add_special_tokens))
+            ids = self.encode(text, bool(req.add_special_tokens), param="messages")
         else:
             ids = self.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         body: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
         if req.return_token_strs:
-            body["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+            body["token_strs"] = self._tok.convert_ids_to_tokens(ids)
         return body
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(req.model)
-        vocab = int(getattr(self.engine.core, "vocab_size", 0) or len(self.tokenizer))
+        vocab = int(getattr(self.engine.core, "vocab_size", 0) or len(self._tok))
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens contains {bad[0]}, outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return {"prompt": self._tok.decode(req.tokens)}
 
     def list_models(self) -> dict[str, Any]:
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "jengine", "root": self.model_path,

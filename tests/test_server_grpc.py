@@ -19,7 +19,7 @@ from jengine.server import gen_proto
 from jengine.server import jengine_pb2 as pb
 from jengine.server import jengine_pb2_grpc as pb_grpc
 from jengine.server.api_server import BackgroundServer, ServerSettings
-from tiny_server import slow_down_steps, tiny_server
+from tiny_server import StepWatch, slow_down_steps, tiny_server
 
 MAX_MODEL_LEN = 512
 TIMEOUT = 60.0
@@ -142,16 +142,22 @@ def test_unknown_model_and_bad_tokenize(stub: pb_grpc.GenerationStub) -> None:
 
 
 def test_cancel_aborts_request(stub: pb_grpc.GenerationStub, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancelled call aborts its request, whose pages are free again within one engine step."""
     engine = server.engine
+    kv = engine.core.kv_cache_manager
+    free_before = kv.num_free_pages
     slow_down_steps(engine, monkeypatch)
+    watch = StepWatch(engine, monkeypatch)
     call = stub.Generate(pb.GenerateRequest(prompt="Hello", request_id="to-cancel", sampling_params=_greedy(max_tokens=MAX_MODEL_LEN - 8)), timeout=TIMEOUT)
     first = next(call)
     assert first.request_id == "to-cancel" and engine.stats().num_requests_running + engine.stats().num_requests_waiting >= 1
     call.cancel()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (engine.num_pending_requests or engine.stats().num_requests_running):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and (engine.num_pending_requests or engine.stats().num_requests_running or "to-cancel" not in watch.freed):
+        time.sleep(0.02)
     assert engine.num_pending_requests == 0 and engine.stats().num_requests_running == 0
+    assert watch.min_free_pages < free_before and kv.num_free_pages == free_before
+    assert watch.freed["to-cancel"] - watch.asked["to-cancel"] <= 1, (watch.asked, watch.freed)
     with pytest.raises(grpc.RpcError) as e:
         list(call)
     assert e.value.code() == grpc.StatusCode.CANCELLED

@@ -33,7 +33,8 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, xla_cache_dir: str):
-    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias")) as srv:
+    with tiny_server(tmp_path_factory.mktemp("ckpt"), xla_cache_dir, MAX_MODEL_LEN, api_keys=KEYS, served_model_names=(MODEL, "tiny-alias"),
+                     trust_request_chat_template=True) as srv:
         yield srv
 
 
@@ -391,6 +392,26 @@ def test_api_keys(server: BackgroundServer) -> None:
         assert c.get("/health").status_code == 200  # only /v1/* is guarded
         assert c.get("/metrics").status_code == 200
         assert c.get("/v1/nope", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()["error"]["code"] == "404"
+
+
+def test_api_keys_compared_in_constant_time(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every configured key is compared with hmac.compare_digest, with no early exit on a match, so the
+    time taken says neither whether nor which key matched."""
+    from jengine.server import api_server
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = api_server.hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(api_server.hmac, "compare_digest", counting)
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        for given, status in ((KEYS[0], 200), (KEYS[1], 200), ("sk-wrong", 401)):
+            calls.clear()
+            assert c.get("/v1/models", headers={"Authorization": f"Bearer {given}"}).status_code == status
+            assert sorted(calls) == sorted((given.encode(), k.encode()) for k in KEYS)
 
 
 def test_still_serving_after_bad_requests(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -39,3 +39,36 @@ def slow_down_steps(engine: AsyncEngine, monkeypatch: Any, delay_s: float = 0.02
         return step()
 
     monkeypatch.setattr(engine.core, "step", slow_step)
+
+
+class StepWatch:
+    """Counts engine steps and records, per request id, how many steps had started when the frontend
+    asked to abort it and when the engine thread freed its pages: the two are equal (or one apart
+    when the abort lands between steps) if a disconnect frees pages within one step."""
+
+    def __init__(self, engine: AsyncEngine, monkeypatch: Any) -> None:
+        core = engine.core
+        self.steps = 0
+        self.asked: dict[str, int] = {}
+        self.freed: dict[str, int] = {}
+        self.min_free_pages = core.kv_cache_manager.num_free_pages  # the fewest free pages seen after a step
+        step, abort, abort_request = core.step, engine.abort, core.abort_request
+
+        def counting_step() -> Any:
+            self.steps += 1
+            out = step()
+            self.min_free_pages = min(self.min_free_pages, core.kv_cache_manager.num_free_pages)
+            return out
+
+        def recording_abort(request_id: str) -> None:
+            self.asked.setdefault(request_id, self.steps)
+            abort(request_id)
+
+        def recording_abort_request(request_ids: Any) -> None:
+            abort_request(request_ids)
+            for rid in request_ids:
+                self.freed.setdefault(rid, self.steps)
+
+        monkeypatch.setattr(core, "step", counting_step)
+        monkeypatch.setattr(engine, "abort", recording_abort)
+        monkeypatch.setattr(core, "abort_request", recording_abort_request)

@@ -347,7 +347,10 @@ class AsyncEngine:
             return
         try:
             self.core.add_request(request_id, ids, params, prompt=prompt, arrival_time=arrival, priority=priority)
-        except ValueError as e:  # raced past validation; report to this request only
+        except Exception as e:  # noqa: BLE001 - raced past validation (or a bad value it missed): this request only
+            if not isinstance(e, ValueError):
+                logger.error("request %s could not be added: %r", request_id, e)
+                e = ValueError(f"the engine could not add this request: {e}")
             self._streams.pop(request_id, None)
             stream._loop.call_soon_threadsafe(self._deliver, [(stream, e)])
             return

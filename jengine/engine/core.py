@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -23,7 +23,7 @@ from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
 from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
-from jengine.sampler import PenaltyHistory, RowState, has_repetition_penalty, needs_penalties
+from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors, has_repetition_penalty, needs_penalties
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.structured_output.manager import StructuredOutputManager
@@ -105,6 +105,11 @@ class EngineCore:
     def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field for a prompt or parameters the engine cannot serve."""
         params.verify(self.config.max_logprobs)
+        outside = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"SamplingParams.stop_token_ids has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"SamplingParams.top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}")
         if params.min_tokens and len(set(params.stop_token_ids) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
             raise ValueError(f"SamplingParams.stop_token_ids: at most {MAX_STOP_TOKENS} stop and EOS token ids are supported together with min_tokens")
         if params.logit_bias:
@@ -151,8 +156,12 @@ class EngineCore:
             for req in children:  # each child its own matcher
                 self.structured_output.add(req.request_id, params.structured_outputs)
         self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params, [c.request_id for c in children], arrival_time)
-        for req in children:
-            self.scheduler.add_request(req)
+        try:
+            for req in children:
+                self.scheduler.add_request(req)
+        except BaseException:
+            self.abort_request([request_id])  # all or nothing: no child or output state is left behind
+            raise
 
     def abort_request(self, request_ids: Sequence[str]) -> None:
         """Aborts requests (by the id given to `add_request`); their pages are freed now."""
@@ -215,9 +224,12 @@ class EngineCore:
         sched = self.scheduler.schedule()
         step_out, sampled = None, []
         if sched.scheduled:
-            rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
-            self._fill_token_bitmasks(sched.scheduled, rows)
-            step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
+            try:
+                rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
+                self._fill_token_bitmasks(sched.scheduled, rows)
+                step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
+            except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
+                return self._fail_unrunnable(sched.scheduled, error)
             sampled = [int(step_out.token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
         finished = self.scheduler.update_from_output(sched, sampled)
         self._accept_structured(sched.scheduled, sampled)
@@ -226,6 +238,29 @@ class EngineCore:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
         for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
             self._forget(child_id)
+        return outputs
+
+    def _fail_unrunnable(self, scheduled: Sequence[Any], error: Exception) -> list[RequestOutput]:
+        """The step's host inputs could not be built: finds the requests whose own inputs fail (each
+        alone), ends them with finish_reason "error" and returns their outputs; the step is skipped and
+        the other rows run again next step (their pages and computed tokens are unchanged). Re-raises
+        `error` when no single request explains it: then the engine itself is broken."""
+        failed = []
+        for seq in scheduled:
+            if not seq.samples:
+                continue
+            try:
+                build_sampling_tensors([self._row_state(seq.request)], 1, vocab_size=self.vocab_size, max_stop_tokens=MAX_STOP_TOKENS,
+                                       max_logprobs=self.config.max_logprobs, max_logit_bias=MAX_LOGIT_BIAS)
+            except Exception as e:  # noqa: BLE001 - this request's own fault
+                logger.error("request %s cannot run and is failed: %r", seq.request_id, e)
+                failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
+                                                         stop_reason=f"the engine could not run this request: {e}")
+        if not failed:
+            raise error
+        outputs, _ = self.output_processor.process([], None, failed)
+        for req in failed:
+            self._forget(req.request_id)
         return outputs
 
     @property
