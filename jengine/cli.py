@@ -65,6 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="request order: first come first served, or by request priority")
     parser.add_argument("--max-logprobs", type=_positive_int, default=20, help="most logprobs a request may ask for")
     parser.add_argument("--compilation-cache-dir", default=None, help='persistent XLA compilation cache folder ("" disables it); default: $XDG_CACHE_HOME/jengine/xla, else ~/.cache/jengine/xla')
+    parser.add_argument("--compile-in-background", action=argparse.BooleanOptionalAction, default=False,
+                        help="start once the step buckets a few short requests need are compiled and compile the rest meanwhile "
+                             "(a step whose bucket is still compiling waits for it; one host only)")
     parser.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT", help="HOST:PORT of process 0 (multi-host); default: none, one host")
     parser.add_argument("--num-processes", type=_positive_int, default=1, help="processes (hosts) in a multi-host run")
     parser.add_argument("--process-id", type=int, default=0, help="this process's index in a multi-host run")
@@ -86,6 +89,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
         load_format=ns.load_format, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
+        compile_in_background=ns.compile_in_background,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
     )
 
@@ -226,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     srv = subcommand("serve", "serve the OpenAI-compatible HTTP API (and gRPC with --grpc-port)")
+    srv.set_defaults(compile_in_background=True)  # answer /health sooner; bench and generate measure or run at once
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=_port, default=8000, help="HTTP port (0: a free one)")
     srv.add_argument("--grpc-port", type=_port, default=None, help="also serve gRPC (jengine.v1.Generation) on this port; default: no gRPC")

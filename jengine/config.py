@@ -59,6 +59,7 @@ class EngineConfig:
     attention_backend: Optional[str] = None  # None: chosen from jax.default_backend()
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None  # "" disables the persistent compilation cache
+    compile_in_background: bool = False  # serve once the first step pieces are compiled; the rest compile meanwhile
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -92,6 +93,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None
+    compile_in_background: bool = False
     distributed_coordinator: Optional[str] = None
     num_processes: int = 1
     process_id: int = 0
@@ -119,6 +121,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             max_logprobs=self.max_logprobs,
             compilation_cache_dir=self.compilation_cache_dir,
+            compile_in_background=self.compile_in_background,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,

@@ -58,6 +58,8 @@ class _SnapshotCollector(Collector):
         yield family(CounterMetricFamily, VLLM + "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_cache_hits_total)
         yield family(GaugeMetricFamily, JENGINE + "engine_healthy", "1 while the engine loop is running.", 1.0 if self.engine.healthy else 0.0)
         yield family(CounterMetricFamily, JENGINE + "compilations_after_warmup", "XLA compilations after warm-up (should stay 0).", s.compilations_after_warmup_total)
+        yield family(CounterMetricFamily, JENGINE + "step_bucket_waits", "Engine steps that waited for their step bucket to finish compiling in the background.", s.bucket_waits_total)
+        yield family(CounterMetricFamily, JENGINE + "step_bucket_wait_seconds", "Seconds engine steps spent waiting for step buckets compiling in the background.", s.bucket_wait_seconds_total)
 
 
 class ServerMetrics:

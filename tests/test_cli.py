@@ -153,3 +153,12 @@ def test_a_model_that_is_not_local_fails_in_one_line(args, words):
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     for w in words:
         assert w in lines[0]
+
+
+def test_serve_compiles_in_the_background_by_default_and_bench_does_not(tiny):
+    from jengine.cli import engine_args_from, parse_args
+
+    assert engine_args_from(parse_args(["serve", tiny])).compile_in_background is True
+    assert engine_args_from(parse_args(["serve", tiny, "--no-compile-in-background"])).compile_in_background is False
+    assert engine_args_from(parse_args(["bench", tiny])).compile_in_background is False
+    assert engine_args_from(parse_args(["generate", tiny])).compile_in_background is False

@@ -151,7 +151,7 @@ def test_metrics_use_vllm_names_and_labels(http: httpx.Client) -> None:
                  "request_time_per_output_token_seconds_bucket", "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
                  "request_prompt_tokens_bucket", "request_generation_tokens_bucket"):
         assert has(f"vllm:{name}"), name
-    for name in ("compilations_after_warmup_total", "engine_healthy"):
+    for name in ("compilations_after_warmup_total", "engine_healthy", "step_bucket_waits_total", "step_bucket_wait_seconds_total"):
         assert has(f"jengine:{name}"), name
     assert 'finished_reason="length"' in text
     prefixes = {line.split(":", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}

@@ -63,6 +63,8 @@ class EngineStats:
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
     compilations_after_warmup_total: int = 0
+    bucket_waits_total: int = 0  # steps that waited for a step piece still compiling in the background
+    bucket_wait_seconds_total: float = 0.0
 
 
 @dataclasses.dataclass
@@ -445,6 +447,7 @@ class AsyncEngine:
         sched = getattr(self.core, "scheduler", None)
         if sched is None:
             return
+        waits, wait_s = getattr(self.core, "bucket_waits", (0, 0.0))
         self._stats = EngineStats(
             num_requests_running=int(getattr(sched, "num_running", 0)),
             num_requests_waiting=int(getattr(sched, "num_waiting", 0)),
@@ -453,6 +456,8 @@ class AsyncEngine:
             prefix_cache_queries_total=int(getattr(sched, "prefix_cache_queries", 0)),
             prefix_cache_hits_total=int(getattr(sched, "prefix_cache_hits", 0)),
             compilations_after_warmup_total=int(getattr(self.core, "compilations_after_warmup", 0)),
+            bucket_waits_total=waits,
+            bucket_wait_seconds_total=wait_s,
         )
 
     def _die(self, error: BaseException) -> None:

@@ -78,7 +78,8 @@ class EngineCore:
         self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.load_seconds = time.perf_counter() - t0
-        self.runner.warmup()
+        # Multi-host steps run under a watchdog: there every piece compiles before serving.
+        self.runner.warmup(background=config.compile_in_background and config.parallel.num_processes == 1)
         if self.plan is not None:
             logger.info("per-device memory:\n%s", sharding.format_memory_report(sharding.memory_report(self.runner.params, self.runner.kv_cache)))
         if config.parallel.num_processes > 1 and jax.process_index() == 0:
@@ -282,8 +283,15 @@ class EngineCore:
         """Tells multi-host workers to stop (no-op for one process)."""
         if isinstance(self.runner, distributed.LeaderRunner):
             self.runner.shutdown()
+        else:
+            self.runner.stop_compiling()
 
     # ----- stats --------------------------------------------------------------------------------
     @property
     def compilations_after_warmup(self) -> int:
         return self.runner.compilations_after_warmup
+
+    @property
+    def bucket_waits(self) -> tuple[int, float]:
+        """Steps that waited for a step piece still compiling in the background, and the seconds they waited."""
+        return int(getattr(self.runner, "bucket_waits", 0)), float(getattr(self.runner, "bucket_wait_seconds", 0.0))

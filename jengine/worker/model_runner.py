@@ -4,13 +4,14 @@
     sample(logits, SamplingTensors) -> SamplerOutput
 
 The same compiled forward serves prefill, chunked prefill and decode. Every `(tokens, sequences)`
-bucket is compiled at warm-up (in parallel threads, through the persistent compilation cache), and
-a `jax.monitoring` listener counts every compilation a later step triggers, so tests and `/metrics`
-can check that serving never compiles.
+bucket is compiled at warm-up (on worker threads, most likely needed first, through the persistent
+compilation cache; `jengine.worker.warmup`). With `compile_in_background` warm-up returns once the
+first pieces are compiled and a step whose piece is still compiling waits for it. A
+`jax.monitoring` listener counts every compilation a step triggers, so tests and `/metrics` can
+check that serving never compiles.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -29,6 +30,7 @@ from jengine import pallas_kernels
 from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
 from jengine.sampler import SamplerOutput, build_sampling_tensors, prompt_logprobs, sample
+from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
     StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
 )
@@ -144,6 +146,9 @@ class ModelRunner:
 
             pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
         self.warmup_seconds = 0.0
+        self._compiler: Optional[PieceCompiler] = None
+        self.bucket_waits = 0  # steps that waited for a piece still compiling in the background
+        self.bucket_wait_seconds = 0.0
 
     # ----- sizing -------------------------------------------------------------------------------
     def _page_bytes_all_layers(self) -> int:
@@ -234,24 +239,75 @@ class ModelRunner:
     def buckets(self) -> list[tuple[int, int]]:
         return list(self.step_buckets)
 
-    def warmup(self) -> None:
-        """Compiles every bucket (in parallel: XLA compiles release the GIL), then starts counting."""
+    def warmup(self, background: bool = False) -> None:
+        """Compiles every step piece on worker threads (XLA compiles release the GIL), most needed first.
+
+        With `background`, returns once the pieces a lightly loaded server needs first are compiled
+        (`first_pieces`) and lets the rest finish on daemon threads; a step that needs a piece still
+        compiling waits for it (`bucket_waits`), never compiles itself. Counting starts either way."""
         start = time.perf_counter()
-        hidden_size = self.model_config.hidden_size
-        lowered = []
-        for t, s in self.buckets():
-            lowered.append(self._forward.lower(self.params, self.kv_cache, empty_step_inputs(t, s, self.max_pages_per_seq)))
-        for s in self.seq_buckets:
-            logits = jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32)
-            lowered.append(self._sample.lower(logits, self._sampling_tensors([], s)))
-        for t in self.token_buckets:
-            hidden = jax.ShapeDtypeStruct((t, hidden_size), self.dtype)
-            lowered.append(self._prompt_lp.lower(self.params, hidden, np.zeros(t, np.int32)))
-        workers = max(1, min(len(lowered), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda low: low.compile(), lowered))
+        pieces = self._warmup_pieces()
+        self._compiler = PieceCompiler(pieces, workers=os.cpu_count() or 1)
+        first = self.first_pieces() if background else [key for key, _ in pieces]
+        self._compiler.wait(first)
         self.warmup_seconds = time.perf_counter() - start
-        logger.info("compiled %d step pieces in %.1f s", len(lowered), self.warmup_seconds)
+        if self._compiler.all_done:
+            logger.info("compiled %d step pieces in %.1f s", len(pieces), self.warmup_seconds)
+        else:
+            logger.info("compiled the %d step pieces needed first in %.1f s; compiling the other %d in the background",
+                        len(first), self.warmup_seconds, len(pieces) - len(first))
+            threading.Thread(target=self._log_background_done, name="jengine-compile-log", daemon=True).start()
+
+    def _log_background_done(self) -> None:
+        self._compiler.wait_all()
+        logger.info("compiled all %d step pieces in %.1f s (%d steps waited for one, %.1f s in all)",
+                    self._compiler.total, self._compiler.seconds or 0.0, self.bucket_waits, self.bucket_wait_seconds)
+
+    def _warmup_pieces(self) -> list[tuple[tuple, Any]]:
+        """(key, lower function) for every piece, in the order a server is likely to need them: small
+        prefill and decode steps of a few rows first, then wider steps, then the larger token buckets,
+        then prompt logprobs (only requests that ask for them use it)."""
+        kv0 = self.kv_cache  # may be donated (deleted) by the time a worker lowers: lowering reads only its shape
+        params, hidden_size, maxp = self.params, self.model_config.hidden_size, self.max_pages_per_seq
+
+        def forward(t: int, s: int) -> Any:
+            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp))
+
+        def sampler(s: int) -> Any:
+            return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
+
+        def prompt_lp(t: int) -> Any:
+            return lambda: self._prompt_lp.lower(params, jax.ShapeDtypeStruct((t, hidden_size), self.dtype), np.zeros(t, np.int32))
+
+        pieces: list[tuple[tuple, Any]] = []
+        seen: set[tuple] = set()
+
+        def add(key: tuple, lower: Any) -> None:
+            if key not in seen:
+                seen.add(key)
+                pieces.append((key, lower))
+
+        for key in self.first_pieces():
+            add(key, forward(key[1], key[2]) if key[0] == "forward" else sampler(key[1]))
+        for t, s in sorted(self.step_buckets):
+            add(("forward", t, s), forward(t, s))
+            add(("sample", s), sampler(s))
+        for t in self.token_buckets:
+            add(("prompt_logprobs", t), prompt_lp(t))
+        return pieces
+
+    def first_pieces(self) -> list[tuple]:
+        """What a server compiles before it answers /health: a short prompt (up to 64 tokens, such as
+        a chat question) and decoding a few rows: the narrowest rows' forward buckets up to 64 tokens
+        and their sampler. Anything else waits for its piece (about a second each on 2 CPU cores)."""
+        s = min(s for _, s in self.step_buckets)
+        small = [t for t, ss in self.step_buckets if ss == s and t <= 64] or [min(self.token_buckets)]
+        return [*(("forward", t, s) for t in sorted(small)), ("sample", s)]
+
+    def stop_compiling(self) -> None:
+        """Stops background compilation (what is queued is dropped; a piece being compiled finishes)."""
+        if self._compiler is not None:
+            self._compiler.stop()
 
     @property
     def compilations_after_warmup(self) -> int:
@@ -264,8 +320,25 @@ class ModelRunner:
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
         return inputs, self._sampling_tensors(sampling_rows, s)
 
+    def _await_pieces(self, inputs: StepInputs) -> None:
+        """Waits (off the compiler's threads, never compiling here) for this step's pieces if warm-up left them to the background."""
+        compiler = self._compiler
+        if compiler is None or compiler.all_done:
+            return
+        t, s = int(inputs.token_ids.shape[0]), int(inputs.seq_lens.shape[0])
+        keys = [("forward", t, s), ("sample", s)] + ([("prompt_logprobs", t)] if bool(inputs.want_prompt_logprobs) else [])
+        if compiler.ready(keys):
+            return
+        start = time.perf_counter()
+        compiler.wait(keys)
+        waited = time.perf_counter() - start
+        self.bucket_waits += 1
+        self.bucket_wait_seconds += waited
+        logger.info("a step waited %.2f s for step bucket (%d tokens, %d rows) to finish compiling", waited, t, s)
+
     def run(self, inputs: StepInputs, sampling: Any) -> StepOutputs:
         """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
+        self._await_pieces(inputs)
         with _CompileCounter.watching(self):
             self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
             out = self._sample(logits, sampling)
