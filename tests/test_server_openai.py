@@ -580,11 +580,11 @@ def test_serve_rejects_bad_flags_at_parse(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("argv,needle", [(["--chat-template", "no-such-file"], "chat-template"),
                                           (["--gpu-memory-utilization", "2"], "gpu_memory_utilization")])
-def test_serve_rejects_bad_values_before_loading(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
+def test_serve_rejects_bad_values_before_loading(argv: list[str], needle: str, capsys: pytest.CaptureFixture, tmp_path) -> None:
     from jengine.cli import main
 
     t0 = time.monotonic()
-    assert main(["serve", "/nonexistent/model", *argv]) == 2
+    assert main(["serve", str(tmp_path), *argv]) == 2  # an existing folder: the flag, not the path, must fail
     assert needle in capsys.readouterr().err and time.monotonic() - t0 < 5
     ns = __import__("jengine.cli", fromlist=["build_parser"]).build_parser().parse_args(
         ["serve", "m", "--api-key", "a", "--api-key", "b", "--served-model-name", "x", "y", "--grpc-port", "0"])
