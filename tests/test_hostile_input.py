@@ -266,11 +266,11 @@ def test_api_keys_from_flag_env_and_file(tmp_path: Any) -> None:
         resolve_api_keys([], str(tmp_path / "missing"), {})
 
 
-def test_serve_fails_fast_on_a_bad_key_file(capsys: pytest.CaptureFixture) -> None:
+def test_serve_fails_fast_on_a_bad_key_file(capsys: pytest.CaptureFixture, tmp_path: Any) -> None:
     from jengine.cli import main
 
-    t0 = time.monotonic()
-    assert main(["serve", "/nonexistent/model", "--api-key-file", "/nonexistent/keys"]) == 2
+    t0 = time.monotonic()  # the model folder exists (a missing model is reported first), the key file does not
+    assert main(["serve", str(tmp_path), "--api-key-file", "/nonexistent/keys"]) == 2
     assert "--api-key-file" in capsys.readouterr().err and time.monotonic() - t0 < 5
 
 

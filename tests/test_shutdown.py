@@ -109,7 +109,7 @@ def _wait_admitted(srv: ServeProcess, num_sequences: int) -> None:
     """Until the engine holds `num_sequences` sequences (running or waiting), per its metrics."""
     def held(c: httpx.Client) -> float:
         text = c.get("/metrics").text
-        return sum(float(m) for m in re.findall(r"^jengine:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.M))
+        return sum(float(m) for m in re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.M))
 
     with srv.client() as c:
         assert _eventually(lambda: held(c) == num_sequences, 60), "the requests were not all admitted"
