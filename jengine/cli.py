@@ -8,6 +8,7 @@ subcommand. A model that is not a local path fails in one line before anything h
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -68,6 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-in-background", action=argparse.BooleanOptionalAction, default=False,
                         help="start once the step buckets a few short requests need are compiled and compile the rest meanwhile "
                              "(a step whose bucket is still compiling waits for it; one host only)")
+    parser.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                        help='speculative decoding, as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
+                             '"prompt_lookup_max": 4}\'; default: off')
     parser.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT", help="HOST:PORT of process 0 (multi-host); default: none, one host")
     parser.add_argument("--num-processes", type=_positive_int, default=1, help="processes (hosts) in a multi-host run")
     parser.add_argument("--process-id", type=int, default=0, help="this process's index in a multi-host run")
@@ -89,7 +93,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
         load_format=ns.load_format, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
-        compile_in_background=ns.compile_in_background,
+        compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
     )
 
@@ -145,6 +149,16 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
     return value
 
 

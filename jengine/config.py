@@ -49,6 +49,38 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config` keys). Only the n-gram (prompt lookup) method so far."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    @classmethod
+    def from_dict(cls, spec: Optional[dict]) -> Optional["SpeculativeConfig"]:
+        """Validates vLLM's dict form; None stays None (no speculation)."""
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - known)
+        _require(not unknown, "speculative_config", f"has unsupported keys {unknown} (supported: {sorted(known)})")
+        _require(spec.get("method", "ngram") == "ngram", "speculative_config.method",
+                 f"{spec.get('method')!r} is not supported (supported: 'ngram')")
+        _require("num_speculative_tokens" in spec, "speculative_config.num_speculative_tokens", "is required")
+        out = cls(**spec)
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(out, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64,
+                     f"speculative_config.{name}", f"must be an integer in [1, 64], got {value!r}")
+        _require(out.prompt_lookup_min <= out.prompt_lookup_max, "speculative_config.prompt_lookup_min",
+                 f"must be <= prompt_lookup_max ({out.prompt_lookup_max}), got {out.prompt_lookup_min}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: Optional[str] = None  # checkpoint dir, .gguf file, or None for the default SmolLM2
     tokenizer: Optional[str] = None
@@ -63,6 +95,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    speculative: Optional[SpeculativeConfig] = None  # None: no speculative decoding
 
 
 def default_compilation_cache_dir() -> str:
@@ -97,6 +130,7 @@ class EngineArgs:
     distributed_coordinator: Optional[str] = None
     num_processes: int = 1
     process_id: int = 0
+    speculative_config: Optional[dict] = None  # e.g. {"method": "ngram", "num_speculative_tokens": 3}
 
     def create_engine_config(self) -> EngineConfig:
         _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
@@ -141,6 +175,7 @@ class EngineArgs:
                 num_processes=self.num_processes,
                 process_id=self.process_id,
             ),
+            speculative=SpeculativeConfig.from_dict(self.speculative_config),
         )
 
 

@@ -60,6 +60,8 @@ class Request:
         "status",
         "stop_reason",
         "block_hashes",
+        "spec_token_ids",
+        "spec_backoff",
         "_all_token_ids",
     )
 
@@ -95,6 +97,9 @@ class Request:
         # Chained hashes of the full pages of all_token_ids, filled lazily by the KV cache manager. Tokens
         # are append-only, so the list stays valid across preemption.
         self.block_hashes: list[int] = []
+        # Draft tokens proposed for the next step (speculative decoding); the step verifies and clears them.
+        self.spec_token_ids: list[int] = []
+        self.spec_backoff = 0  # steps to skip proposing after drafts that were all rejected
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     # ---- tokens -------------------------------------------------------------------------------------

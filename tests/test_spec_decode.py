@@ -86,3 +86,137 @@ def test_rejection_sampling_keeps_the_target_distribution(draft_kind):
         first = num_draft > 0
         accepted = (num[first] > 1).mean()
         assert abs(accepted - np.minimum(p, q).sum()) < 0.01
+
+
+# ---------------------------------------------------------------------------------- scheduler and KV pages
+
+
+def _sched(num_pages=32, page_size=4, **kw):
+    from jengine.core.kv_cache_manager import KVCacheManager
+    from jengine.core.scheduler import Scheduler
+
+    kv = KVCacheManager(num_pages, page_size, enable_prefix_caching=True)
+    return Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=kw.pop("budget", 64), max_model_len=kw.pop("max_model_len", 64)), kv
+
+
+def _decoding(sched, prompt, **params):
+    from jengine.request import Request
+    from jengine.sampling_params import SamplingParams
+
+    params.setdefault("max_tokens", 32)
+    r = Request("a", prompt, SamplingParams(temperature=0.0, **params), eos_token_ids=(1,))
+    sched.add_request(r)
+    out = sched.schedule()
+    sched.update_from_output(out, [[50]])  # the prompt's step samples one token
+    return r
+
+
+def test_rejected_drafts_roll_back_their_kv_pages():
+    sched, kv = _sched()
+    r = _decoding(sched, list(range(10, 17)))  # 7 prompt tokens + 1 output: 8 tokens, 7 computed
+    free_before = kv.num_free_pages
+    r.spec_token_ids = [60, 61, 62, 63, 64, 65]
+    out = sched.schedule()
+    (row,) = out.scheduled
+    assert row.num_new_tokens == 7 and row.spec_token_ids == [60, 61, 62, 63, 64, 65] and row.samples
+    assert len(row.block_ids) == 4 and kv.num_free_pages == free_before - 2  # KV for positions 7..13
+    sched.update_from_output(out, [[60, 61, 99]])  # two drafts accepted, then the target's own token
+    assert r.output_token_ids == [50, 60, 61, 99]
+    assert r.num_computed_tokens == 10  # the last known token and the two accepted drafts
+    assert len(kv.get_block_table("a")) == 3 and kv.num_free_pages == free_before - 1  # the rejected page went back
+    assert not any(kv.is_cached(p) for p in kv.get_block_table("a")[2:])  # the page with a rejected draft is not shared
+    # the next step recomputes from the first unconfirmed position
+    out = sched.schedule()
+    assert (out.scheduled[0].start, out.scheduled[0].num_new_tokens) == (10, 1)
+
+
+def test_drafts_never_outrun_max_tokens_or_the_model_length():
+    sched, _ = _sched(max_model_len=12)
+    r = _decoding(sched, list(range(10, 17)), max_tokens=3)  # one output so far, two more allowed
+    r.spec_token_ids = [60, 61, 62, 63]
+    (row,) = sched.schedule().scheduled
+    assert row.spec_token_ids == [60]  # one draft plus the token of its own: the last two outputs
+    sched2, _ = _sched(max_model_len=10)
+    r2 = _decoding(sched2, list(range(10, 17)))  # 8 tokens; 10 at most
+    r2.spec_token_ids = [60, 61, 62]
+    (row,) = sched2.schedule().scheduled
+    assert row.spec_token_ids == [60]
+
+
+def test_a_stop_inside_an_accepted_run_ends_the_output_there():
+    sched, kv = _sched()
+    r = _decoding(sched, list(range(10, 17)))
+    r.spec_token_ids = [60, 1, 62]
+    out = sched.schedule()
+    finished = sched.update_from_output(out, [[60, 1, 62, 70]])  # EOS (1) accepted in the middle
+    assert finished == [r] and r.output_token_ids == [50, 60, 1] and r.finish_reason == "stop"
+    assert "a" not in kv.request_ids() and kv.num_free_pages == kv.num_usable_pages  # released, nothing leaked
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+ENGINE_LIMITS = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama")
+
+
+def test_greedy_output_is_identical_with_ngram_speculation(tiny_llama, xla_cache_dir):
+    """Greedy tokens with speculation equal those without, with chunked prefill (budget 32 < prompt 40),
+    prefix caching (two prompts share a prefix), n > 1, a stop string and a sampled request that runs
+    unspeculated in the same batch; drafts are proposed and accepted; nothing compiles after warm-up."""
+    from jengine import LLM, SamplingParams
+
+    loop = [11, 12, 13, 14, 15, 16, 17, 18]
+    prompts = [loop * 5, loop * 4 + [30, 31], [40, 41, 42] * 3, loop * 4 + [32]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True), greedy]
+    results = {}
+    for spec in (None, SPEC):
+        llm = LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, speculative_config=spec, **ENGINE_LIMITS)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[spec is not None] = [[o.token_ids for o in out.outputs] for out in outs]
+        assert llm.engine.compilations_after_warmup == 0
+        if spec is not None:
+            stats = llm.engine.speculator.stats
+            assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0, stats
+            assert llm.engine.kv_cache_manager.num_free_pages == llm.engine.kv_cache_manager.num_usable_pages
+    assert results[True] == results[False]
+
+
+def test_stop_string_inside_an_accepted_run(tiny_llama, xla_cache_dir):
+    """A stop string completed by a token in the middle of an accepted run ends the text and tokens there."""
+    from jengine import LLM, SamplingParams
+
+    loop = [11, 12, 13, 14, 15, 16, 17, 18]
+    plain = LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, **ENGINE_LIMITS)
+    (ref,) = plain.generate([{"prompt_token_ids": loop * 5}], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    text = ref.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "the tiny model's text must have something to stop on"
+    outs = {}
+    for spec in (None, SPEC):
+        llm = plain if spec is None else LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, speculative_config=spec, **ENGINE_LIMITS)
+        (out,) = llm.generate([{"prompt_token_ids": loop * 5}], SamplingParams(temperature=0.0, max_tokens=24, stop=[stop]), use_tqdm=False)
+        outs[spec is None] = (out.outputs[0].text, out.outputs[0].token_ids, out.outputs[0].finish_reason)
+    assert outs[True] == outs[False] and outs[True][2] == "stop"
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "speculative_config.method"),
+    ({"method": "ngram"}, "speculative_config.num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "speculative_config.prompt_lookup_min"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "speculative_config"),
+])
+def test_bad_speculative_config_is_named(bad, field):
+    from jengine.config import EngineArgs
+
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        EngineArgs(speculative_config=bad).create_engine_config()

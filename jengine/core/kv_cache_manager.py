@@ -225,6 +225,23 @@ class KVCacheManager:
             owned.append(page)
         return list(owned)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Returns the request's pages past the first `num_tokens` tokens to the pool (speculative decoding
+        wrote KV there for draft tokens that were rejected). Such pages were never registered in the prefix
+        cache, since only pages full of computed tokens are."""
+        pages = self._req_pages.get(request.request_id)
+        keep = cdiv(num_tokens, self.page_size)
+        if not pages or len(pages) <= keep:
+            return
+        if self._req_num_hashed[request.request_id] > keep:
+            raise AssertionError(f"request {request.request_id!r}: a registered page would be trimmed")
+        for page in reversed(pages[keep:]):
+            self._ref_cnt[page] -= 1
+            if self._ref_cnt[page] == 0:
+                self._free[page] = None
+                self._free.move_to_end(page, last=False)  # nothing worth keeping: reuse these first
+        del pages[keep:]
+
     def free(self, request: Request) -> None:
         """Drops the request's hold on its pages; unowned cached pages stay findable until evicted."""
         rid = request.request_id

@@ -39,6 +39,10 @@ class ScheduledSeq:
     samples: bool  # the step completes the known tokens, so the runner samples a token for this row
     is_decode: bool  # one new token and the prompt already computed
     is_new: bool  # entered the running batch this step (first admission or resumed after preemption)
+    # Draft tokens verified this step after the row's last known token (speculative decoding); they are the
+    # last len(spec_token_ids) of the num_new_tokens, and the runner returns one token per position.
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_accepted: int = 0  # output tokens this row appended in update_from_output (after stop truncation)
 
     @property
     def request_id(self) -> str:
@@ -307,10 +311,14 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            drafts = self._drafts(req, n, budget)
             while True:
-                pages = kv.allocate_slots(req, n)
+                pages = kv.allocate_slots(req, n + len(drafts))
                 if pages is not None:
                     break
+                if drafts:  # verify no drafts rather than preempt anyone for them
+                    drafts = []
+                    continue
                 victim = self._pick_victim()
                 index = self.running.index(victim)
                 del self.running[index]
@@ -325,8 +333,8 @@ class Scheduler:
                     break
             if pages is None:
                 continue  # req left running; self.running[i] is already the next one
-            rows[req.request_id] = self._row(req, n, pages, is_new=False)
-            budget -= n
+            rows[req.request_id] = self._row(req, n, pages, is_new=False, drafts=drafts)
+            budget -= n + len(drafts)
             i += 1
 
         # 2. Waiting requests, unless this step had to preempt (no room to grow, so none to admit).
@@ -360,24 +368,40 @@ class Scheduler:
             finished_ids=finished_ids,
         )
 
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The request's proposed drafts this decode row can verify: within the token budget, and never
+        enough to pass max_model_len or max_tokens even if all are accepted (plus the token of its own)."""
+        spec, req.spec_token_ids = req.spec_token_ids, []
+        if not spec or n != 1 or req.num_computed_tokens + 1 != req.num_tokens or req.num_computed_tokens < req.num_prompt_tokens:
+            return []
+        room = min(budget - 1, self.max_model_len - req.num_tokens - 1)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        return spec[:max(room, 0)]
+
     @staticmethod
-    def _row(req: Request, n: int, pages: list[int], is_new: bool) -> ScheduledSeq:
+    def _row(req: Request, n: int, pages: list[int], is_new: bool, drafts: Sequence[int] = ()) -> ScheduledSeq:
         start = req.num_computed_tokens
         return ScheduledSeq(
             request=req,
-            num_new_tokens=n,
+            num_new_tokens=n + len(drafts),
             start=start,
             block_ids=pages,
             samples=start + n == req.num_tokens,
             is_decode=n == 1 and start >= req.num_prompt_tokens,
             is_new=is_new,
+            spec_token_ids=list(drafts),
         )
 
-    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Sequence[Optional[int]]) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Sequence[Union[None, int, Sequence[int]]]) -> list[Request]:
         """Applies one step's results; returns the requests that finished since the last call.
 
-        `sampled_token_ids[k]` is the token sampled for `output.scheduled[k]` (None for rows that do not
-        sample). Rows of requests finished in between (aborted after schedule()) are skipped.
+        `sampled_token_ids[k]` is what `output.scheduled[k]` produced: None for rows that do not sample,
+        else its token, or for a row that verified drafts its accepted tokens (the accepted drafts, then
+        the token of its own: 1 to len(drafts) + 1 tokens). Tokens are appended one at a time, so a stop
+        condition met inside an accepted run ends the output right there. Rows of requests finished in
+        between (aborted after schedule()) are skipped.
         """
         if len(sampled_token_ids) != len(output.scheduled):
             raise ValueError(f"got {len(sampled_token_ids)} sampled tokens for {len(output.scheduled)} scheduled rows")
@@ -386,18 +410,29 @@ class Scheduler:
                 raise ValueError(f"row of request {row.request_id!r} samples but got no token")
         kv = self.kv_cache_manager
         newly_finished, self._finished_in_schedule = self._finished_in_schedule, []
-        for row, token in zip(output.scheduled, sampled_token_ids):
+        for row, sampled in zip(output.scheduled, sampled_token_ids):
             req = row.request
             if req.status != RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens += row.num_new_tokens
+            tokens = [] if sampled is None else [int(sampled)] if isinstance(sampled, int) else [int(t) for t in sampled]
+            if not 1 <= len(tokens) <= len(row.spec_token_ids) + 1 and row.samples:
+                raise ValueError(f"row of request {row.request_id!r} verified {len(row.spec_token_ids)} drafts but got {len(tokens)} tokens")
+            # KV is valid for the known tokens and the accepted drafts, not for the rejected ones.
+            req.num_computed_tokens += row.num_new_tokens - len(row.spec_token_ids) + max(len(tokens) - 1, 0)
+            row.num_accepted = 0
             if row.samples:
-                req.append_output_token_ids(int(token))
-                self._check_stop(req)
+                for token in tokens:
+                    req.append_output_token_ids(token)
+                    row.num_accepted += 1
+                    self._check_stop(req)
+                    if req.is_finished:
+                        break
             kv.cache_full_pages(req, req.num_computed_tokens)
             if req.is_finished:
                 self._release(req)
                 newly_finished.append(req)
+            elif row.spec_token_ids:
+                kv.trim(req, req.num_tokens)
         if newly_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return newly_finished

@@ -26,6 +26,7 @@ from jengine.request import Request, RequestStatus
 from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors, has_repetition_penalty, needs_penalties
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
+from jengine.spec_decode.speculator import Speculator
 from jengine.structured_output.manager import StructuredOutputManager
 from jengine.tokenizer import load_tokenizer
 from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
@@ -77,6 +78,7 @@ class EngineCore:
         self._seeds: dict[str, int] = {}
         self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
         # Multi-host steps run under a watchdog: there every piece compiles before serving.
         self.runner.warmup(background=config.compile_in_background and config.parallel.num_processes == 1)
@@ -198,6 +200,8 @@ class EngineCore:
         self._seeds.pop(child_id, None)
         self._penalties.pop(child_id, None)
         self.structured_output.remove(child_id)
+        if self.speculator is not None:
+            self.speculator.forget(child_id)
 
     def _fill_token_bitmasks(self, scheduled: Sequence, rows: list) -> None:
         """Gives each sampling row with structured outputs its allowed-token mask for this step."""
@@ -211,27 +215,34 @@ class EngineCore:
             for j, i in enumerate(idx):
                 rows[i].token_bitmask = masks[j]
 
-    def _accept_structured(self, scheduled: Sequence, sampled: Sequence[Optional[int]]) -> None:
+    def _accept_structured(self, scheduled: Sequence, sampled: Sequence[Optional[list[int]]]) -> None:
         """Advances the matchers of constrained sequences that are still running by their new token."""
         so = self.structured_output
         if not len(so):
             return
-        for s, token in zip(scheduled, sampled):
-            if token is not None and not s.request.is_finished and s.request.request_id in so:
-                so.accept(s.request.request_id, [token])
+        for s, tokens in zip(scheduled, sampled):
+            if tokens is not None and not s.request.is_finished and s.request.request_id in so:
+                so.accept(s.request.request_id, tokens[:s.num_accepted])
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration; returns outputs of requests that progressed or finished."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         step_out, sampled = None, []
         if sched.scheduled:
             try:
                 rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
                 self._fill_token_bitmasks(sched.scheduled, rows)
+                if self.speculator is not None:
+                    rows = self.speculator.expand(sched.scheduled, rows)
                 step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 return self._fail_unrunnable(sched.scheduled, error)
-            sampled = [int(step_out.token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
+            if self.speculator is not None:
+                sampled = self.speculator.accept(sched.scheduled, step_out.token_ids)
+            else:
+                sampled = [[int(step_out.token_ids[i])] if s.samples else None for i, s in enumerate(sched.scheduled)]
         finished = self.scheduler.update_from_output(sched, sampled)
         self._accept_structured(sched.scheduled, sampled)
         outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)

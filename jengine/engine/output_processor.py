@@ -94,12 +94,14 @@ class OutputProcessor:
         touched: dict[str, None] = {}
         stopped: list[tuple[str, str]] = []
         finished_ids = {r.request_id: r for r in finished}
-        cursor = 0
-        for row, seq in enumerate(scheduled):
+        cursor = logit_row = 0
+        for seq in scheduled:
             req = seq.request
             pid = self._parent_of.get(req.request_id)
             first_token = cursor
             cursor += seq.num_new_tokens
+            row = logit_row + len(seq.spec_token_ids)  # the logits row of the row's last token (see logit_rows)
+            logit_row = row + 1
             if pid is None:
                 continue
             parent = self._parents[pid]
@@ -112,9 +114,12 @@ class OutputProcessor:
                 parent.num_cached_tokens = req.num_cached_tokens
             if not seq.samples or child.finish_reason is not None:
                 continue
-            token = req.output_token_ids[-1]
+            if seq.num_accepted == 0:
+                continue
+            tokens = req.output_token_ids[-seq.num_accepted:]
+            token = tokens[-1]
             params = req.sampling_params
-            if child.logprobs is not None:
+            if child.logprobs is not None:  # rows with logprobs never verify drafts: one token
                 lp = float(step_out.logprobs[row])
                 child.logprobs.append(self._logprob_entry(token, lp, step_out.ranks[row], step_out.topk_ids[row], step_out.topk_logprobs[row], params.logprobs))
                 child.cumulative_logprob += lp
@@ -123,7 +128,13 @@ class OutputProcessor:
             parent.metrics.last_token_time = now
             done = finished_ids.get(req.request_id)
             stop_terminated = done is not None and done.status == RequestStatus.FINISHED_STOPPED
-            found = child.detok.update([token], stop_terminated=stop_terminated)
+            found, kept = None, len(req.output_token_ids)
+            for i, t in enumerate(tokens):  # one at a time: a stop string inside a run ends the output there
+                last = i == len(tokens) - 1
+                found = child.detok.update([t], stop_terminated=stop_terminated and last)
+                if found is not None:
+                    kept -= len(tokens) - 1 - i
+                    break
             if done is not None and not stop_terminated and found is None:
                 found = child.detok.finish()
             if found is not None:
@@ -132,7 +143,7 @@ class OutputProcessor:
                     stopped.append((req.request_id, found))
             elif done is not None:
                 child.finish_reason, child.stop_reason = done.finish_reason, done.stop_reason
-            child.token_ids = req.output_token_ids
+            child.token_ids = req.output_token_ids[:kept] if kept < len(req.output_token_ids) else req.output_token_ids
             touched[pid] = None
         # Requests the scheduler ended without a sampled token this step (errors, aborts).
         for req in finished:

@@ -114,10 +114,12 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
         sc = config.scheduler
-        self.max_num_seqs = sc.max_num_seqs
+        # Rows of a step's logits: one per sequence, or 1 + k for a sequence verifying k drafts.
+        spec = config.speculative
+        self.max_logit_rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec else 0))
         self.min_seq_bucket = sc.min_seq_bucket
         self.token_buckets = make_token_buckets(sc.min_token_bucket, sc.max_num_batched_tokens)
-        self.step_buckets = seq_bucket_pairs(self.token_buckets, sc.min_seq_bucket, sc.max_num_seqs)
+        self.step_buckets = seq_bucket_pairs(self.token_buckets, sc.min_seq_bucket, self.max_logit_rows)
         self.seq_buckets = sorted({s for _, s in self.step_buckets})
         self.max_logprobs = config.max_logprobs
         self.vocab_size = mc.vocab_size
@@ -316,7 +318,7 @@ class ModelRunner:
     def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> tuple[StepInputs, Any]:
         """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts)."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
-        s = pick_seq_bucket(t, max(len(scheduled), 1), self.min_seq_bucket, self.max_num_seqs)
+        s = pick_seq_bucket(t, max(len(sampling_rows), len(scheduled), 1), self.min_seq_bucket, self.max_logit_rows)
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
         return inputs, self._sampling_tensors(sampling_rows, s)
 

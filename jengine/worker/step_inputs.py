@@ -97,21 +97,32 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) ->
     )
 
 
+def logit_rows(scheduled: Sequence) -> list[int]:
+    """How many logits rows each scheduled row gets: one, or one per position of a row that verifies
+    drafts (its last known token and each draft: speculative decoding). Rows are laid out in order."""
+    return [1 + len(getattr(seq, "spec_token_ids", ())) for seq in scheduled]
+
+
 def build_step_inputs(scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int) -> StepInputs:
     """Lays the scheduled sequences (decode rows first) into the bucket `(num_tokens, num_seqs)`.
 
     Each item of `scheduled` has `.request` (with `prompt_token_ids`, `output_token_ids` and
-    `sampling_params`), `.start` (tokens already computed), `.num_new_tokens` and `.block_ids`.
+    `sampling_params`), `.start` (tokens already computed), `.num_new_tokens`, `.block_ids` and optionally
+    `.spec_token_ids` (drafts: the last of its new tokens). `num_seqs` must hold the rows and their
+    logits rows (`logit_rows`).
     """
     x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq)
-    cursor = 0
+    cursor = logit = 0
     for row, seq in enumerate(scheduled):
         n, start = seq.num_new_tokens, seq.start
         end = start + n
         request = seq.request
         prompt = request.prompt_token_ids
         num_prompt = len(prompt)
-        x.token_ids[cursor:cursor + n] = _token_slice(prompt, request.output_token_ids, start, end)
+        drafts = getattr(seq, "spec_token_ids", ())
+        known = n - len(drafts)
+        x.token_ids[cursor:cursor + known] = _token_slice(prompt, request.output_token_ids, start, start + known)
+        x.token_ids[cursor + known:cursor + n] = drafts
         pos = np.arange(start, end, dtype=np.int32)
         x.positions[cursor:cursor + n] = pos
         pages = np.asarray(seq.block_ids, dtype=np.int32)
@@ -120,7 +131,8 @@ def build_step_inputs(scheduled: Sequence, num_tokens: int, num_seqs: int, max_p
         x.seq_lens[row] = end
         cursor += n
         x.query_start_loc[row + 1] = cursor
-        x.logits_indices[row] = cursor - 1
+        x.logits_indices[logit:logit + len(drafts) + 1] = np.arange(cursor - len(drafts) - 1, cursor)
+        logit += len(drafts) + 1
         if request.sampling_params.prompt_logprobs is not None and start < num_prompt:
             # Position p's logits predict prompt token p + 1.
             last = min(end, num_prompt - 1)

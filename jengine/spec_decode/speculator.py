@@ -1,0 +1,112 @@
+"""The engine's side of speculative decoding: who gets drafts, how a step's tokens become accepted runs.
+
+    Speculator(config).propose(running)               before `schedule()`: drafts on eligible requests
+    Speculator.expand(scheduled, rows) -> rows         one sampling row per logits row of the step
+    Speculator.accept(scheduled, token_ids) -> tokens  per scheduled row: None, or its accepted tokens
+
+A row that verifies k drafts d_0..d_{k-1} gets k + 1 logits rows (its last known token and each draft);
+the sampler picks t_0..t_k there. This slice verifies greedy rows only: t_i is the target's argmax after
+d_0..d_{i-1}, so the row keeps d_i while d_i == t_i and then adds the first t_j that differs (or t_k
+when all match): exactly the tokens decoding one at a time would produce. Requests that speculation
+cannot serve exactly this way (sampling, penalties, min_tokens still pending, logprobs, structured
+outputs) simply run without drafts in the same batch. A request whose drafts were all rejected stops
+proposing for a while, doubling the pause on each miss (up to `MAX_BACKOFF` steps), so text that does
+not repeat itself costs little.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+from jengine.config import SpeculativeConfig
+from jengine.request import Request
+from jengine.sampling_params import SamplingParams
+from jengine.spec_decode.ngram import NgramProposer
+
+MAX_BACKOFF = 16
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """Counters with vLLM's meaning: drafts proposed, draft tokens verified, draft tokens accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+def can_speculate(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether greedy verification reproduces this request's one-token-at-a-time output exactly."""
+    return (
+        params.temperature < 1e-5
+        and params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+        and num_output_tokens >= params.min_tokens
+        and params.logprobs is None
+        and getattr(params, "structured_outputs", None) is None
+    )
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.stats = SpecDecodeStats()
+        self._misses: dict[str, int] = {}  # consecutive all-rejected drafts per request (for the backoff)
+
+    def propose(self, running: Sequence[Request]) -> None:
+        """Sets `spec_token_ids` on each running request that decodes next and may speculate."""
+        for req in running:
+            if req.num_computed_tokens + 1 != req.num_tokens or req.num_computed_tokens < req.num_prompt_tokens:
+                continue
+            if not can_speculate(req.sampling_params, req.num_output_tokens):
+                continue
+            if req.spec_backoff > 0:
+                req.spec_backoff -= 1
+                continue
+            req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+
+    @staticmethod
+    def expand(scheduled: Sequence[Any], rows: Sequence[Any]) -> list[Any]:
+        """The sampling rows of the step's logits rows: a verifying row's state once per position."""
+        out: list[Any] = []
+        for seq, row in zip(scheduled, rows):
+            out.extend([row] * (1 + len(seq.spec_token_ids)))
+        return out
+
+    def accept(self, scheduled: Sequence[Any], token_ids: Sequence[int]) -> list[Optional[list[int]]]:
+        """Groups the per-logits-row tokens into each row's output run (see the module docstring)."""
+        result: list[Optional[list[int]]] = []
+        cursor = 0
+        for seq in scheduled:
+            drafts = seq.spec_token_ids
+            picked = [int(t) for t in token_ids[cursor:cursor + len(drafts) + 1]]
+            cursor += len(drafts) + 1
+            if not seq.samples:
+                result.append(None)
+                continue
+            n = 0
+            while n < len(drafts) and drafts[n] == picked[n]:
+                n += 1
+            result.append(picked[:n + 1])
+            if drafts:
+                self._record(seq.request, len(drafts), n)
+        return result
+
+    def _record(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        self.stats.num_drafts += 1
+        self.stats.num_draft_tokens += num_drafts
+        self.stats.num_accepted_tokens += num_accepted
+        rid = req.request_id
+        if num_accepted:
+            self._misses.pop(rid, None)
+            return
+        misses = self._misses.get(rid, 0) + 1
+        self._misses[rid] = misses
+        req.spec_backoff = min(2 ** (misses - 1), MAX_BACKOFF)
+
+    def forget(self, request_id: str) -> None:
+        self._misses.pop(request_id, None)
