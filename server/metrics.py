@@ -59,6 +59,11 @@ class _SnapshotCollector(Collector):
         yield family(GaugeMetricFamily, JENGINE + "engine_healthy", "1 while the engine loop is running.", 1.0 if self.engine.healthy else 0.0)
         yield family(CounterMetricFamily, JENGINE + "compilations_after_warmup", "XLA compilations after warm-up (should stay 0).", s.compilations_after_warmup_total)
         yield family(CounterMetricFamily, JENGINE + "step_bucket_waits", "Engine steps that waited for their step bucket to finish compiling in the background.", s.bucket_waits_total)
+        if s.spec_decode is not None:  # as vLLM: these series exist when speculative decoding is configured
+            drafts, draft_tokens, accepted = s.spec_decode
+            yield family(CounterMetricFamily, VLLM + "spec_decode_num_drafts", "Number of spec decoding drafts.", drafts)
+            yield family(CounterMetricFamily, VLLM + "spec_decode_num_draft_tokens", "Number of draft tokens.", draft_tokens)
+            yield family(CounterMetricFamily, VLLM + "spec_decode_num_accepted_tokens", "Number of accepted tokens.", accepted)
         yield family(CounterMetricFamily, JENGINE + "step_bucket_wait_seconds", "Seconds engine steps spent waiting for step buckets compiling in the background.", s.bucket_wait_seconds_total)
 
 

@@ -220,3 +220,23 @@ def test_bad_speculative_config_is_named(bad, field):
 
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         EngineArgs(speculative_config=bad).create_engine_config()
+
+
+def test_spec_decode_counters_use_vllm_names():
+    """The engine's speculation counters reach /metrics as vLLM's three counters, only when speculation is on."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jengine.engine.async_engine import EngineStats
+    from jengine.server.metrics import _SnapshotCollector
+
+    def scrape(stats: EngineStats) -> str:
+        registry = CollectorRegistry()
+        registry.register(_SnapshotCollector(SimpleNamespace(stats=lambda: stats, healthy=True), "m"))
+        return generate_latest(registry).decode()
+
+    text = scrape(EngineStats(spec_decode=(3, 9, 5)))
+    for name, value in (("num_drafts", 3), ("num_draft_tokens", 9), ("num_accepted_tokens", 5)):
+        assert f'vllm:spec_decode_{name}_total{{engine="0",model_name="m"}} {float(value)}' in text, name
+    assert "spec_decode" not in scrape(EngineStats())

@@ -52,6 +52,13 @@ class EngineOverloadedError(RuntimeError):
     """More requests are pending than `max_pending_requests` allows; retry later (HTTP 503)."""
 
 
+def _spec_decode_totals(speculator: Any) -> Optional[tuple[int, int, int]]:
+    if speculator is None:
+        return None
+    st = speculator.stats
+    return st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """A point-in-time snapshot of the scheduler and the compiler, taken on the engine thread."""
@@ -65,6 +72,8 @@ class EngineStats:
     compilations_after_warmup_total: int = 0
     bucket_waits_total: int = 0  # steps that waited for a step piece still compiling in the background
     bucket_wait_seconds_total: float = 0.0
+    # Speculative decoding (None when it is off): drafts proposed, draft tokens verified, of which accepted.
+    spec_decode: Optional[tuple[int, int, int]] = None
 
 
 @dataclasses.dataclass
@@ -458,6 +467,7 @@ class AsyncEngine:
             compilations_after_warmup_total=int(getattr(self.core, "compilations_after_warmup", 0)),
             bucket_waits_total=waits,
             bucket_wait_seconds_total=wait_s,
+            spec_decode=_spec_decode_totals(getattr(self.core, "speculator", None)),
         )
 
     def _die(self, error: BaseException) -> None:
