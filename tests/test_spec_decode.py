@@ -166,17 +166,20 @@ def tiny_llama(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama")
 
 
-def test_greedy_output_is_identical_with_ngram_speculation(tiny_llama, xla_cache_dir):
-    """Greedy tokens with speculation equal those without, with chunked prefill (budget 32 < prompt 40),
-    prefix caching (two prompts share a prefix), n > 1, a stop string and a sampled request that runs
-    unspeculated in the same batch; drafts are proposed and accepted; nothing compiles after warm-up."""
+def test_output_is_identical_with_ngram_speculation(tiny_llama, xla_cache_dir):
+    """Greedy and seeded sampled tokens with speculation equal those without, with chunked prefill (budget
+    32 < prompt 40), prefix caching (prompts share a prefix), n > 1, min_tokens, top-k/top-p and a request
+    with a penalty that runs unspeculated in the same batch; drafts are proposed and accepted for greedy
+    and for sampled requests; no page leaks; nothing compiles after warm-up."""
     from jengine import LLM, SamplingParams
 
     loop = [11, 12, 13, 14, 15, 16, 17, 18]
-    prompts = [loop * 5, loop * 4 + [30, 31], [40, 41, 42] * 3, loop * 4 + [32]]
+    prompts = [loop * 5, loop * 4 + [30, 31], [40, 41, 42] * 3, loop * 4 + [32], loop * 3]
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     params = [greedy, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, n=2),
-              SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True), greedy]
+              SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.3, top_k=5, top_p=0.9, seed=3, min_tokens=12, max_tokens=20),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3)]
     results = {}
     for spec in (None, SPEC):
         llm = LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, speculative_config=spec, **ENGINE_LIMITS)
@@ -187,6 +190,10 @@ def test_greedy_output_is_identical_with_ngram_speculation(tiny_llama, xla_cache
             stats = llm.engine.speculator.stats
             assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0, stats
             assert llm.engine.kv_cache_manager.num_free_pages == llm.engine.kv_cache_manager.num_usable_pages
+            sampled_only = llm.engine.speculator.stats.__class__()
+            llm.engine.speculator.stats = sampled_only
+            llm.generate([{"prompt_token_ids": loop * 5}], params[2], use_tqdm=False)
+            assert sampled_only.num_drafts > 0, "a sampled request must be speculated too"
     assert results[True] == results[False]
 
 
@@ -240,3 +247,24 @@ def test_spec_decode_counters_use_vllm_names():
     for name, value in (("num_drafts", 3), ("num_draft_tokens", 9), ("num_accepted_tokens", 5)):
         assert f'vllm:spec_decode_{name}_total{{engine="0",model_name="m"}} {float(value)}' in text, name
     assert "spec_decode" not in scrape(EngineStats())
+
+
+def test_each_draft_position_samples_as_that_output_index():
+    """Position i of a verifying row is sampled as the request's output index n + i would be: same random
+    stream (step), and min_tokens still banning EOS exactly while n + i < min_tokens."""
+    from types import SimpleNamespace
+
+    from jengine.sampler import RowState, build_sampling_tensors
+    from jengine.sampling_params import SamplingParams
+    from jengine.spec_decode.speculator import Speculator
+
+    row = RowState(params=SamplingParams(temperature=0.7, seed=5, min_tokens=6), prompt_token_ids=[3, 4],
+                   output_token_ids=[9, 9, 9, 9], seed=5, eos_token_ids=(1,))
+    seqs = [SimpleNamespace(spec_token_ids=[7, 8, 9]), SimpleNamespace(spec_token_ids=[])]
+    rows = Speculator.expand(seqs, [row, row])
+    assert [len(r.output_token_ids) for r in rows] == [4, 5, 6, 7, 4]
+    assert rows[2].output_token_ids == [9, 9, 9, 9, 7, 8]
+    t = build_sampling_tensors(rows, 8, vocab_size=32)
+    assert np.asarray(t.step)[:5].tolist() == [4, 5, 6, 7, 4]
+    banned = np.asarray(t.banned_token_ids)
+    assert [1 in banned[i] for i in range(5)] == [True, True, False, False, True]  # min_tokens = 6

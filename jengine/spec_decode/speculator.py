@@ -4,14 +4,23 @@
     Speculator.expand(scheduled, rows) -> rows         one sampling row per logits row of the step
     Speculator.accept(scheduled, token_ids) -> tokens  per scheduled row: None, or its accepted tokens
 
-A row that verifies k drafts d_0..d_{k-1} gets k + 1 logits rows (its last known token and each draft);
-the sampler picks t_0..t_k there. This slice verifies greedy rows only: t_i is the target's argmax after
-d_0..d_{i-1}, so the row keeps d_i while d_i == t_i and then adds the first t_j that differs (or t_k
-when all match): exactly the tokens decoding one at a time would produce. Requests that speculation
-cannot serve exactly this way (sampling, penalties, min_tokens still pending, logprobs, structured
-outputs) simply run without drafts in the same batch. A request whose drafts were all rejected stops
-proposing for a while, doubling the pause on each miss (up to `MAX_BACKOFF` steps), so text that does
-not repeat itself costs little.
+A row that verifies k drafts d_0..d_{k-1} gets k + 1 logits rows (its last known token and each draft).
+The sampler draws t_i at each of them exactly as it would draw the request's next token after d_0..d_{i-1}:
+the sampling row of position i sees the output extended by those drafts, so its `min_tokens` state and
+its random stream (`fold_in(seed, output index)`) are those of that output index. The row keeps d_i while
+t_i == d_i and then adds the first t_j that differs (or t_k when all match).
+
+For n-gram drafts (a point mass on d_i) that rule is rejection sampling: d_i is accepted with probability
+p_i(d_i), and on rejection t_j is a draw from p_j conditioned on differing from d_j, which is the residual
+max(p_j - q_j, 0) normalised. So every emitted token follows the target distribution after temperature,
+top-k, top-p, min-p and logit_bias; greedy rows reproduce decoding one token at a time exactly, and a
+seeded request draws the same uniform for each output index with or without speculation, so its tokens
+are identical too. Draft models (a non-degenerate q) need `rejection.rejection_sample` instead.
+
+Requests whose sampling state depends on the tokens in a way the per-position rows do not carry yet
+(penalties, logprobs, structured outputs) run without drafts in the same batch. A request whose drafts
+were all rejected stops proposing for a while, doubling the pause on each miss (up to `MAX_BACKOFF`
+steps), so text that does not repeat itself costs little.
 """
 from __future__ import annotations
 
@@ -39,12 +48,10 @@ class SpecDecodeStats:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
-def can_speculate(params: SamplingParams, num_output_tokens: int) -> bool:
-    """Whether greedy verification reproduces this request's one-token-at-a-time output exactly."""
+def can_speculate(params: SamplingParams) -> bool:
+    """Whether the per-position sampling rows reproduce this request's one-token-at-a-time sampling."""
     return (
-        params.temperature < 1e-5
-        and params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-        and num_output_tokens >= params.min_tokens
+        params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
         and params.logprobs is None
         and getattr(params, "structured_outputs", None) is None
     )
@@ -62,7 +69,7 @@ class Speculator:
         for req in running:
             if req.num_computed_tokens + 1 != req.num_tokens or req.num_computed_tokens < req.num_prompt_tokens:
                 continue
-            if not can_speculate(req.sampling_params, req.num_output_tokens):
+            if not can_speculate(req.sampling_params):
                 continue
             if req.spec_backoff > 0:
                 req.spec_backoff -= 1
@@ -71,10 +78,15 @@ class Speculator:
 
     @staticmethod
     def expand(scheduled: Sequence[Any], rows: Sequence[Any]) -> list[Any]:
-        """The sampling rows of the step's logits rows: a verifying row's state once per position."""
+        """The sampling rows of the step's logits rows: for a row verifying drafts, its state at each
+        position, with the output extended by the drafts before that position."""
         out: list[Any] = []
         for seq, row in zip(scheduled, rows):
-            out.extend([row] * (1 + len(seq.spec_token_ids)))
+            out.append(row)
+            drafts = seq.spec_token_ids
+            if drafts:
+                output = list(row.output_token_ids)
+                out.extend(dataclasses.replace(row, output_token_ids=output + drafts[:i]) for i in range(1, len(drafts) + 1))
         return out
 
     def accept(self, scheduled: Sequence[Any], token_ids: Sequence[int]) -> list[Optional[list[int]]]:
