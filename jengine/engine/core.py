@@ -200,6 +200,9 @@ class EngineCore:
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 return self._fail_unrunnable(sched.scheduled, error)
             sampled = [int(step_out.token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
+            invalid = [s for s, t in zip(sched.scheduled, sampled) if t is not None and not 0 <= t < self.vocab_size]
+            if invalid:  # non-finite logits (say): fail those requests; the others recompute this step next time
+                return self._fail_requests([(seq, "the sampler produced an invalid token id (non-finite logits?)") for seq in invalid])
         finished = self.scheduler.update_from_output(sched, sampled)
         outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)
         for child_id, stop_str in stopped:
@@ -213,7 +216,7 @@ class EngineCore:
         alone), ends them with finish_reason "error" and returns their outputs; the step is skipped and
         the other rows run again next step (their pages and computed tokens are unchanged). Re-raises
         `error` when no single request explains it: then the engine itself is broken."""
-        failed = []
+        culprits: list[tuple[Any, str]] = []
         for seq in scheduled:
             if not seq.samples:
                 continue
@@ -221,11 +224,20 @@ class EngineCore:
                 build_sampling_tensors([self._row_state(seq.request)], 1, vocab_size=self.vocab_size, max_stop_tokens=MAX_STOP_TOKENS,
                                        max_logprobs=self.config.max_logprobs, max_logit_bias=MAX_LOGIT_BIAS)
             except Exception as e:  # noqa: BLE001 - this request's own fault
-                logger.error("request %s cannot run and is failed: %r", seq.request_id, e)
-                failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
-                                                         stop_reason=f"the engine could not run this request: {e}")
-        if not failed:
+                culprits.append((seq, repr(e)))
+        if not culprits:
             raise error
+        return self._fail_requests(culprits)
+
+    def _fail_requests(self, culprits: Sequence[tuple[Any, str]]) -> list[RequestOutput]:
+        """Ends the requests of the (scheduled row, reason) pairs with finish_reason "error" and returns
+        their outputs; the step's results are dropped, so the other rows run it again next step (their
+        computed tokens did not advance; rewriting the same KV slots gives the same values)."""
+        failed = []
+        for seq, reason in culprits:
+            logger.error("request %s cannot run and is failed: %s", seq.request_id, reason)
+            failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
+                                                     stop_reason=f"the engine could not run this request: {reason}")
         outputs, _ = self.output_processor.process([], None, failed)
         for req in failed:
             self._forget(req.request_id)
