@@ -703,9 +703,13 @@ class OpenAIServing:
             body["token_strs"] = self._tok.convert_ids_to_tokens(ids)
         return body
 
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.engine.core, "vocab_size", 0) or len(self.tokenizer))
+
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(req.model)
-        vocab = int(getattr(self.engine.core, "vocab_size", 0) or len(self._tok))
+        vocab = self.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens contains {bad[0]}, outside the vocabulary [0, {vocab})", param="tokens")
