@@ -201,6 +201,9 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     async def _parse(request: Request, cls: type) -> Any:
         """The request model from the body, parsed on the preprocessing pool (the body is read first,
         under the size limit, so nothing else reads from the connection meanwhile)."""
+        if cls in (CompletionRequest, ChatCompletionRequest):
+            serving.check_admitting()
+            serving.check_capacity()
         raw = await request.body()
         return await serving.run_sync(parse_request, cls, raw)
 

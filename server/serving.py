@@ -190,6 +190,7 @@ class OpenAIServing:
         self.created = int(time.time())
         self.trust_request_chat_template = trust_request_chat_template
         self.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
+        self._preparing = 0  # run_sync calls queued or running (event loop only)
         self.chat_template_timeout_s = chat_template_timeout_s
         # Private copies: the engine thread decodes with its own tokenizer, the event loop (this thread)
         # uses `self.tokenizer`, and each preprocessing thread makes its own on first use.
@@ -221,7 +222,20 @@ class OpenAIServing:
 
     async def run_sync(self, fn: Any, *args: Any) -> Any:
         """`fn(*args)` on the preprocessing pool, awaited from the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        self._preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._preparing -= 1
+
+    def check_capacity(self) -> None:
+        """503 (before the body is even read) when requests being prepared plus those in the engine
+        already reach `--max-pending-requests`: a flood cannot pile up bodies and work in front of the
+        engine either."""
+        limit = self.engine.max_pending_requests
+        if limit is not None and self.engine.num_pending_requests + self._preparing >= limit:
+            raise APIError(503, f"the server is at its limit of {limit} pending requests; retry later",
+                           headers={"Retry-After": RETRY_AFTER_S})
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -393,3 +393,22 @@ def test_flood_beyond_max_pending_gets_fast_503_with_retry_after(server: Backgro
     monkeypatch.undo()
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         _healthy_and_serving(c, server)
+
+
+def test_requests_in_preparation_count_toward_the_limit(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-pending-requests also bounds requests still being parsed and tokenized: past it, a new
+    request is refused before its body is read, so a flood cannot pile up work in front of the engine."""
+    monkeypatch.setattr(server.engine, "max_pending_requests", 1)
+    prepare = server.serving.prepare_completion
+    monkeypatch.setattr(server.serving, "prepare_completion", lambda req: (time.sleep(1.5), prepare(req))[1])
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        done: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: done.update(r=c.post(C, json={"model": MODEL, "prompt": "hi", "max_tokens": 2})))
+        t.start()
+        assert _wait_for(lambda: server.serving._preparing == 1, 5)
+        t0 = time.monotonic()
+        r = c.post(C, json={"model": MODEL, "prompt": "x" * 30000, "max_tokens": 2})
+        err = _assert_openai_error(r, 503)
+        assert time.monotonic() - t0 < 1.0 and r.headers["Retry-After"] == "1" and "limit" in err["message"]
+        t.join(30)
+        assert done["r"].status_code == 200
