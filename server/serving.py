@@ -470,7 +470,9 @@ class OpenAIServing:
         out = []
         for item in items:
             if isinstance(item, str):
-                out.append((item, self.encode(item, req.add_special_tokens)))
+                ids = self.encode(item, req.add_special_tokens)
+                self._max_tokens(None, len(ids), "max_tokens")  # an over-long prompt stops the work at once
+                out.append((item, ids))
             else:
                 out.append((None, [int(t) for t in item]))
         return out
