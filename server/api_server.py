@@ -358,7 +358,7 @@ async def _drain_when_asked(asked: asyncio.Event, serving: OpenAIServing, http: 
     if engine.num_pending_requests:
         # Stopping the engine ends each of them with an error (HTTP 500, an error event in a stream,
         # gRPC UNAVAILABLE) at the next step boundary, rather than leaving them for uvicorn to cut.
-        logger.warning("drain ended with %d requests still in flight: they end with an error", engine.num_pending_requests)
+        logger.warning("drain ended with %d request(s) still in flight: they end with an error", engine.num_pending_requests)
         engine.shutdown(timeout=0)
     else:
         logger.info("drained: no request in flight")
