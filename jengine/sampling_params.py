@@ -22,6 +22,11 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 INT32_MAX = 2**31 - 1  # token ids and counts go into int32 step tensors
+# The sampler works in float32: these bounds keep logits / repetition_penalty, logits / temperature and
+# logits + bias finite (a penalty of 1e-38 overflowed to inf, and the sampler then picked no valid token).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
+MAX_TEMPERATURE = 1e6
+MAX_ABS_LOGIT_BIAS = 1e6
 
 
 @dataclasses.dataclass
@@ -88,8 +93,10 @@ class SamplingParams:
         for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
             value = _check_real(getattr(self, name), name)
             _check(lo <= value <= hi, name, f"must be in [{lo:g}, {hi:g}], got {value}")
-        _check(_check_real(self.repetition_penalty, "repetition_penalty") > 0.0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        _check(_check_real(self.temperature, "temperature") >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(MIN_REPETITION_PENALTY <= _check_real(self.repetition_penalty, "repetition_penalty") <= MAX_REPETITION_PENALTY,
+               "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (> 0), got {self.repetition_penalty}")
+        _check(0.0 <= _check_real(self.temperature, "temperature") <= MAX_TEMPERATURE, "temperature",
+               f"must be in [0, {MAX_TEMPERATURE:g}] (>= 0), got {self.temperature}")
         _check(0.0 < _check_real(self.top_p, "top_p") <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX, "top_k", f"must be -1, 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k!r}")
         _check(0.0 <= _check_real(self.min_p, "min_p") <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
@@ -119,8 +126,8 @@ class SamplingParams:
         if self.logit_bias:
             bad = next((t for t in self.logit_bias if not 0 <= t <= INT32_MAX), None)
             _check(bad is None, "logit_bias", f"keys must be token ids (non-negative integers), got {bad}")
-            bad_bias = next((b for b in self.logit_bias.values() if not math.isfinite(b)), None)
-            _check(bad_bias is None, "logit_bias", f"biases must be finite, got {bad_bias}")
+            bad_bias = next((b for b in self.logit_bias.values() if not (math.isfinite(b) and abs(b) <= MAX_ABS_LOGIT_BIAS)), None)
+            _check(bad_bias is None, "logit_bias", f"biases must be finite numbers in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}], got {bad_bias}")
         if self.structured_outputs is not None:
             _check(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
                    f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")

@@ -36,7 +36,8 @@ from jengine.engine.async_engine import AsyncEngine
 
 from .guards import BodySizeLimitMiddleware, error_response, json_response
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request, validation_error
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request,
+                       specialize_schema, validation_error)
 from .serving import DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, OpenAIServing
 
 logger = logging.getLogger("jengine.server")
@@ -200,6 +201,9 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     async def _parse(request: Request, cls: type) -> Any:
         """The request model from the body, parsed on the preprocessing pool (the body is read first,
         under the size limit, so nothing else reads from the connection meanwhile)."""
+        if cls in (CompletionRequest, ChatCompletionRequest):
+            serving.check_admitting()
+            serving.check_capacity()
         raw = await request.body()
         return await serving.run_sync(parse_request, cls, raw)
 
@@ -242,13 +246,14 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    _add_request_schemas(app, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
+    _add_request_schemas(app, serving, (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
     return app
 
 
-def _add_request_schemas(app: FastAPI, models: Sequence[type]) -> None:
+def _add_request_schemas(app: FastAPI, serving: OpenAIServing, models: Sequence[type]) -> None:
     """Puts the request models (and the models they use) into the OpenAPI components, where the
-    endpoints' `$ref`s point: the bodies are parsed by hand, so FastAPI does not list them itself."""
+    endpoints' `$ref`s point (the bodies are parsed by hand, so FastAPI does not list them itself), with
+    the bounds of this model and these flags filled in."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -259,6 +264,9 @@ def _add_request_schemas(app: FastAPI, models: Sequence[type]) -> None:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
+            specialize_schema(components, model_names=serving.served_model_names, vocab_size=serving.vocab_size,
+                              max_model_len=serving.max_model_len, max_logprobs=serving.max_logprobs,
+                              trust_request_chat_template=serving.trust_request_chat_template)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -350,7 +358,7 @@ async def _drain_when_asked(asked: asyncio.Event, serving: OpenAIServing, http: 
     if engine.num_pending_requests:
         # Stopping the engine ends each of them with an error (HTTP 500, an error event in a stream,
         # gRPC UNAVAILABLE) at the next step boundary, rather than leaving them for uvicorn to cut.
-        logger.warning("drain ended with %d requests still in flight: they end with an error", engine.num_pending_requests)
+        logger.warning("drain ended with %d request(s) still in flight: they end with an error", engine.num_pending_requests)
         engine.shutdown(timeout=0)
     else:
         logger.info("drained: no request in flight")

@@ -2,7 +2,8 @@
 
 `Generate` is server-streaming: one message per choice whenever that choice has new text (or ends),
 usage on the last message. Sampling parameters go through the same `build_sampling_params` and engine
-validation as HTTP, so an invalid request gets INVALID_ARGUMENT with the same message. A cancelled call
+validation as HTTP (on the same preprocessing pool, off the event loop), so an invalid request gets
+INVALID_ARGUMENT with the same message. A cancelled call
 (client gone, deadline) cancels the handler task, whose `finally` aborts the engine request. A dead
 engine answers UNAVAILABLE. The standard `grpc.health.v1.Health` service (overall and per service,
 flipped to NOT_SERVING when the engine dies) and server reflection are registered.
@@ -73,7 +74,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if request.messages:
             msgs = [{"role": m.role, "content": m.content} for m in request.messages]
             text = self.serving.render_chat(msgs, chat_template=None, add_generation_prompt=True, continue_final_message=False, kwargs=None)
-            return text, self.serving.encode(text, bool(special)), "messages"
+            return text, self.serving.encode(text, bool(special), param="messages"), "messages"
         if request.prompt:
             return request.prompt, self.serving.encode(request.prompt, True if special is None else special), "prompt"
         return None, [int(t) for t in request.prompt_token_ids], "prompt_token_ids"
@@ -90,6 +91,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             out.append(msg)
         return out
 
+    def _prepare(self, request: Any) -> tuple[Optional[str], list[int], Any]:
+        """Checks, renders/tokenizes and validates a Generate request (on the preprocessing pool)."""
+        self.serving.check_model(request.model)
+        text, ids, prompt_param = self._prompt(request)
+        fields = self._sampling_fields(request.sampling_params)
+        max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens", prompt_param)
+        try:
+            params = build_sampling_params({**fields, "max_tokens": max_tokens}, self.serving.max_logprobs)
+            self.engine.validate(ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param=prompt_param) from e
+        return text, ids, params
+
     @staticmethod
     async def _abort(context: Any, error: APIError) -> None:
         await context.abort(_status_for(error), error.message)
@@ -98,15 +112,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         try:
             self.serving.check_admitting()
-            self.serving.check_model(request.model)
-            text, ids, prompt_param = self._prompt(request)
-            fields = self._sampling_fields(request.sampling_params)
-            max_tokens = self.serving._max_tokens(fields.pop("max_tokens", None), len(ids), "max_tokens", prompt_param)
-            try:
-                params = build_sampling_params({**fields, "max_tokens": max_tokens}, self.serving.max_logprobs)
-                self.engine.validate(ids, params)
-            except ValueError as e:
-                raise APIError(400, str(e), param=prompt_param) from e
+            self.serving.check_capacity()
+            text, ids, params = await self.serving.run_sync(self._prepare, request)  # off the event loop
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             try:
                 stream = self.engine.add_request(rid, ids, params, prompt=text, priority=request.priority)
@@ -159,18 +166,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             stream.cancel()  # no-op after a normal finish; aborts on cancellation or error
 
+    def _tokenize(self, request: Any) -> list[int]:
+        self.serving.check_model(request.model)
+        if bool(request.prompt) == bool(request.messages):
+            raise APIError(400, "set exactly one of prompt or messages", param="prompt")
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else None
+        if request.messages:
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = self.serving.render_chat(msgs, chat_template=None, add_generation_prompt=True, continue_final_message=False, kwargs=None)
+            return self.serving.encode(text, bool(special), param="messages")
+        return self.serving.encode(request.prompt, True if special is None else special)
+
     async def Tokenize(self, request: Any, context: Any) -> Any:
         try:
-            self.serving.check_model(request.model)
-            if bool(request.prompt) == bool(request.messages):
-                raise APIError(400, "set exactly one of prompt or messages", param="prompt")
-            special = request.add_special_tokens if request.HasField("add_special_tokens") else None
-            if request.messages:
-                msgs = [{"role": m.role, "content": m.content} for m in request.messages]
-                text = self.serving.render_chat(msgs, chat_template=None, add_generation_prompt=True, continue_final_message=False, kwargs=None)
-                ids = self.serving.encode(text, bool(special))
-            else:
-                ids = self.serving.encode(request.prompt, True if special is None else special)
+            ids = await self.serving.run_sync(self._tokenize, request)  # off the event loop
         except APIError as e:
             await self._abort(context, e)
             return pb.TokenizeResponse()

@@ -3,7 +3,9 @@
 Requests are pydantic models that ignore unknown fields, as OpenAI-compatible servers must (clients
 send fields this server does not know). Sampling ranges are not checked here: `SamplingParams.verify`
 owns them, so HTTP, gRPC and the Python API reject the same values with the same messages; only
-`priority` (not a sampling field) is bounded here. `parse_request` parses a body with pydantic's JSON
+`priority` (not a sampling field) is bounded here. The OpenAPI schema still states those ranges
+(`_doc`: schema-only annotations built from the same constants, plus the model-dependent bounds that
+`api_server` fills in), so clients and schema-driven fuzzers know what is accepted. `parse_request` parses a body with pydantic's JSON
 parser, which also rejects lone surrogate escapes and nesting over a fixed depth. Responses are built
 as plain dicts (see `serving.py`): they are only ever serialized.
 """
@@ -13,6 +15,27 @@ from collections.abc import Sequence
 from typing import Any, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jengine.sampling_params import (INT32_MAX, MAX_N, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
+                                     MAX_TEMPERATURE, MIN_REPETITION_PENALTY)
+from jengine.worker.model_runner import MAX_LOGIT_BIAS as MAX_LOGIT_BIAS_ENTRIES
+
+
+def _doc(default: Any = None, **schema: Any) -> Any:
+    """A field whose OpenAPI schema carries `schema` (ranges, lengths) without pydantic enforcing it."""
+    return Field(default, json_schema_extra=schema)
+
+
+_TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}, "required": ["type", "text"]}
+MESSAGE_SCHEMA = {
+    "type": "object", "required": ["role"],
+    "properties": {"role": {"type": "string"},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}},
+}
+_STOP = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
+                   {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}},
+                   {"type": "null"}]}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 
 
 class APIError(Exception):
@@ -48,29 +71,31 @@ class _SamplingFields(_Request):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: Optional[str] = None
-    n: int = 1
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
+    n: int = _doc(1, minimum=1, maximum=MAX_N)
+    seed: Optional[int] = _doc(minimum=-(2**63), maximum=2**64 - 1)
+    stop: Optional[Union[str, list[str]]] = _doc(**_STOP)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    response_format: Optional[dict[str, Any]] = None  # only {"type": "text"}: no structured output yet
+    temperature: Optional[float] = _doc(minimum=0, maximum=MAX_TEMPERATURE)
+    top_p: Optional[float] = _doc(exclusiveMinimum=0, maximum=1)
+    presence_penalty: float = _doc(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float = _doc(0.0, minimum=-2, maximum=2)
+    logit_bias: Optional[dict[str, float]] = _doc(anyOf=[{"type": "object", "maxProperties": MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                                          "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}, {"type": "null"}])
+    response_format: Optional[dict[str, Any]] = _doc(anyOf=[{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+                                                            {"type": "null"}])  # only text: no structured output yet
     user: Optional[str] = None
     # vLLM extras
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
+    top_k: Optional[int] = _doc(minimum=-1, maximum=INT32_MAX)
+    min_p: Optional[float] = _doc(minimum=0, maximum=1)
+    repetition_penalty: Optional[float] = _doc(minimum=MIN_REPETITION_PENALTY, maximum=MAX_REPETITION_PENALTY)
+    min_tokens: int = _doc(0, minimum=0, maximum=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[int]] = _doc(anyOf=[{**_TOKEN_IDS, "maxItems": MAX_STOP_TOKEN_IDS}, {"type": "null"}])
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    prompt_logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = _doc(minimum=0)
     priority: int = Field(0, ge=-(2**63), lt=2**63)
     request_id: Optional[str] = None
     return_tokens_as_token_ids: bool = False
@@ -80,21 +105,23 @@ PromptField = Union[str, list[str], list[int], list[list[int]]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: PromptField
-    max_tokens: Optional[int] = 16
+    prompt: PromptField = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "maxItems": 256, "items": {"type": "string", "minLength": 1}},
+        {**_TOKEN_IDS, "minItems": 1}, {"type": "array", "minItems": 1, "maxItems": 256, "items": {**_TOKEN_IDS, "minItems": 1}}]})
+    max_tokens: Optional[int] = _doc(16, minimum=1)
     echo: bool = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    logprobs: Optional[int] = _doc(minimum=0)
+    best_of: Optional[int] = _doc(minimum=1, maximum=MAX_N, description="must equal n when set")
+    suffix: Optional[str] = _doc(maxLength=0, description="not supported: only empty")
     add_special_tokens: bool = True
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[dict[str, Any]]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    messages: list[dict[str, Any]] = Field(json_schema_extra={"minItems": 1, "items": MESSAGE_SCHEMA})
+    max_tokens: Optional[int] = _doc(minimum=1)
+    max_completion_tokens: Optional[int] = _doc(minimum=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = _doc(minimum=0, description="needs logprobs: true")
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -102,13 +129,17 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = False
     tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Any] = None
+    tool_choice: Optional[Any] = _doc(anyOf=[{"const": "none"}, {"type": "null"}], description="tool calls are not parsed: only none")
 
 
 class TokenizeRequest(_Request):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [  # exactly one of prompt and messages
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
+
     model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[dict[str, Any]]] = None
+    prompt: Optional[str] = _doc(description="exactly one of prompt and messages")
+    messages: Optional[list[dict[str, Any]]] = _doc(anyOf=[{"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA}, {"type": "null"}])
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -120,7 +151,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra=_TOKEN_IDS)
 
 
 def validation_error(errors: Sequence[Any]) -> APIError:
@@ -147,3 +178,38 @@ def parse_request(cls: type[RequestT], raw: bytes) -> RequestT:
         return cls.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
+
+
+def specialize_schema(components: dict[str, Any], *, model_names: Sequence[str], vocab_size: int, max_model_len: int,
+                      max_logprobs: int, trust_request_chat_template: bool) -> None:
+    """Fills the bounds that depend on the served model and the server's flags into the request
+    schemas (OpenAPI components, in place): model names, token ids below the vocabulary size, token
+    counts within the context window, logprob counts up to --max-logprobs, request chat templates only
+    when trusted."""
+    def token_ids(node: Any) -> None:  # every integer array item in a token-id field gets the vocabulary bound
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and node.get("minimum") == 0:
+                node["maximum"] = vocab_size - 1
+            for value in node.values():
+                token_ids(value)
+        elif isinstance(node, list):
+            for value in node:
+                token_ids(value)
+
+    for name in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
+        props = components.get(name, {}).get("properties", {})
+        if "model" in props:
+            props["model"] = {"anyOf": [{"enum": list(model_names)}, {"type": "null"}], "default": None}
+        for field in ("prompt", "stop_token_ids", "tokens"):
+            if field in props:
+                token_ids(props[field])
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field]["maximum"] = max_model_len - 1
+        for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            if field in props and props[field].get("minimum") == 0:
+                props[field]["maximum"] = max_logprobs
+        if "top_k" in props:
+            props["top_k"]["maximum"] = vocab_size
+        if "chat_template" in props and not trust_request_chat_template:
+            props["chat_template"] = {"type": "null", "default": None, "description": "refused unless --trust-request-chat-template"}

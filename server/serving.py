@@ -190,6 +190,7 @@ class OpenAIServing:
         self.created = int(time.time())
         self.trust_request_chat_template = trust_request_chat_template
         self.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
+        self._preparing = 0  # run_sync calls queued or running (event loop only)
         self.chat_template_timeout_s = chat_template_timeout_s
         # Private copies: the engine thread decodes with its own tokenizer, the event loop (this thread)
         # uses `self.tokenizer`, and each preprocessing thread makes its own on first use.
@@ -221,7 +222,20 @@ class OpenAIServing:
 
     async def run_sync(self, fn: Any, *args: Any) -> Any:
         """`fn(*args)` on the preprocessing pool, awaited from the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        self._preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._preparing -= 1
+
+    def check_capacity(self) -> None:
+        """503 (before the body is even read) when requests being prepared plus those in the engine
+        already reach `--max-pending-requests`: a flood cannot pile up bodies and work in front of the
+        engine either."""
+        limit = self.engine.max_pending_requests
+        if limit is not None and self.engine.num_pending_requests + self._preparing >= limit:
+            raise APIError(503, f"the server is at its limit of {limit} pending requests; retry later",
+                           headers={"Retry-After": RETRY_AFTER_S})
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -456,7 +470,9 @@ class OpenAIServing:
         out = []
         for item in items:
             if isinstance(item, str):
-                out.append((item, self.encode(item, req.add_special_tokens)))
+                ids = self.encode(item, req.add_special_tokens)
+                self._max_tokens(None, len(ids), "max_tokens")  # an over-long prompt stops the work at once
+                out.append((item, ids))
             else:
                 out.append((None, [int(t) for t in item]))
         return out
@@ -703,9 +719,13 @@ class OpenAIServing:
             body["token_strs"] = self._tok.convert_ids_to_tokens(ids)
         return body
 
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.engine.core, "vocab_size", 0) or len(self.tokenizer))
+
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(req.model)
-        vocab = int(getattr(self.engine.core, "vocab_size", 0) or len(self._tok))
+        vocab = self.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens contains {bad[0]}, outside the vocabulary [0, {vocab})", param="tokens")

@@ -170,11 +170,32 @@ def test_seeded_request_same_whatever_shares_the_batch(llm):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
-def test_n_children_share_prompt_and_differ(llm):
-    out = llm.generate("Hello world", SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+def test_n_children_share_prompt_and_differ(llm, monkeypatch):
+    """n=3 children of a 40-token prompt hold the same physical pages for its two full pages (the later
+    children find them in the prefix cache), and sample different continuations."""
+    core = llm.engine
+    kv = core.kv_cache_manager
+    tables: list[dict[str, list[int]]] = []
+    step = core.step
+
+    def recording_step():
+        out = step()
+        tables.append({rid: kv.get_block_table(rid) for rid in kv.request_ids()})
+        return out
+
+    monkeypatch.setattr(core, "step", recording_step)
+    hits_before = kv.prefix_cache_hits
+    prompt = random_prompts(31, [40])[0]  # a prompt no other test uses: nothing of it is cached yet
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     assert all(len(c.token_ids) == 10 for c in out.outputs)
+    full_pages = len(prompt) // kv.page_size
+    assert full_pages == 2
+    shared = [t for t in tables if len(t) == 3]
+    assert shared, "the three children never ran together"
+    assert all(len({tuple(pages[:full_pages]) for pages in t.values()}) == 1 for t in shared), shared[0]
+    assert kv.prefix_cache_hits - hits_before == 2 * full_pages * kv.page_size  # children 1 and 2 reuse both pages
 
 
 def test_stop_strings_min_tokens_ignore_eos_and_logprobs(llm):
@@ -234,9 +255,10 @@ def test_prompt_logprobs_match_hf(llm, hf_llama):
 
 
 def test_chat_applies_template(llm):
-    out = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=3), use_tqdm=False)[0]
+    out = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert out.prompt.startswith("<|user|>Hello") and out.prompt.endswith("<|assistant|>")
-    assert len(out.outputs[0].token_ids) <= 3
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(out.prompt, add_special_tokens=False)
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,9 @@ OBJECT_CASES = [
     (C, {"prompt": "hi", "top_k": BIG, "temperature": 1.0}, 400, "top_k"),
     (C, {"prompt": "hi", "top_k": VOCAB_SIZE + 1, "temperature": 1.0}, 400, "top_k"),
     (C, {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    (C, {"prompt": "hi", "repetition_penalty": 1e-38, "temperature": 1.0}, 400, "repetition_penalty"),  # overflowed float32 in the sampler
+    (C, {"prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),
+    (C, {"prompt": "hi", "temperature": 1e300}, 400, "temperature"),
     (C, {"prompt": "hi", "priority": 2**70}, 400, "priority"),
     (C, {"prompt": "hi", "logit_bias": {str(BIG): 1}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
@@ -243,6 +246,20 @@ def test_a_request_that_fails_in_the_step_fails_alone(http: httpx.Client, server
     _healthy_and_serving(http, server)
     assert core.kv_cache_manager.num_free_pages == free_before
     assert not core.scheduler.has_unfinished_requests() and not core.output_processor.child_ids("nothing")
+
+
+def test_a_request_whose_sampling_goes_non_finite_fails_alone(http: httpx.Client, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the float32-safety bound lifted, a repetition penalty of 1e-38 turns the logits into inf/NaN
+    and the sampler returns no valid token: that request fails (500), the engine goes on."""
+    from jengine import sampling_params
+
+    monkeypatch.setattr(sampling_params, "MIN_REPETITION_PENALTY", 0.0)
+    bad = http.post(C, json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 1.0, "seed": 1, "repetition_penalty": 1e-38})
+    err = _assert_openai_error(bad, 500)
+    assert "invalid token id" in err["message"]
+    assert server.engine.healthy
+    _healthy_and_serving(http, server)
+    assert not server.engine.core.scheduler.has_unfinished_requests()
 
 
 def test_still_healthy_after_everything(http: httpx.Client, server: BackgroundServer) -> None:
@@ -376,3 +393,22 @@ def test_flood_beyond_max_pending_gets_fast_503_with_retry_after(server: Backgro
     monkeypatch.undo()
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         _healthy_and_serving(c, server)
+
+
+def test_requests_in_preparation_count_toward_the_limit(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-pending-requests also bounds requests still being parsed and tokenized: past it, a new
+    request is refused before its body is read, so a flood cannot pile up work in front of the engine."""
+    monkeypatch.setattr(server.engine, "max_pending_requests", 1)
+    prepare = server.serving.prepare_completion
+    monkeypatch.setattr(server.serving, "prepare_completion", lambda req: (time.sleep(1.5), prepare(req))[1])
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        done: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: done.update(r=c.post(C, json={"model": MODEL, "prompt": "hi", "max_tokens": 2})))
+        t.start()
+        assert _wait_for(lambda: server.serving._preparing == 1, 5)
+        t0 = time.monotonic()
+        r = c.post(C, json={"model": MODEL, "prompt": "x" * 30000, "max_tokens": 2})
+        err = _assert_openai_error(r, 503)
+        assert time.monotonic() - t0 < 1.0 and r.headers["Retry-After"] == "1" and "limit" in err["message"]
+        t.join(30)
+        assert done["r"].status_code == 200

@@ -57,6 +57,12 @@ def _metric(http: httpx.Client, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
+def _metric_value(text: str, name: str) -> float:
+    m = re.search(rf"^jengine:{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+    assert m, f"jengine:{name} not in /metrics"
+    return float(m.group(1))
+
+
 def _greedy(**kw: Any) -> dict[str, Any]:
     return {"model": MODEL, "temperature": 0.0, "ignore_eos": True, **kw}
 
@@ -285,10 +291,30 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
     assert none.choices[0].logprobs is None
 
 
-def test_vllm_extras_and_unknown_fields_accepted(client: openai.OpenAI) -> None:
+def test_vllm_extras_and_unknown_fields_accepted(client: openai.OpenAI, server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's extra sampling fields reach the engine's `SamplingParams` (and priority its queue); an
+    unknown field is ignored."""
+    engine = server.engine
+    seen: list[tuple[Any, int]] = []
+    add = engine.add_request
+
+    def recording_add(request_id: str, ids: Any, params: Any, **kw: Any) -> Any:
+        seen.append((params, kw.get("priority")))
+        return add(request_id, ids, params, **kw)
+
+    monkeypatch.setattr(engine, "add_request", recording_add)
     out = _completion(client, "Hello", max_tokens=4, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.2,
-                      min_tokens=2, presence_penalty=0.5, frequency_penalty=0.5, priority=0, foo={"bar": 1}, user="u", seed=3)
+                      min_tokens=2, presence_penalty=0.5, frequency_penalty=0.5, priority=3, foo={"bar": 1}, user="u", seed=3,
+                      stop_token_ids=[7], include_stop_str_in_output=True, extra_body={"skip_special_tokens": False,
+                                                                                        "spaces_between_special_tokens": False})
     assert out.usage.completion_tokens >= 2
+    assert len(seen) == 1
+    params, priority = seen[0]
+    expected = dict(max_tokens=4, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.2, min_tokens=2,
+                    presence_penalty=0.5, frequency_penalty=0.5, seed=3, stop_token_ids=[7], include_stop_str_in_output=True,
+                    skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert {k: getattr(params, k) for k in expected} == expected
+    assert priority == 3 and not hasattr(params, "foo")
 
 
 def test_logit_bias(client: openai.OpenAI, http: httpx.Client) -> None:
@@ -538,6 +564,7 @@ def test_engine_death_gives_503_health_and_500s() -> None:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             ok = c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3}).json()
             assert ok["usage"]["completion_tokens"] == 3 and ok["choices"][0]["finish_reason"] == "length"
+            assert _metric_value(c.get("/metrics").text, "engine_healthy") == 1.0
             core.slow = 0.05
             done: dict[str, Any] = {}
             pending = threading.Thread(target=lambda: done.update(r=c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 60})))
@@ -551,7 +578,7 @@ def test_engine_death_gives_503_health_and_500s() -> None:
             assert r.status_code == 500 and r.json()["error"]["message"]
             with c.stream("POST", "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True}) as s:
                 assert s.status_code == 500
-            assert "jengine:engine_healthy" in c.get("/metrics").text
+            assert _metric_value(c.get("/metrics").text, "engine_healthy") == 0.0
 
 
 def test_overloaded_engine_gives_503() -> None:

@@ -30,6 +30,7 @@ from jengine.spec_decode.speculator import Speculator
 from jengine.structured_output.manager import StructuredOutputManager
 from jengine.tokenizer import load_tokenizer
 from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
+from jengine.worker.step_inputs import logit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,13 @@ class EngineCore:
                 step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 return self._fail_unrunnable(sched.scheduled, error)
+            counts = logit_rows(sched.scheduled)
+            ends = np.cumsum(counts)
+            ids = np.asarray(step_out.token_ids)
+            invalid = [s for s, n, end in zip(sched.scheduled, counts, ends)
+                       if s.samples and not ((ids[end - n:end] >= 0) & (ids[end - n:end] < self.vocab_size)).all()]
+            if invalid:  # non-finite logits (say): fail those requests; the others recompute this step next time
+                return self._fail_requests([(seq, "the sampler produced an invalid token id (non-finite logits?)") for seq in invalid])
             if self.speculator is not None:
                 sampled = self.speculator.accept(sched.scheduled, step_out.token_ids)
             else:
@@ -257,7 +265,7 @@ class EngineCore:
         alone), ends them with finish_reason "error" and returns their outputs; the step is skipped and
         the other rows run again next step (their pages and computed tokens are unchanged). Re-raises
         `error` when no single request explains it: then the engine itself is broken."""
-        failed = []
+        culprits: list[tuple[Any, str]] = []
         for seq in scheduled:
             if not seq.samples:
                 continue
@@ -265,11 +273,20 @@ class EngineCore:
                 build_sampling_tensors([self._row_state(seq.request)], 1, vocab_size=self.vocab_size, max_stop_tokens=MAX_STOP_TOKENS,
                                        max_logprobs=self.config.max_logprobs, max_logit_bias=MAX_LOGIT_BIAS)
             except Exception as e:  # noqa: BLE001 - this request's own fault
-                logger.error("request %s cannot run and is failed: %r", seq.request_id, e)
-                failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
-                                                         stop_reason=f"the engine could not run this request: {e}")
-        if not failed:
+                culprits.append((seq, repr(e)))
+        if not culprits:
             raise error
+        return self._fail_requests(culprits)
+
+    def _fail_requests(self, culprits: Sequence[tuple[Any, str]]) -> list[RequestOutput]:
+        """Ends the requests of the (scheduled row, reason) pairs with finish_reason "error" and returns
+        their outputs; the step's results are dropped, so the other rows run it again next step (their
+        computed tokens did not advance; rewriting the same KV slots gives the same values)."""
+        failed = []
+        for seq, reason in culprits:
+            logger.error("request %s cannot run and is failed: %s", seq.request_id, reason)
+            failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
+                                                     stop_reason=f"the engine could not run this request: {reason}")
         outputs, _ = self.output_processor.process([], None, failed)
         for req in failed:
             self._forget(req.request_id)
