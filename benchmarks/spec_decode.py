@@ -3,11 +3,11 @@
     python benchmarks/spec_decode.py                         # SmolLM2-135M float32, k = 3
     python benchmarks/spec_decode.py --num-speculative-tokens 4 --out benchmarks/results/spec_decode_cpu.json
 
-Two prompt sets, each request run alone (one stream), greedy, `max_tokens` fixed:
+Two prompt sets, each request run alone (one stream), greedy, at most `--max-tokens` tokens:
 - copy-heavy: chat prompts that ask the model to repeat, edit or continue a given text or code, so the
-  answer reproduces spans of the prompt (what prompt-lookup drafts are for);
-- random: prompts of random token ids, where drafts rarely match (speculation must back off and cost
-  next to nothing).
+  answer reproduces spans of the prompt (what prompt-lookup drafts are for); each ends at EOS;
+- random: prompts of random token ids, run to `--max-tokens` (`ignore_eos`); drafts match only when
+  the model starts repeating itself (speculation must back off when they fail and cost next to nothing).
 Each side (plain, ngram) runs in its own process, one after the other. Time per output token is the
 request's time after its first token divided by the tokens after the first. Prints a table with the
 median per set, the ratio plain / ngram (above 1 means speculation is faster) and the acceptance
@@ -53,9 +53,10 @@ def run_side(side: str, k: int, max_tokens: int, num_random: int) -> dict:
                                   add_special_tokens=False) for p in COPY_HEAVY],
         "random": [np.random.default_rng(i).integers(100, 49000, size=200).tolist() for i in range(num_random)],
     }
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict = {"side": side, "sets": {}}
     for name, prompts in sets.items():
+        # Chat answers end at EOS as they would in use; random prompts have no answer to end, so they run to max_tokens.
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=name == "random")
         tpots, outputs = [], []
         before = dict(vars(llm.engine.speculator.stats)) if llm.engine.speculator else None
         for ids in prompts:
