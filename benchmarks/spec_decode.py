@@ -61,7 +61,6 @@ def run_side(side: str, k: int, max_tokens: int, num_random: int) -> dict:
         before = dict(vars(llm.engine.speculator.stats)) if llm.engine.speculator else None
         for ids in prompts:
             ids = list(ids)
-            start = time.perf_counter()
             first = None
             engine = llm.engine
             engine.add_request("r", ids, params)

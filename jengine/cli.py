@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jengine
 from jengine.config import EngineArgs

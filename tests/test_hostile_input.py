@@ -17,7 +17,7 @@ import pytest
 
 from jengine.server.api_server import BackgroundServer
 from tiny_models import VOCAB_SIZE
-from tiny_server import StepWatch, slow_down_steps, tiny_server
+from tiny_server import StepWatch, eventually, slow_down_steps, tiny_server
 
 KEY = "sk-hostile"
 MODEL = "tiny"
@@ -305,18 +305,9 @@ def test_env_key_guards_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: An
 
 
 # ----- a client that goes away frees its pages within one step -----------------------------------------
-def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _assert_freed_within_one_step(server: BackgroundServer, watch: StepWatch, free_before: int, closed_at: float) -> None:
     core = server.engine.core
-    assert _wait_for(lambda: bool(watch.freed) and not core.scheduler.has_unfinished_requests()), "the request kept running"
+    assert eventually(lambda: bool(watch.freed) and not core.scheduler.has_unfinished_requests(), interval=0.02), "the request kept running"
     assert len(watch.asked) == 1 and watch.asked.keys() == watch.freed.keys()
     rid = next(iter(watch.asked))
     assert watch.freed[rid] - watch.asked[rid] <= 1, (watch.asked, watch.freed)
@@ -405,7 +396,7 @@ def test_requests_in_preparation_count_toward_the_limit(server: BackgroundServer
         done: dict[str, Any] = {}
         t = threading.Thread(target=lambda: done.update(r=c.post(C, json={"model": MODEL, "prompt": "hi", "max_tokens": 2})))
         t.start()
-        assert _wait_for(lambda: server.serving._preparing == 1, 5)
+        assert eventually(lambda: server.serving._preparing == 1, 5)
         t0 = time.monotonic()
         r = c.post(C, json={"model": MODEL, "prompt": "x" * 30000, "max_tokens": 2})
         err = _assert_openai_error(r, 503)

@@ -23,7 +23,7 @@ from jengine.engine.async_engine import AsyncEngine
 from jengine.outputs import CompletionOutput, RequestOutput
 from jengine.server.api_server import BackgroundServer, ServerSettings
 from tiny_models import make_tiny_tokenizer
-from tiny_server import slow_down_steps, tiny_server
+from tiny_server import eventually, slow_down_steps, tiny_server
 
 KEYS = ("sk-test-one", "sk-test-two")
 MODEL = "tiny"
@@ -465,15 +465,6 @@ def test_sixteen_concurrent_requests(client: openai.OpenAI) -> None:
         assert results[i] == _completion(client, prompts[i], max_tokens=12, temperature=0.0, ignore_eos=True).choices[0].text
 
 
-def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_down_steps(server.engine, monkeypatch)
     aborted_before = _metric(http, "vllm:request_success_total", 'finished_reason="abort"')
@@ -485,8 +476,8 @@ def test_disconnecting_stream_is_aborted(server: BackgroundServer, http: httpx.C
             assert all(g.startswith("data: ") or g == "" for g in got)
             assert _metric(http, "vllm:num_requests_running") >= 1
     # The client closed the connection mid-stream: the request leaves the batch within seconds.
-    assert _wait_for(lambda: _metric(http, "vllm:num_requests_running") == 0), "request still running after disconnect"
-    assert _wait_for(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
+    assert eventually(lambda: _metric(http, "vllm:num_requests_running") == 0), "request still running after disconnect"
+    assert eventually(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
 
 
 def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,17 +487,17 @@ def test_disconnecting_non_stream_is_aborted(server: BackgroundServer, http: htt
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=httpx.Timeout(10.0, read=0.2)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json=body)
-    assert _wait_for(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
-    assert _wait_for(lambda: _metric(http, "vllm:num_requests_running") == 0)
+    assert eventually(lambda: _metric(http, "vllm:request_success_total", 'finished_reason="abort"') == aborted_before + 1)
+    assert eventually(lambda: _metric(http, "vllm:num_requests_running") == 0)
 
 
 def test_token_counters_move(client: openai.OpenAI, http: httpx.Client) -> None:
     gen0, prompt0 = _metric(http, "vllm:generation_tokens_total"), _metric(http, "vllm:prompt_tokens_total")
     hist0 = {h: _metric(http, f"vllm:{h}") for h in ("request_generation_tokens_sum", "request_prompt_tokens_sum", "request_time_per_output_token_seconds_count")}
     out = _completion(client, "Hello world", max_tokens=5, temperature=0.0, ignore_eos=True)
-    assert _wait_for(lambda: _metric(http, "vllm:generation_tokens_total") == gen0 + 5)
+    assert eventually(lambda: _metric(http, "vllm:generation_tokens_total") == gen0 + 5)
     assert _metric(http, "vllm:prompt_tokens_total") == prompt0 + out.usage.prompt_tokens
-    assert _wait_for(lambda: _metric(http, "vllm:request_generation_tokens_sum") == hist0["request_generation_tokens_sum"] + 5)
+    assert eventually(lambda: _metric(http, "vllm:request_generation_tokens_sum") == hist0["request_generation_tokens_sum"] + 5)
     assert _metric(http, "vllm:request_prompt_tokens_sum") == hist0["request_prompt_tokens_sum"] + out.usage.prompt_tokens
     assert _metric(http, "vllm:request_time_per_output_token_seconds_count") == hist0["request_time_per_output_token_seconds_count"] + 1
     assert _metric(http, "jengine:compilations_after_warmup_total") == 0
@@ -569,7 +560,7 @@ def test_engine_death_gives_503_health_and_500s() -> None:
             done: dict[str, Any] = {}
             pending = threading.Thread(target=lambda: done.update(r=c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 60})))
             pending.start()
-            assert _wait_for(lambda: bool(core.requests), 5)
+            assert eventually(lambda: bool(core.requests), 5)
             core.fail.set()
             pending.join(10)
             assert not pending.is_alive() and done["r"].status_code == 500, "a pending request must fail, not hang"
@@ -589,7 +580,7 @@ def test_overloaded_engine_gives_503() -> None:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             t = threading.Thread(target=lambda: c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 20}))
             t.start()
-            assert _wait_for(lambda: engine.num_pending_requests == 1, 5)
+            assert eventually(lambda: engine.num_pending_requests == 1, 5)
             r = c.post("/v1/completions", json={"model": "fake", "prompt": "hi"})
             assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
             t.join(10)

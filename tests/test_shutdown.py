@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tiny_models import make_tiny_checkpoint
+from tiny_server import eventually
 
 MAX_MODEL_LEN = 512
 MAX_TOKENS = 480
@@ -112,7 +113,7 @@ def _wait_admitted(srv: ServeProcess, num_sequences: int) -> None:
         return sum(float(m) for m in re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.M))
 
     with srv.client() as c:
-        assert _eventually(lambda: held(c) == num_sequences, 60), "the requests were not all admitted"
+        assert eventually(lambda: held(c) == num_sequences, 60), "the requests were not all admitted"
 
 
 def _finish_reasons(lines: list[str]) -> dict[int, str]:
@@ -131,7 +132,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(serve: Any) -> None:
     _wait_admitted(srv, 3 * N)
     srv.proc.send_signal(signal.SIGTERM)
     with srv.client() as c:
-        assert _eventually(lambda: c.get("/health").status_code == 503), "readiness must fail while draining"
+        assert eventually(lambda: c.get("/health").status_code == 503), "readiness must fail while draining"
         refused = c.post("/v1/completions", json={"prompt": "late", "max_tokens": 2})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down" and refused.headers["Retry-After"]
     for t in threads:
@@ -156,15 +157,6 @@ def test_shutdown_timeout_ends_what_is_left_with_an_error(serve: Any) -> None:
     assert "they end with an error" in srv.log
     for i, got in lines.items():  # none hangs or is cut silently: an error event, then [DONE]
         assert got and got[-1] == "data: [DONE]" and '"error"' in got[-2], (i, got[-3:])
-
-
-def _eventually(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])

@@ -72,3 +72,13 @@ class StepWatch:
         monkeypatch.setattr(core, "step", counting_step)
         monkeypatch.setattr(engine, "abort", recording_abort)
         monkeypatch.setattr(core, "abort_request", recording_abort_request)
+
+
+def eventually(cond: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Polls `cond()` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return False

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional, Union
+from typing import Union
 
 from jengine.core.kv_cache_manager import KVCacheManager
 from jengine.request import Request, RequestStatus
