@@ -82,8 +82,16 @@ class _SamplingFields(_Request):
     frequency_penalty: float = _doc(0.0, minimum=-2, maximum=2)
     logit_bias: Optional[dict[str, float]] = _doc(anyOf=[{"type": "object", "maxProperties": MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
                                                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}, {"type": "null"}])
-    response_format: Optional[dict[str, Any]] = _doc(anyOf=[{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
-                                                            {"type": "null"}])  # only text: no structured output yet
+    response_format: Optional[dict[str, Any]] = _doc(anyOf=[
+        {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+        {"type": "object", "properties": {"type": {"const": "json_schema"}, "json_schema": {
+            "type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}},
+            "required": ["schema"]}}, "required": ["type", "json_schema"]},
+        {"type": "null"}])
+    # vLLM's body field: exactly one of json (a schema), regex, choice, grammar, json_object
+    structured_outputs: Optional[dict[str, Any]] = _doc(anyOf=[{"type": "object", "minProperties": 1, "maxProperties": 1, "properties": {
+        "json": {"type": ["object", "string"]}, "regex": {"type": "string"}, "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "grammar": {"type": "string"}, "json_object": {"const": True}}, "additionalProperties": False}, {"type": "null"}])
     user: Optional[str] = None
     # vLLM extras
     top_k: Optional[int] = _doc(minimum=-1, maximum=INT32_MAX)

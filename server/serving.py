@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 from jengine.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from jengine.sampling_params import SamplingParams
+from jengine.structured_output.params import StructuredOutputsParams
 
 from .guards import RenderTimeout, call_with_deadline, check_text
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -60,7 +61,7 @@ def bad_request(error: ValueError, *, prompt_param: str = "prompt", rename: Opti
     """Maps an engine/SamplingParams ValueError to a 400 whose `param` names the request field."""
     message = str(error)
     m = _FIELD_RE.match(message)
-    param = m.group(1) if m else None
+    param = "structured_outputs" if message.startswith("StructuredOutputsParams") else m.group(1) if m else None
     if param in ("prompt", "prompt_token_ids"):
         param = prompt_param
     if rename and param in rename:
@@ -86,15 +87,31 @@ def parse_logit_bias(bias: Optional[dict[Any, Any]]) -> Optional[dict[int, float
     return out
 
 
-def check_response_format(response_format: Optional[dict[str, Any]]) -> None:
-    """Only plain text can be promised: JSON modes need structured output, which jengine does not have
-    yet, so they are a 400 rather than an unconstrained answer the client would take for JSON."""
-    if response_format is None:
-        return
-    kind = response_format.get("type")
-    if kind != "text":
-        raise APIError(400, f"response_format type {kind!r} is not supported: only 'text' (jengine has no structured "
-                            "output yet)", param="response_format")
+def structured_outputs_of(response_format: Optional[dict[str, Any]], structured: Optional[dict[str, Any]]) -> Optional[StructuredOutputsParams]:
+    """The request's output constraint: OpenAI's `response_format` (`json_object`, or `json_schema` with
+    its `schema`; `strict` is accepted as vLLM does, without narrowing schemas to OpenAI's strict subset)
+    or vLLM's `structured_outputs` field. A 400 naming the field when it is malformed or both are set."""
+    kind = None if response_format is None else response_format.get("type")
+    if response_format is not None and kind not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"response_format type {kind!r} is not supported: use 'text', 'json_object' or 'json_schema'", param="response_format")
+    if structured is not None and kind not in (None, "text"):
+        raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
+    try:
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format.json_schema must be an object with a 'schema' object")
+            return StructuredOutputsParams(json=spec["schema"])
+        if structured is not None:
+            unknown = sorted(set(structured) - {"json", "regex", "choice", "grammar", "json_object"})
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown keys {unknown}")
+            return StructuredOutputsParams(**structured)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e), param="response_format" if kind in ("json_object", "json_schema") else "structured_outputs") from e
+    return None
 
 
 def chat_role_and_echo(req: ChatCompletionRequest) -> tuple[str, str]:
@@ -363,7 +380,9 @@ class OpenAIServing:
         return requested
 
     def _params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int], rename: dict[str, str]) -> SamplingParams:
-        check_response_format(req.response_format)
+        structured = structured_outputs_of(req.response_format, req.structured_outputs)
+        if structured is not None and req.response_format is not None:
+            rename = {**rename, "structured_outputs": "response_format"}
         fields = dict(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -372,6 +391,7 @@ class OpenAIServing:
             prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=parse_logit_bias(req.logit_bias),
+            structured_outputs=structured,
         )
         try:
             return build_sampling_params(fields, self.max_logprobs)

@@ -361,8 +361,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"seven": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-3": 1}}, "logit_bias"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "("}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"},
+                              "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
@@ -373,6 +377,31 @@ BAD_REQUESTS = [
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
 ]
+
+
+def test_structured_outputs_through_the_openai_client(client: openai.OpenAI) -> None:
+    """response_format json_schema / json_object and vLLM's structured_outputs (choice, regex) constrain the
+    tiny model's output; a reply cut by max_tokens ends with "length", a complete one with "stop"."""
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "n"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Pick a color."}]
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=1.0, seed=seed,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}})
+        value = json.loads(r.choices[0].message.content)
+        assert value["color"] in ("red", "green") and 0 <= value["n"] <= 9 and set(value) == {"color", "n"}
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=0.0, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+    r = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=10, temperature=1.0, seed=1,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    assert r.choices[0].text in ("yes", "no", "maybe") and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=1.0, seed=2,
+                                  extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2}"}})
+    assert re.fullmatch(r"[A-Z]{3}-[0-9]{2}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("path,body,param", BAD_REQUESTS, ids=[f"{p}:{param}:{i}" for i, (p, _, param) in enumerate(BAD_REQUESTS)])
