@@ -242,11 +242,12 @@ class EngineCore:
                 return self._fail_unrunnable(sched.scheduled, error)
             counts = logit_rows(sched.scheduled)
             ends = np.cumsum(counts)
-            ids = np.asarray(step_out.token_ids)
-            invalid = [s for s, n, end in zip(sched.scheduled, counts, ends)
-                       if s.samples and not ((ids[end - n:end] >= 0) & (ids[end - n:end] < self.vocab_size)).all()]
-            if invalid:  # non-finite logits (say): fail those requests; the others recompute this step next time
-                return self._fail_requests([(seq, "the sampler produced an invalid token id (non-finite logits?)") for seq in invalid])
+            ids = np.asarray(step_out.token_ids)[:ends[-1]]
+            if ((ids < 0) | (ids >= self.vocab_size)).any():  # rare: find the rows only then, off the common path
+                invalid = [s for s, n, end in zip(sched.scheduled, counts, ends)
+                           if s.samples and not ((ids[end - n:end] >= 0) & (ids[end - n:end] < self.vocab_size)).all()]
+                if invalid:  # non-finite logits (say): fail those requests; the others recompute this step next time
+                    return self._fail_requests([(seq, "the sampler produced an invalid token id (non-finite logits?)") for seq in invalid])
             if self.speculator is not None:
                 sampled = self.speculator.accept(sched.scheduled, step_out.token_ids)
             else:
