@@ -124,6 +124,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def decodes_next(self) -> bool:
+        """Its prompt is computed and only its last token's KV is missing: the next step is one decode."""
+        return self.num_computed_tokens + 1 == self.num_tokens and self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -372,7 +372,7 @@ class Scheduler:
         """The request's proposed drafts this decode row can verify: within the token budget, and never
         enough to pass max_model_len or max_tokens even if all are accepted (plus the token of its own)."""
         spec, req.spec_token_ids = req.spec_token_ids, []
-        if not spec or n != 1 or req.num_computed_tokens + 1 != req.num_tokens or req.num_computed_tokens < req.num_prompt_tokens:
+        if not spec or n != 1 or not req.decodes_next:
             return []
         room = min(budget - 1, self.max_model_len - req.num_tokens - 1)
         max_tokens = req.sampling_params.max_tokens

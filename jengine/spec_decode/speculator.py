@@ -67,9 +67,7 @@ class Speculator:
     def propose(self, running: Sequence[Request]) -> None:
         """Sets `spec_token_ids` on each running request that decodes next and may speculate."""
         for req in running:
-            if req.num_computed_tokens + 1 != req.num_tokens or req.num_computed_tokens < req.num_prompt_tokens:
-                continue
-            if not can_speculate(req.sampling_params):
+            if not req.decodes_next or not can_speculate(req.sampling_params):
                 continue
             if req.spec_backoff > 0:
                 req.spec_backoff -= 1
