@@ -9,7 +9,7 @@ thread). Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code
 invalid requests (malformed JSON and type errors included, which FastAPI would answer with 422),
 401 for a missing or wrong API key on `/v1/*` (compared in constant time), 404 for an unknown model
 or route, 413 for a body over `max_request_body_bytes`, 500 when the engine loop has died (and
-`/health` answers 503), 503 with `Retry-After` when it is overloaded. Request bodies are parsed,
+`/health` answers 503; `jengine serve` then exits with status 1 so an orchestrator restarts it), 503 with `Retry-After` when it is overloaded. Request bodies are parsed,
 tokenized and rendered on `OpenAIServing`'s thread pool, never on the event loop. A client that
 disconnects (streaming or not) aborts its request at the next engine step.
 """
@@ -45,6 +45,8 @@ logger = logging.getLogger("jengine.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+ENGINE_DIED_EXIT_STATUS = 1  # `jengine serve` after its engine loop died: an orchestrator restarts it
+ENGINE_DEATH_GRACE_S = 1.0  # between the death and closing the servers, so error responses go out
 
 
 @dataclasses.dataclass
@@ -466,14 +468,38 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
         _exit_when_workers_fail(engine)
     if settings.model_path is None:
         settings.model_path = engine_args.model
+    crashed = threading.Event()
+    stop_soon: list[Callable[[], Any]] = []  # set once the event loop runs
+
+    def on_death() -> None:  # engine thread
+        if not engine.crashed:
+            return
+        crashed.set()
+        logger.error("the engine loop died (%r): exiting with status %d once in-flight requests have their errors",
+                     engine.dead_error, ENGINE_DIED_EXIT_STATUS)
+        for stop in stop_soon:
+            stop()
+
+    async def main() -> None:
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+
+        def later() -> None:
+            loop.call_later(ENGINE_DEATH_GRACE_S, stop.set)
+
+        stop_soon.append(lambda: loop.call_soon_threadsafe(later))
+        if not engine.healthy:  # died while the loop was starting
+            later()
+        await run_servers(engine, settings, stop=stop)
+
+    engine.add_death_callback(on_death)
     try:
-        asyncio.run(run_servers(engine, settings))
+        asyncio.run(main())
     except KeyboardInterrupt:
         pass
     finally:
         engine.shutdown()
         core.shutdown()
-    return 0
+    return ENGINE_DIED_EXIT_STATUS if crashed.is_set() else 0
 
 
 def _exit_when_workers_fail(engine: AsyncEngine) -> None:
@@ -484,6 +510,8 @@ def _exit_when_workers_fail(engine: AsyncEngine) -> None:
     from jengine.sharding import distributed
 
     def die(reason: Any = "the engine loop stopped") -> None:
+        if reason == "the engine loop stopped" and not engine.crashed:
+            return  # a drain or a normal shutdown stopped the loop: not a failure
         logger.error("multi-host engine failed: %s; exiting", reason)
         engine.shutdown(timeout=0)
         threading.Timer(2.0, os._exit, (3,)).start()  # let in-flight error responses go out first

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import httpx
 import pytest
@@ -34,8 +34,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 class ServeProcess:
     """`python -m jengine.cli serve` on a free loopback port; its stderr is collected line by line."""
 
-    def __init__(self, checkpoint: str, xla_cache_dir: str, *flags: str) -> None:
-        cmd = [sys.executable, "-m", "jengine.cli", "serve", checkpoint, "--host", "127.0.0.1", "--port", "0",
+    def __init__(self, checkpoint: str, xla_cache_dir: str, *flags: str, prefix: Sequence[str] = ()) -> None:
+        cmd = [*(prefix or (sys.executable, "-m", "jengine.cli")), "serve", checkpoint, "--host", "127.0.0.1", "--port", "0",
                "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                "--compilation-cache-dir", xla_cache_dir, "--uvicorn-log-level", "warning", "--disable-log-requests", *flags]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
@@ -166,3 +166,38 @@ def test_bad_shutdown_timeout_is_refused_at_parse(value: str) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--shutdown-timeout", value])
     assert build_parser().parse_args(["serve"]).shutdown_timeout == 30.0
+
+
+FAULT_INJECTOR = """
+import os, sys
+from jengine.engine.core import EngineCore
+
+_step = EngineCore.step
+
+def step(self):  # the test's fault: the device step raises once the flag file exists
+    if os.path.exists(sys.argv[1]):
+        raise RuntimeError("injected device fault")
+    return _step(self)
+
+EngineCore.step = step
+from jengine.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_engine_death_fails_in_flight_requests_then_exits_non_zero(checkpoint: str, xla_cache_dir: str, tmp_path: Any) -> None:
+    """A fault in the engine loop: the stream in flight gets an error event and ends, then the process
+    exits with status 1 (so an orchestrator restarts it) instead of serving 503s forever."""
+    flag = tmp_path / "fault"
+    srv = ServeProcess(checkpoint, xla_cache_dir, prefix=[sys.executable, "-c", FAULT_INJECTOR, str(flag)])
+    try:
+        threads, lines = _stream_in_background(srv, 1)
+        _wait_admitted(srv, N)
+        flag.touch()
+        threads[0].join(60)
+        got = lines[0]
+        assert got and got[-1] == "data: [DONE]" and '"error"' in got[-2] and "injected device fault" in got[-2], got[-3:]
+        assert srv.proc.wait(60) == 1, srv.log[-3000:]
+        assert "the engine loop died" in srv.log and "exiting with status 1" in srv.log
+    finally:
+        srv.close()

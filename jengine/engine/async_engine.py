@@ -231,6 +231,11 @@ class AsyncEngine:
         return self._dead_error
 
     @property
+    def crashed(self) -> bool:
+        """The loop died of an error rather than because `shutdown` asked it to stop."""
+        return self._dead_error is not None and not self._stopping
+
+    @property
     def num_pending_requests(self) -> int:
         return len(self._streams)
 
@@ -239,7 +244,8 @@ class AsyncEngine:
         return self._stats
 
     def add_death_callback(self, callback: Any) -> None:
-        """`callback()` runs on the engine thread when the loop dies (e.g. to flip gRPC health)."""
+        """`callback()` runs on the engine thread when the loop stops, by `shutdown` or by an error
+        (`crashed` tells which); e.g. to flip gRPC health or to exit the process."""
         self._death_callbacks.append(callback)
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
