@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from jengine.gguf_tokenizer import tokenizer_from_gguf
 
 
@@ -22,6 +20,8 @@ def load_tokenizer(model_path_or_gguf: str, tokenizer: str | None = None, *, tru
     path = os.path.expanduser(tokenizer if tokenizer is not None else model_path_or_gguf)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return tokenizer_from_gguf(path)
+    from transformers import AutoTokenizer  # here, not at the top: it imports transformers' model configs (and torch when installed)
+
     return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path), trust_remote_code=trust_remote_code)
 
 
