@@ -16,10 +16,13 @@ outputs are unspecified. Page 0 is the null page that padding tokens write to.
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 from typing import Any
 
 import jax
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "cpu", "gpu", "tpu")
 _DEFAULT_FOR_PLATFORM = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
@@ -33,12 +36,30 @@ def resolve_backend(backend: str | None = None) -> str:
         name = _DEFAULT_FOR_PLATFORM.get(jax.default_backend(), "reference")
         if name == "cpu" and not _module("cpu").available():
             name = "reference"
-        return name
+        return "reference" if name == "gpu" and not _gpu_importable() else name
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu" and jax.default_backend() != "cpu":
         raise ValueError(f"attention backend 'cpu' runs on the CPU platform only, not {jax.default_backend()!r}")
-    return backend
+    return "reference" if backend == "gpu" and not _gpu_importable() else backend
+
+
+_gpu_import_error: list[BaseException] = []  # filled once: the GPU kernel's import failed
+
+
+def _gpu_importable() -> bool:
+    """Whether the Pallas GPU kernel imports. It is written for Pallas' Triton backend, which JAX 0.11
+    deprecates; a JAX without it gets the reference kernel and one warning instead of a failure."""
+    if _gpu_import_error:
+        return False
+    try:
+        importlib.import_module(f"{__name__}.gpu")
+        return True
+    except (ImportError, AttributeError) as e:
+        _gpu_import_error.append(e)
+        logger.warning("the Pallas GPU attention kernel cannot be imported with jax %s (%r): using the reference "
+                       "attention (correct, slower); pin jax<0.12 or report this", jax.__version__, e)
+        return False
 
 
 def runs_interpreted(backend: str | None) -> bool:

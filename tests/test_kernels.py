@@ -295,6 +295,25 @@ def test_cpu_is_the_cpu_default_and_falls_back_without_a_compiler(monkeypatch, c
         run(b, "cpu")
 
 
+def test_gpu_backend_falls_back_to_reference_with_one_warning_when_pallas_triton_is_gone(monkeypatch, caplog):
+    """A JAX without Pallas' Triton backend (deprecated in 0.11): the GPU kernel cannot import, so the
+    reference kernel serves, with one warning naming the cause, instead of a failed start."""
+    import sys
+
+    assert pk.resolve_backend("gpu") == "gpu"  # this JAX has it (interpret mode on the CPU)
+    from jax.experimental import pallas
+
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # importing it now raises ImportError
+    monkeypatch.delattr(pallas, "triton", raising=False)
+    monkeypatch.delitem(sys.modules, "jengine.pallas_kernels.gpu")
+    monkeypatch.setattr(pk, "_gpu_import_error", [])
+    with caplog.at_level("WARNING"):
+        assert pk.resolve_backend("gpu") == "reference"
+        assert pk.resolve_backend("gpu") == "reference"
+    warnings = [r for r in caplog.records if "Pallas GPU attention kernel cannot be imported" in r.getMessage()]
+    assert len(warnings) == 1 and "using the reference" in warnings[0].getMessage()
+
+
 def test_cpu_kernel_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
     cpu = _native_cpu()
     monkeypatch.setenv("JENGINE_CACHE_DIR", str(tmp_path))
