@@ -45,7 +45,7 @@ logger = logging.getLogger("jengine.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
-ENGINE_DIED_EXIT_STATUS = 1  # `jengine serve` after its engine loop died: an orchestrator restarts it
+ENGINE_DIED_EXIT_STATUS = 1  # `jengine serve` after its engine loop died (3 when a multi-host peer died)
 ENGINE_DEATH_GRACE_S = 1.0  # between the death and closing the servers, so error responses go out
 
 
@@ -464,10 +464,10 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
     if core.is_worker:  # multi-host: workers run the leader's steps and serve no frontend
         return core.run_worker()
     engine = AsyncEngine(core, log_requests=log_requests, max_pending_requests=max_pending_requests)
-    if config.parallel.num_processes > 1:
-        _exit_when_workers_fail(engine)
     if settings.model_path is None:
         settings.model_path = engine_args.model
+    from jengine.sharding import distributed
+
     crashed = threading.Event()
     stop_soon: list[Callable[[], Any]] = []  # set once the event loop runs
 
@@ -476,7 +476,7 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
             return
         crashed.set()
         logger.error("the engine loop died (%r): exiting with status %d once in-flight requests have their errors",
-                     engine.dead_error, ENGINE_DIED_EXIT_STATUS)
+                     engine.dead_error, _exit_status(engine))
         for stop in stop_soon:
             stop()
 
@@ -492,32 +492,37 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
         await run_servers(engine, settings, stop=stop)
 
     engine.add_death_callback(on_death)
+    if config.parallel.num_processes > 1:
+        distributed.add_fatal_hook(lambda message: _fail_stuck_engine(engine, message))
+    peer_failed = False
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
     finally:
         engine.shutdown()
-        core.shutdown()
-    return ENGINE_DIED_EXIT_STATUS if crashed.is_set() else 0
+        peer_failed = isinstance(engine.dead_error, distributed.WorkerFailedError)
+        if not peer_failed:  # telling dead workers to stop would wait for them
+            core.shutdown()
+    if peer_failed:  # skip JAX's shutdown barrier, which would wait for the dead peer and then abort
+        distributed.exit_after_peer_failure(distributed.EXIT_WORKER_FAILED)
+    return _exit_status(engine) if crashed.is_set() else 0
 
 
-def _exit_when_workers_fail(engine: AsyncEngine) -> None:
-    """Multi-host leader: when a worker dies, fail every request (the engine is marked dead) and exit 3."""
-    import os
-    import threading
-
+def _exit_status(engine: AsyncEngine) -> int:
     from jengine.sharding import distributed
 
-    def die(reason: Any = "the engine loop stopped") -> None:
-        if reason == "the engine loop stopped" and not engine.crashed:
-            return  # a drain or a normal shutdown stopped the loop: not a failure
-        logger.error("multi-host engine failed: %s; exiting", reason)
-        engine.shutdown(timeout=0)
-        threading.Timer(2.0, os._exit, (3,)).start()  # let in-flight error responses go out first
+    return distributed.EXIT_WORKER_FAILED if isinstance(engine.dead_error, distributed.WorkerFailedError) else ENGINE_DIED_EXIT_STATUS
 
-    distributed.add_fatal_hook(die)
-    engine.add_death_callback(die)
+
+def _fail_stuck_engine(engine: AsyncEngine, message: str) -> None:
+    """Multi-host fatal hook (the step watchdog fired: the engine thread is stuck in a collective with a
+    dead peer): end every request with the error, give the responses a moment to go out; the caller
+    then exits with status 3."""
+    from jengine.sharding import distributed
+
+    engine.kill(distributed.WorkerFailedError(message))
+    time.sleep(ENGINE_DEATH_GRACE_S)
 
 
 __all__ = ["BackgroundServer", "ServerSettings", "build_app", "make_serving", "run_servers", "serve"]

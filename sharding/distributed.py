@@ -13,7 +13,10 @@ channel), not an XLA broadcast: it needs no compilation per bucket (so serving n
 works on every backend, and every wait has a deadline, so a dead peer is detected instead of hanging:
 
 - before publishing step n the leader waits (up to `peer_timeout_s`) for every worker's ack of step
-  n-1; a missing ack raises `WorkerFailedError`, which the engine turns into failed requests;
+  n-1; a missing ack raises `WorkerFailedError`, which the engine turns into failed requests (and
+  `jengine serve` into exit status 3);
+- a step that fails on the leader (a collective whose peer died: gloo reports the reset connection)
+  raises `WorkerFailedError` too, naming the worker that did not finish the step;
 - a step that does not finish within `step_timeout_s` (a collective stuck on a dead peer cannot be
   interrupted) makes a watchdog log the error, call `on_fatal` so frontends can fail their requests,
   and exit the process with status 3;
@@ -24,14 +27,13 @@ Values are pickled numpy pytrees; keys are deleted once every worker has acknowl
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -40,6 +42,11 @@ logger = logging.getLogger(__name__)
 _PREFIX = "jengine/step"
 STOP = "stop"
 EXIT_WORKER_FAILED = 3
+PEER_TIMEOUT_S = 60.0  # the leader waits this long for a worker's ack of a step
+STEP_TIMEOUT_S = 30.0  # a step running longer is stuck in a collective with a dead peer
+PEER_CHECK_S = 5.0  # after a failed step: how long the leader waits for the workers' acks of it
+# JAX's own dead-peer detection must come after jengine's deadlines (see `initialize`)
+HEARTBEAT_TIMEOUT_S = int(PEER_TIMEOUT_S + STEP_TIMEOUT_S + 30)
 
 
 class WorkerFailedError(RuntimeError):
@@ -62,22 +69,18 @@ def _die(message: str) -> None:
             hook(message)
         except Exception:  # the process exits regardless
             logger.exception("fatal hook failed")
-    os._exit(EXIT_WORKER_FAILED)
+    exit_after_peer_failure()
 
 
-def _on_service_error(*args: Any) -> None:
-    """The coordination service reported a dead peer (missed heartbeats): fail clearly, exit non-zero."""
-    detail = " ".join(str(a) for a in args)
-    _die(f"a jengine process stopped responding (jax.distributed heartbeat): {detail.strip()}")
-
-
-def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = 60, initialization_timeout_s: int = 300) -> None:
+def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S, initialization_timeout_s: int = 300) -> None:
     """`jax.distributed.initialize` from a `ParallelConfig` (no-op for one process).
 
     Must run before anything touches a JAX backend. On CPU the cross-process collectives use gloo.
-    JAX's default reaction to a dead peer is to abort the process from C++ (SIGABRT) once its
-    heartbeats stop; where this JAX lets us, a callback replaces that with `_die`, which runs the
-    fatal hooks (failing requests) and exits with status 3.
+    A dead peer is found by jengine's own deadlines (acks, the step watchdog), which are all shorter
+    than the coordination service's heartbeat timeout: JAX's reaction to missed heartbeats (it
+    terminates the process from C++) is the last resort, not the path. (jaxlib 0.10.2 accepts a
+    `missed_heartbeat_callback` in its client factory but cannot call a Python one: it aborts with
+    `std::bad_cast`; so none is installed.)
     """
     if parallel_config.num_processes <= 1:
         return
@@ -85,48 +88,28 @@ def initialize(parallel_config: Any, *, heartbeat_timeout_s: int = 60, initializ
         raise ValueError("num_processes > 1 needs distributed_coordinator (HOST:PORT of process 0)")
     if not 0 <= parallel_config.process_id < parallel_config.num_processes:
         raise ValueError(f"process_id must be in [0, {parallel_config.num_processes}), got {parallel_config.process_id}")
-    with _heartbeat_callback(_on_service_error):
-        jax.distributed.initialize(
-            coordinator_address=parallel_config.distributed_coordinator,
-            num_processes=parallel_config.num_processes,
-            process_id=parallel_config.process_id,
-            initialization_timeout=initialization_timeout_s,
-            heartbeat_timeout_seconds=heartbeat_timeout_s,
-        )
+    jax.distributed.initialize(
+        coordinator_address=parallel_config.distributed_coordinator,
+        num_processes=parallel_config.num_processes,
+        process_id=parallel_config.process_id,
+        initialization_timeout=initialization_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+    )
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )
 
 
-@contextlib.contextmanager
-def _heartbeat_callback(callback: Callable[..., None]) -> Iterator[None]:
-    """Passes `missed_heartbeat_callback` to the runtime client `jax.distributed.initialize` creates.
+def exit_after_peer_failure(status: int = EXIT_WORKER_FAILED) -> None:
+    """Ends this process at once after a peer died, once its error has been reported.
 
-    `initialize` has no parameter for it; the client factory does. Skipped (JAX's abort stays) when
-    this JAX's factory lacks the parameter.
-    """
-    try:
-        from jax._src import distributed as _dist
-        from jax._src.lib import _jax
-    except ImportError:
-        yield
-        return
-    factory = getattr(_jax, "get_distributed_runtime_client", None)
-    if factory is None or "missed_heartbeat_callback" not in (factory.__doc__ or ""):
-        yield
-        return
-
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("missed_heartbeat_callback", callback)
-        return factory(*args, **kwargs)
-
-    holder = _dist._jax if getattr(_dist, "_jax", None) is _jax else _jax
-    holder.get_distributed_runtime_client = patched
-    try:
-        yield
-    finally:
-        holder.get_distributed_runtime_client = factory
+    A normal exit would run `jax.distributed.shutdown`, whose barrier waits for the dead peer until the
+    heartbeat timeout and then aborts; the status would say SIGABRT instead of `status`."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _client() -> Any:
@@ -141,7 +124,7 @@ def _client() -> Any:
 class StepChannel:
     """Leader -> workers step messages over the coordination service's key-value store."""
 
-    def __init__(self, peer_timeout_s: float = 60.0):
+    def __init__(self, peer_timeout_s: float = PEER_TIMEOUT_S):
         self.client = _client()
         self.rank = jax.process_index()
         self.size = jax.process_count()
@@ -231,7 +214,7 @@ class LeaderRunner:
     (`engine.runner = LeaderRunner(engine.runner)`).
     """
 
-    def __init__(self, runner: Any, *, peer_timeout_s: float = 60.0, step_timeout_s: float = 30.0,
+    def __init__(self, runner: Any, *, peer_timeout_s: float = PEER_TIMEOUT_S, step_timeout_s: float = STEP_TIMEOUT_S,
                  ready_timeout_s: float = 600.0, on_fatal: Optional[Callable[[str], None]] = None):
         self._runner = runner
         self._channel = StepChannel(peer_timeout_s)
@@ -251,6 +234,13 @@ class LeaderRunner:
         self._watchdog.arm(f"step {self._n}")
         try:
             out = run_step(self._runner, inputs, sampling)
+        except Exception as exc:
+            # A collective that fails (gloo: "connection reset by peer") means a peer died mid-step; the
+            # processes are out of step either way, so the multi-host engine cannot go on. Name the
+            # worker that did not finish the step when there is one.
+            self._watchdog.disarm()
+            self._channel.wait_acks(self._n, PEER_CHECK_S)
+            raise WorkerFailedError(f"step {self._n} failed on the leader while every worker finished it: {exc}") from exc
         finally:
             self._watchdog.disarm()
         self._n += 1
@@ -266,7 +256,7 @@ class LeaderRunner:
         self._channel.wait_acks(self._n)
 
 
-def run_worker(runner: Any, *, idle_timeout_s: float = 3600.0, step_timeout_s: float = 30.0) -> int:
+def run_worker(runner: Any, *, idle_timeout_s: float = 3600.0, step_timeout_s: float = STEP_TIMEOUT_S) -> int:
     """A worker's serving loop: runs every step the leader publishes until it publishes stop.
 
     Returns the number of steps run. Raises `WorkerFailedError` when the leader is silent for

@@ -307,6 +307,11 @@ class AsyncEngine:
             stream._put(_END)
         self._send(("abort", request_id))
 
+    def kill(self, error: BaseException) -> None:
+        """Marks the engine dead from another thread when its loop cannot get there itself (stuck in a
+        collective with a dead peer): every open stream ends with `error`, `/health` turns 503."""
+        self._die(error)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the engine loop after the current step; open streams get EngineDeadError."""
         self._stopping = True
