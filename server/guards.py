@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from starlette.responses import Response
 
+from jengine.tokenizer import check_encodable
+
 from .protocol import APIError
 
 T = TypeVar("T")
@@ -72,9 +74,9 @@ def check_text(text: str, param: str) -> None:
     """A 400 naming `param` when `text` cannot be encoded as UTF-8 (lone surrogates), which the
     tokenizer would otherwise fail on with an internal error."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} is not valid Unicode text: {e.reason} at character {e.start}", param=param) from None
+        check_encodable(text, param)
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from None
 
 
 class BodySizeLimitMiddleware:

@@ -268,11 +268,20 @@ def test_chat_applies_template(llm):
         ({"prompt_token_ids": []}, SamplingParams(), "prompt"),
         ({"prompt_token_ids": list(range(2, 200))}, SamplingParams(), "max_model_len"),
         ({"prompt_token_ids": [5, 100000]}, SamplingParams(), "vocabulary"),
+        ("lone \ud800 surrogate", SamplingParams(), "prompt is not valid Unicode"),
+        ({"prompt": "\udfff"}, SamplingParams(), "prompt is not valid Unicode"),
     ],
 )
 def test_bad_prompts_raise_naming_the_field(llm, prompt, params, field):
     with pytest.raises(ValueError, match=field):
         llm.generate(prompt, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_message_with_a_lone_surrogate_raises_naming_it(llm):
+    messages = [{"role": "system", "content": "ok"}, {"role": "user", "content": "bad \ud800"}]
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content is not valid Unicode"):
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -17,6 +17,7 @@ from jengine.config import EngineArgs
 from jengine.engine.core import EngineCore
 from jengine.outputs import RequestOutput
 from jengine.sampling_params import SamplingParams
+from jengine.tokenizer import check_encodable
 
 PromptType = Union[str, dict, Sequence[int]]
 
@@ -72,6 +73,7 @@ class LLM:
     # ----- prompts ------------------------------------------------------------------------------
     def _to_token_ids(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
+            check_encodable(prompt, "prompt")
             return prompt, list(self.engine.tokenizer.encode(prompt))
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -156,7 +158,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         tokenizer = self.engine.tokenizer
-        for conv in conversations:
+        for i, conv in enumerate(conversations):
+            for j, message in enumerate(conv):
+                if isinstance(message.get("content"), str):
+                    check_encodable(message["content"], f"messages[{j}].content" if len(conversations) == 1 else f"messages[{i}][{j}].content")
             text = tokenizer.apply_chat_template(
                 conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message, tokenize=False,
