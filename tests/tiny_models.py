@@ -5,7 +5,7 @@
     to_transformers4_config(path) -> None     # rewrites config.json in the transformers-4 spelling
     make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", **overrides) -> str   # path of a .gguf
     PagedRunner(model, page_size=4, ...).step([(seq_id, new_token_ids), ...]) -> [logits[n, V], ...]
-    ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+    ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 A checkpoint is 2 layers (Gemma 2: 3, Gemma 3: 8), hidden 64, 4 query / 2 KV heads, vocab 320, float32 safetensors, plus a
 small byte-level BPE tokenizer (trained in code) with a chat template, so engine tests can use text.
@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 VOCAB_SIZE = 320
 BOS, EOS = "<|bos|>", "<|eos|>"
 CHAT_TEMPLATE = (
@@ -75,6 +75,7 @@ def _config(arch: str, overrides: dict[str, Any]) -> Any:
         "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
         "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }[arch]
     if arch == "mistral":
         base["sliding_window"] = None
@@ -88,6 +89,10 @@ def _config(arch: str, overrides: dict[str, Any]) -> Any:
             base.update(attn_logit_softcapping=5.0, num_hidden_layers=3)
         else:
             base.update(num_hidden_layers=8, rope_local_base_freq=100.0)
+    if arch == "phi3":
+        # Phi-4-mini's partial rotary (0.75 of head_dim 16: 12 features rotate) and a small original
+        # context, so a test can run LongRoPE's short and long factors within a few tokens.
+        base.update(partial_rotary_factor=0.75, original_max_position_embeddings=256)
     base.update(overrides)
     return cls(**base)
 
