@@ -62,6 +62,20 @@ def test_grouped_expert_matmul_matches_per_token_reference(grouped, block_rows):
                                    atol=2e-5, rtol=2e-5)
 
 
+def test_padding_rows_go_to_no_expert_and_block_sizes():
+    E, H, F, T = 4, 8, 6, 10
+    rng = np.random.default_rng(1)
+    p = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in
+         [("router", (H, E)), ("experts_gate", (E, H, F)), ("experts_up", (E, H, F)), ("experts_down", (E, F, H))]}
+    h = jnp.asarray(rng.standard_normal((T, H)), jnp.float32)
+    spec = nn.MoeSpec(E, 2)
+    full = nn.moe_mlp(h, p, spec)
+    cut = jax.jit(lambda h, n: nn.moe_mlp(h, p, spec, num_tokens=n))(h, jnp.int32(7))
+    np.testing.assert_allclose(cut[:7], full[:7], atol=1e-5)
+    assert not np.any(np.asarray(cut[7:]))
+    assert [nn.default_block_rows(m, 8) for m in (2, 16, 512, 4096, 10**6)] == [8, 8, 32, 256, 256]
+
+
 def test_router_renormalisation_rules():
     logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
     router = jnp.eye(4)

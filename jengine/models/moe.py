@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import jax
 
+from jengine.attention import AttentionMetadata
 from jengine.models import layers as nn
 from jengine.models.base import COLUMN, EXPERT, REPLICATED, ROW, NameMap, Source
 from jengine.models.config import base_fields, parse_rope, unsupported_field
@@ -70,6 +71,8 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     config_class = MoeConfig
     expert_mesh: Any = None  # a Mesh whose "model" axis splits the experts (expert parallelism), or None
+    grouped_matmul: str | None = None  # "ragged" / "blocked" / None: the platform's choice (see `layers.MoeSpec`)
+    unscanned = ("experts_gate", "experts_up", "experts_down")  # each block reads its expert from the stack
 
     @classmethod
     def config_from_hf(cls, cfg: Mapping[str, Any]) -> MoeConfig:
@@ -164,10 +167,11 @@ class MoeForCausalLM(LlamaForCausalLM):
             "layers.w_gate": COLUMN, "layers.w_up": COLUMN, "layers.w_down": ROW,
         }
 
-    def mlp(self, h: jax.Array, p: nn.Params, layer: Any) -> jax.Array:
+    def mlp(self, h: jax.Array, p: nn.Params, layer: Any, stacked: nn.Params, md: AttentionMetadata) -> jax.Array:
         cfg = self.config
-        spec = nn.MoeSpec(cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        out = nn.moe_mlp(h, p, spec, mesh=self.expert_mesh)
+        spec = nn.MoeSpec(cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, grouped=self.grouped_matmul)
+        num_tokens = md.query_start_loc[md.num_seqs[0]]  # the step's real tokens; the rest is bucket padding
+        out = nn.moe_mlp(h, {**p, **stacked}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh)
         if cfg.shared_expert_intermediate_size:
             out = out + jax.nn.sigmoid(nn.linear(h, p["shared_gate"])) * nn.swiglu(h, p)
         return out
