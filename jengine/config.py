@@ -43,6 +43,7 @@ class SchedulerConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE experts split over the model axis by expert (vLLM's flag)
     distributed_coordinator: Optional[str] = None
     num_processes: int = 1
     process_id: int = 0
@@ -121,6 +122,7 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     load_format: str = "auto"
     attention_backend: Optional[str] = None
     scheduling_policy: str = "fcfs"
@@ -171,6 +173,7 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
+                enable_expert_parallel=bool(self.enable_expert_parallel),
                 distributed_coordinator=self.distributed_coordinator,
                 num_processes=self.num_processes,
                 process_id=self.process_id,

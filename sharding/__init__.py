@@ -13,6 +13,7 @@ See README.md in this folder for the rules and the multi-host protocol.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ from jengine.sharding.rules import (
     shards_kv_heads,
     valid_tensor_parallel_sizes,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def read_model_config(model: Optional[str], load_format: str = "auto") -> Any:
@@ -70,7 +73,11 @@ def plan_for_engine(engine_config: Any, model_config: Any = None) -> Optional[Te
                 f"{jax.local_device_count()} local devices), got {par.tensor_parallel_size}"
             )
     mesh = make_mesh(par.tensor_parallel_size)
-    return TensorParallelPlan(mesh, model_config, backend=pallas_kernels.resolve_backend(engine_config.attention_backend))
+    expert_parallel = par.enable_expert_parallel and getattr(model_config, "num_experts", None) is not None
+    if par.enable_expert_parallel and not expert_parallel:
+        logger.warning("enable_expert_parallel: %s has no experts; ignored", model_config.architecture)
+    return TensorParallelPlan(mesh, model_config, backend=pallas_kernels.resolve_backend(engine_config.attention_backend),
+                              expert_parallel=expert_parallel)
 
 
 __all__ = [

@@ -9,6 +9,8 @@ embedding and LM head). Each model family says what every parameter is (`partiti
     COLUMN_KV   like COLUMN when the model axis divides the KV heads, else replicated
     ROW         input features (axis -2)                  e.g. P(None, "model", None)
     VOCAB       rows of the embedding / LM head            P("model", None)
+    EXPERT      stacked MoE experts [L, E, ...]: by expert  P(None, "model", None, None) under expert
+                parallelism (`enable_expert_parallel`), else replicated
     REPLICATED  norms, output biases; unknown names are replicated with a warning
 
 K/V projections and the KV cache are sharded over KV heads only when the model axis divides the KV
@@ -32,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jengine.models import get_model_class
-from jengine.models.base import COLUMN, COLUMN_KV, PARTITION_KINDS, REPLICATED, ROW, VOCAB
+from jengine.models.base import COLUMN, COLUMN_KV, EXPERT, PARTITION_KINDS, REPLICATED, ROW, VOCAB
 from jengine.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -45,18 +47,32 @@ KV_HEAD_AXIS = {"reference": 1, "cpu": 1, "gpu": 1, "tpu": 1}
 
 def valid_tensor_parallel_sizes(cfg: ModelConfig, max_size: Optional[int] = None) -> list[int]:
     """Model-axis sizes whose shards hold whole query heads and equal slices of the FFN."""
-    limit = max_size if max_size is not None else math.gcd(cfg.num_heads, cfg.intermediate_size)
-    return [n for n in range(1, limit + 1) if cfg.num_heads % n == 0 and cfg.intermediate_size % n == 0]
+    ffn = _tp_ffn(cfg)
+    limit = max_size if max_size is not None else math.gcd(cfg.num_heads, ffn)
+    return [n for n in range(1, limit + 1) if cfg.num_heads % n == 0 and ffn % n == 0]
 
 
-def check_tensor_parallel_size(cfg: ModelConfig, tp: int) -> None:
-    """Raises a ValueError naming the sizes that work when `tp` does not divide heads and FFN."""
-    if tp >= 1 and cfg.num_heads % tp == 0 and cfg.intermediate_size % tp == 0:
+def _tp_ffn(cfg: ModelConfig) -> int:
+    """The FFN width the model axis splits (MoE families: their shared expert's, 0 when none)."""
+    return int(getattr(cfg, "tp_ffn_size", cfg.intermediate_size))
+
+
+def check_tensor_parallel_size(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    """Raises a ValueError naming the sizes that work when `tp` does not divide heads and FFN
+    (and, under expert parallelism, the experts)."""
+    experts = getattr(cfg, "num_experts", None)
+    if expert_parallel and experts is not None and experts % tp:
+        sizes = [n for n in valid_tensor_parallel_sizes(cfg) if experts % n == 0]
+        raise ValueError(
+            f"enable_expert_parallel with tensor_parallel_size={tp} needs the size to divide the {experts} experts; "
+            f"sizes that work: {', '.join(map(str, sizes))}"
+        )
+    if tp >= 1 and cfg.num_heads % tp == 0 and _tp_ffn(cfg) % tp == 0:
         return
     sizes = valid_tensor_parallel_sizes(cfg)
     raise ValueError(
         f"tensor_parallel_size={tp} does not divide this model's {cfg.num_heads} query heads and FFN width "
-        f"{cfg.intermediate_size}; sizes that work: {', '.join(map(str, sizes))} "
+        f"{_tp_ffn(cfg)}; sizes that work: {', '.join(map(str, sizes))} "
         f"(KV heads: {cfg.num_kv_heads}; they are sharded when the size divides them, replicated otherwise)"
     )
 
@@ -66,7 +82,7 @@ def shards_kv_heads(cfg: ModelConfig, tp: int) -> bool:
     return tp > 1 and cfg.num_kv_heads % tp == 0
 
 
-def partition_spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int) -> P:
+def partition_spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> P:
     """The `PartitionSpec` of parameter `name`, from the kind its model family gives it."""
     kind = get_model_class(cfg.architecture).partition_kinds(cfg).get(name)
     if kind is None:
@@ -74,6 +90,8 @@ def partition_spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int)
         return P()
     if tp == 1 or kind == REPLICATED or (kind == COLUMN_KV and not shards_kv_heads(cfg, tp)):
         return P()
+    if kind == EXPERT:
+        return P(None, MODEL, *([None] * (len(shape) - 2))) if expert_parallel else P()
     nd = len(shape)
     if kind in (COLUMN, COLUMN_KV):
         return P(*([None] * (nd - 1)), MODEL)
@@ -102,9 +120,10 @@ class TensorParallelPlan:
     mesh: Mesh
     model_config: ModelConfig
     backend: str = "reference"
+    expert_parallel: bool = False  # split MoE experts over the model axis (partition kind EXPERT)
 
     def __post_init__(self) -> None:
-        check_tensor_parallel_size(self.model_config, self.tp)
+        check_tensor_parallel_size(self.model_config, self.tp, self.expert_parallel)
         if self.backend not in KV_HEAD_AXIS:
             raise ValueError(f"unknown attention backend {self.backend!r}; expected one of {sorted(KV_HEAD_AXIS)}")
 
@@ -127,7 +146,7 @@ class TensorParallelPlan:
 
     # ----- parameters ---------------------------------------------------------------------------
     def spec(self, name: str, shape: tuple[int, ...]) -> P:
-        return partition_spec(name, tuple(shape), self.model_config, self.tp)
+        return partition_spec(name, tuple(shape), self.model_config, self.tp, self.expert_parallel)
 
     def param_specs(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, P]:
         return {name: self.spec(name, shape) for name, shape in shapes.items()}

@@ -158,6 +158,27 @@ def _child_llm(model: str, tp: int, backend: str = "reference") -> dict[str, Any
             "compiles_after_warmup": llm.engine.compilations_after_warmup}
 
 
+def _child_llm_moe(model: str, tp: int, expert_parallel: str) -> dict[str, Any]:
+    """`LLM` on a MoE model; also the bytes of expert weights each device holds."""
+    import jax
+    from flax import nnx
+
+    from jengine import LLM, SamplingParams, sharding
+
+    llm = LLM(model=model, dtype="float32", tensor_parallel_size=tp, enable_expert_parallel=expert_parallel == "ep",
+              max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="")
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    expert_bytes: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(llm.engine.runner.params):
+        if "experts_" in jax.tree_util.keystr(path):
+            for shard in leaf.addressable_shards:
+                expert_bytes[str(shard.device)] = expert_bytes.get(str(shard.device), 0) + shard.data.nbytes
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": _specs(llm.engine.runner),
+            "compiles_after_warmup": llm.engine.compilations_after_warmup, "expert_bytes": expert_bytes,
+            "memory": sharding.memory_report(llm.engine.runner.params, llm.engine.runner.kv_cache),
+            "shard_map_experts": nnx.merge(llm.engine.runner.graphdef, llm.engine.runner.params).expert_mesh is not None}
+
+
 def _child_main(argv: list[str]) -> None:
     case, devices, args = argv[0], int(argv[1]), argv[2:]
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -167,6 +188,8 @@ def _child_main(argv: list[str]) -> None:
         result = _child_runner(args[0], int(args[1]))
     elif case == "llm":
         result = _child_llm(args[0], int(args[1]), *args[2:])
+    elif case == "llm_moe":
+        result = _child_llm_moe(args[0], int(args[1]), args[2])
     elif case == "distributed":
         result = _child_distributed(args[0], args[1], int(args[2]), int(args[3]))
     elif case == "dead_worker":
@@ -320,6 +343,43 @@ def test_llm_tensor_parallel_size(tiny_llama: str, tp1_tokens: list[list[int]], 
     assert any(v == COL for k, v in res["specs"].items() if k.startswith("layers.wq"))
     assert res["compiles_after_warmup"] == 0
 
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_expert_parallel_matches_one_device(tmp_path: Any, arch: str) -> None:
+    """`LLM(tensor_parallel_size=8, enable_expert_parallel=True)` on 8 fake devices: one of the 8
+    experts per device (each device holds 1/8 of the expert bytes), the same greedy tokens as one
+    device, and no compilation after warm-up."""
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, arch, num_attention_heads=8, num_key_value_heads=2)
+    one, ep = _spawn("llm_moe", 1, path, 1, "no"), _spawn("llm_moe", 8, path, 8, "ep")
+    one, ep = _result(one), _result(ep)
+    assert ep["tokens"] == one["tokens"]
+    assert ep["compiles_after_warmup"] == 0
+    assert ep["shard_map_experts"] and not one["shard_map_experts"]  # each device runs its own experts
+    for name in ("layers.experts_gate", "layers.experts_up", "layers.experts_down"):
+        assert [v for k, v in ep["specs"].items() if k.startswith(name)] == [f"(None, 'model', None, None)"], name
+    assert [v for k, v in ep["specs"].items() if k.startswith("layers.router")] == [REP]
+    total = sum(one["expert_bytes"].values())
+    assert len(ep["expert_bytes"]) == 8 and set(ep["expert_bytes"].values()) == {total // 8}
+    # the memory report: every device holds at most the one-device weights less 7/8 of the experts
+    (single,) = one["memory"].values()
+    assert all(v["weights"] <= single["weights"] - total * 7 // 8 for v in ep["memory"].values())
+
+
+def test_expert_parallel_size_must_divide_the_experts(tmp_path: Any) -> None:
+    from jengine import sharding
+    from jengine.config import EngineArgs
+    from jengine.loader import read_hf_config
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, "mixtral", num_attention_heads=12, hidden_size=96, num_key_value_heads=2,
+                                num_local_experts=8, tokenizer=False)
+    cfg = read_hf_config(path)
+    with pytest.raises(ValueError, match="divide the 8 experts; sizes that work: 1, 2, 4"):
+        sharding.check_tensor_parallel_size(cfg, 3, expert_parallel=True)
+    sharding.check_tensor_parallel_size(cfg, 3)  # without expert parallelism the experts are replicated
+    assert EngineArgs(model=path, enable_expert_parallel=True).create_engine_config().parallel.enable_expert_parallel
 
 
 @pytest.mark.parametrize("backend", ["gpu", "cpu"])

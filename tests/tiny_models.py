@@ -5,7 +5,7 @@
     to_transformers4_config(path) -> None     # rewrites config.json in the transformers-4 spelling
     make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", **overrides) -> str   # path of a .gguf
     PagedRunner(model, page_size=4, ...).step([(seq_id, new_token_ids), ...]) -> [logits[n, V], ...]
-    ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+    ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 A checkpoint is 2 layers (Gemma 2: 3, Gemma 3: 8), hidden 64, 4 query / 2 KV heads, vocab 320, float32 safetensors, plus a
 small byte-level BPE tokenizer (trained in code) with a chat template, so engine tests can use text.
@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB_SIZE = 320
 BOS, EOS = "<|bos|>", "<|eos|>"
 CHAT_TEMPLATE = (
@@ -75,6 +75,8 @@ def _config(arch: str, overrides: dict[str, Any]) -> Any:
         "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
         "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
     }[arch]
     if arch == "mistral":
         base["sliding_window"] = None
@@ -88,6 +90,20 @@ def _config(arch: str, overrides: dict[str, Any]) -> Any:
             base.update(attn_logit_softcapping=5.0, num_hidden_layers=3)
         else:
             base.update(num_hidden_layers=8, rope_local_base_freq=100.0)
+    if arch == "phi3":
+        # Phi-4-mini's partial rotary (0.75 of head_dim 16: 12 features rotate) and a small original
+        # context, so a test can run LongRoPE's short and long factors within a few tokens.
+        base.update(partial_rotary_factor=0.75, original_max_position_embeddings=256)
+    if arch == "mixtral":
+        # 8 experts, top-2 (Mixtral's shape); 32 wide each, so 8 fake devices hold one expert each
+        base.update(sliding_window=None, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        base.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[], norm_topk_prob=arch == "qwen3_moe")
+        if arch == "qwen2_moe":
+            base.update(shared_expert_intermediate_size=48)
+        else:
+            base["head_dim"] = 32
     base.update(overrides)
     return cls(**base)
 

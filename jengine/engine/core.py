@@ -55,6 +55,8 @@ class EngineCore:
         self.plan = sharding.plan_for_engine(config)  # None: one device, nothing to shard
         place = self.plan.place if self.plan is not None else None
         loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
+        if self.plan is not None and self.plan.expert_parallel:
+            loaded.model.expert_mesh = self.plan.mesh  # its MoE layers run each device's experts under shard_map
         self.model_config = mc = loaded.config
         self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer,
                                         trust_remote_code=config.trust_remote_code)

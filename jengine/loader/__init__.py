@@ -87,7 +87,7 @@ def tie_if_lm_head_absent(config: ModelConfig, ckpt: Any) -> ModelConfig:
     """HF ties the LM head to the embeddings when the checkpoint has no LM head tensor; so do we."""
     if config.tie_word_embeddings:
         return config
-    template, _ = get_model_class(config.architecture).hf_names(config)["lm_head"]
+    template = get_model_class(config.architecture).hf_names(config)["lm_head"][0]
     return config if template in ckpt else dataclasses.replace(config, tie_word_embeddings=True)
 
 

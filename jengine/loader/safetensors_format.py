@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from jengine.models import get_model_class
+from jengine.models.base import Source
 from jengine.models.config import ModelConfig
 
 _DTYPES = {
@@ -75,8 +76,6 @@ class SafetensorsCheckpoint:
         names = get_model_class(cfg.architecture).hf_names(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
-            template, transpose = names[name]
-            w = self.get(template.format(i=layer))
-            return w.T if transpose else w
+            return Source(*names[name]).read(self.get, layer)
 
         return fetch

@@ -8,7 +8,7 @@
 Layout: `config.py` (the fields all families share, parsing helpers), `layers.py` (`linear`, norms,
 MLPs, the attention call, the layer scan), `rope.py`, `base.py` (`CausalLM`: the contract a family
 implements: config parsing, weight-name maps, partition kinds, forward), and a file per family
-(`llama.py`, `gemma2.py`, `gemma3.py`). Adding an architecture means a family file plus a line in the tables below;
+(`llama.py`, `gemma2.py`, `gemma3.py`, `phi3.py`, `moe.py`). Adding an architecture means a family file plus a line in the tables below;
 the loader and `jengine.sharding` ask the family class for everything architecture-specific.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from jengine.models.config import ModelConfig, RopeScaling
 from jengine.models.gemma2 import Gemma2ForCausalLM
 from jengine.models.gemma3 import Gemma3ForCausalLM
 from jengine.models.llama import LlamaForCausalLM, param_shapes
+from jengine.models.moe import MoeForCausalLM
+from jengine.models.phi3 import Phi3ForCausalLM
 
 # HF `architectures[0]` -> family class
 _REGISTRY: dict[str, type[CausalLM]] = {
@@ -27,6 +29,10 @@ _REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Qwen2MoeForCausalLM": MoeForCausalLM,
+    "Qwen3MoeForCausalLM": MoeForCausalLM,
 }
 # GGUF `general.architecture` -> family class
 _GGUF_REGISTRY: dict[str, type[CausalLM]] = {
@@ -64,6 +70,8 @@ __all__ = [
     "Gemma3ForCausalLM",
     "LlamaForCausalLM",
     "ModelConfig",
+    "MoeForCausalLM",
+    "Phi3ForCausalLM",
     "RopeScaling",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_GGUF_ARCHITECTURES",

@@ -6,18 +6,20 @@ model the runner calls:
 
     config_from_hf(config_json) -> ModelConfig            config_from_gguf(metadata, ...) -> ModelConfig
     param_shapes(cfg) -> {name: shape}                     partition_kinds(cfg) -> {name: COLUMN | ROW | ...}
-    hf_names(cfg) -> {name: (template, transpose)}         gguf_names(cfg) -> {name: (template, transpose)}
+    hf_names(cfg) -> {name: Source | (template, transpose)} gguf_names(cfg) -> {name: (template, transpose)}
     from_gguf_tensor(name, array, cfg, metadata) -> array  (llama.cpp layout fixes; default: none)
     model(kv_cache, token_ids[T], positions[T], md) -> (kv_cache, hidden[T, H])
     model.compute_logits(hidden[S, H]) -> logits[S, V] (float32)
 
 Parameter names are flat: `embed`, `final_norm`, `lm_head` and `layers.<short>` stacked over a
 leading layer axis; matrices are stored `[in, out]` (so `linear(x, w)` is `x @ w`). Name templates
-use `{i}` for the layer index; `transpose` says the checkpoint stores the matrix `[out, in]`.
+use `{i}` for the layer index; `transpose` says the checkpoint stores the matrix `[out, in]`. A
+`Source` can also take a row slice of a fused tensor (Phi-3's `qkv_proj`), stack per-expert tensors
+(`{e}` in the template) or map a parameter's stacked index to the layers that hold it.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +35,42 @@ COLUMN_KV = "column_kv"  # like COLUMN, but only when the model axis divides the
 ROW = "row"  # input features split (axis -2); XLA all-reduces the partial sums
 VOCAB = "vocab"  # rows of the embedding / LM head split when the model axis divides the vocabulary
 REPLICATED = "replicated"
-PARTITION_KINDS = (COLUMN, COLUMN_KV, ROW, VOCAB, REPLICATED)
+EXPERT = "expert"  # stacked experts (axis 1 of `[L, E, ...]`) split over the model axis under expert parallelism
+PARTITION_KINDS = (COLUMN, COLUMN_KV, ROW, VOCAB, REPLICATED, EXPERT)
 
-NameMap = dict[str, tuple[str, bool]]
+
+class Source(NamedTuple):
+    """Where one parameter comes from in an HF checkpoint (a plain `(template, transpose)` pair works too).
+
+    rows: a `(start, stop)` slice of the stored tensor's first axis, i.e. of the output features of a
+    fused projection stored `[out, in]` (Phi-3's `qkv_proj`, `gate_up_proj`), taken before transposing.
+    experts: > 0 for a parameter stacked over experts: the template has `{e}` and the per-expert
+    tensors are stacked on a new leading axis (after the layer axis the loader adds).
+    layers: the checkpoint layer each stacked index reads (for parameters only some layers hold).
+    """
+
+    template: str
+    transpose: bool
+    rows: tuple[int, int] | None = None
+    experts: int = 0
+    layers: tuple[int, ...] | None = None
+
+    def read(self, get: Callable[[str], np.ndarray], layer: int | None) -> np.ndarray:
+        """The tensor for stacked index `layer` (None for unstacked ones) in the model's layout."""
+        i = layer if self.layers is None or layer is None else self.layers[layer]
+
+        def one(name: str) -> np.ndarray:
+            w = get(name)
+            if self.rows is not None:
+                w = w[self.rows[0] : self.rows[1]]
+            return w.T if self.transpose else w
+
+        if self.experts:
+            return np.stack([one(self.template.format(i=i, e=e)) for e in range(self.experts)])
+        return one(self.template.format(i=i))
+
+
+NameMap = dict[str, "Source | tuple[str, bool]"]
 
 
 class StackedLayers(nnx.Module):

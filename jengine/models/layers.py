@@ -153,3 +153,156 @@ def scan_layers(
         layer = units * period + slot
         carry = layer_fn(slot, layer, take(layer), carry)
     return carry
+
+
+# ----- mixture of experts -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+    """Static routing settings of a sparse MLP layer.
+
+    norm_topk_prob: renormalise the k kept router probabilities to sum to 1 (Mixtral, Qwen3-MoE) or
+    keep them as softmax probabilities over all experts (Qwen2-MoE). `grouped`: how the experts run,
+    "ragged" (`jax.lax.ragged_dot`) or "blocked" (`blocked_expert_ffn`); None picks "blocked" on the CPU,
+    whose `ragged_dot` lowering multiplies every expert with every row and masks, else "ragged".
+    """
+
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool = True
+    grouped: str | None = None
+    block_rows: int | None = None  # "blocked": rows per block; None: from the step's shape (`default_block_rows`)
+
+
+def default_block_rows(pairs: int, num_experts: int) -> int:
+    """Rows per block: a power of two in [8, 256], at most half an expert's even share of the pairs.
+
+    Small blocks waste little on experts with few rows (decode); larger ones keep a long prefill to a
+    few big matmuls instead of many small ones (each loop trip has a fixed cost on the CPU). Half the
+    share, so an expert with a little more than its share wastes at most a third of its last block's work.
+    """
+    half_share = max(1, pairs // num_experts // 2)
+    return int(min(256, max(8, 1 << (half_share.bit_length() - 1))))
+
+
+def route(h: jax.Array, router: jax.Array | Weight, spec: MoeSpec) -> tuple[jax.Array, jax.Array]:
+    """Softmax router then top-k: (weights[T, k] in h's dtype, expert ids[T, k] int32), as HF computes them."""
+    probs = jax.nn.softmax(linear(h, router).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, spec.top_k)
+    if spec.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(h.dtype), experts.astype(jnp.int32)
+
+
+def _expert_act(g: jax.Array, u: jax.Array) -> jax.Array:
+    return jax.nn.silu(g) * u
+
+
+def ragged_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params) -> jax.Array:
+    """SwiGLU experts over rows x[M, H] sorted by expert: `jax.lax.ragged_dot` with group_sizes[E].
+
+    Rows past `sum(group_sizes)` come out as zeros. On TPU/GPU XLA runs a grouped matmul; the CPU
+    lowering computes every expert densely and masks (see `blocked_expert_ffn`).
+    """
+    g = jax.lax.ragged_dot(x, p["experts_gate"], group_sizes)
+    u = jax.lax.ragged_dot(x, p["experts_up"], group_sizes)
+    return jax.lax.ragged_dot(_expert_act(g, u).astype(x.dtype), p["experts_down"], group_sizes)
+
+
+def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
+    """Expert e's matrix from w[E, ...], or from w[L, E, ...] at `layer` (one read, no layer-slice copy)."""
+    if layer is None:
+        return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    start = (layer, e) + (0,) * (w.ndim - 2)
+    return jax.lax.dynamic_slice(w, start, (1, 1, *w.shape[2:])).reshape(w.shape[2:])
+
+
+def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None) -> jax.Array:
+    """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over fixed-size blocks of rows.
+
+    Each expert's rows are cut into blocks of `block_rows`; the loop visits only the blocks that hold
+    rows (a data-dependent trip count inside one compiled program: shapes stay fixed), so the work is
+    about (rows + experts used x block_rows) x one expert's FFN, never every expert over every row.
+    A block's rows past its expert's group are zeroed and rewritten by the next group's blocks, which
+    come later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
+    arrays still carry the stacked layer axis ([L, E, ...]) and each block reads only its expert's
+    matrices: slicing a layer out first would copy every expert of the layer on every step.
+    """
+    M, H = x.shape
+    C = block_rows
+    E = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    blocks = (sizes + C - 1) // C
+    block_end = jnp.cumsum(blocks)
+    xp = jnp.concatenate([x, jnp.zeros((C, H), x.dtype)])
+
+    def body(b: jax.Array, out: jax.Array) -> jax.Array:
+        e = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), E - 1).astype(jnp.int32)
+        j = b - (block_end[e] - blocks[e])
+        row0 = starts[e] + j * C
+        xb = jax.lax.dynamic_slice_in_dim(xp, row0, C)
+        w = {k: _expert(p[k], layer, e) for k in ("experts_gate", "experts_up", "experts_down")}
+        y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
+        y = jnp.where((jnp.arange(C) < sizes[e] - j * C)[:, None], y, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
+
+    out = jax.lax.fori_loop(0, block_end[-1], body, jnp.zeros((M + C, H), x.dtype))
+    return out[:M]
+
+
+def moe_mlp(
+    h: jax.Array, p: Params, spec: MoeSpec, *, layer: jax.Array | int | None = None, num_tokens: jax.Array | None = None,
+    mesh: Any = None, axis: str = "model",
+) -> jax.Array:
+    """Sparse MLP: route each token to its top-k experts, run them as one grouped matmul, combine.
+
+    `p` holds `router` [H, E] (through `linear`) and the stacked experts `experts_gate`/`experts_up`
+    [E, H, F], `experts_down` [E, F, H] (plain arrays: the grouped matmul indexes them by expert).
+    The T*k (token, expert) pairs are sorted by expert (fixed shapes: group sizes are an array), the
+    experts run over their rows only, and each token sums its experts' outputs times the router weights.
+    `layer` given: the expert arrays are the whole stacks [L, E, ...] and this is layer `layer`.
+    `num_tokens` given: rows from there on are the step's padding; they go to no expert (output 0).
+
+    Expert parallelism (`mesh` given): the experts are split over `mesh`'s `axis`; every device holds
+    all tokens (attention is tensor-parallel, so they are replicated already), runs its own experts
+    over the pairs routed to them (pairs for other devices' experts sort to the end and are skipped)
+    and the partial sums are added up with one `psum`, the same all-reduce a row-parallel MLP ends with.
+    """
+    weights, experts = route(h, p["router"], spec)
+    grouped = spec.grouped or ("blocked" if jax.default_backend() == "cpu" else "ragged")
+    ex = {k: p[k] for k in ("experts_gate", "experts_up", "experts_down")}
+    stacked = layer is not None
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    if num_tokens is not None:  # padding rows: an expert id no device holds, so they sort last and are skipped
+        pad = jnp.arange(h.shape[0]) >= num_tokens
+        experts = jnp.where(pad[:, None], spec.num_experts, experts)
+
+    def local(h: jax.Array, weights: jax.Array, experts: jax.Array, ex: Params, layer: jax.Array) -> jax.Array:
+        T, k = experts.shape
+        n_local = ex["experts_gate"].shape[int(stacked)]
+        first = jax.lax.axis_index(axis) * n_local if mesh is not None else 0
+        key = experts.reshape(-1) - first
+        key = jnp.where((key >= 0) & (key < n_local), key, n_local)  # other devices' experts sort last
+        order = jnp.argsort(key, stable=True)
+        sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
+        token = order // k
+        x = jnp.take(h, token, axis=0)
+        if grouped == "ragged":
+            one = {n: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for n, w in ex.items()} if stacked else ex
+            y = ragged_expert_ffn(x, sizes, one)
+        else:
+            rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
+            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None)
+        y = y * jnp.take(weights.reshape(-1), order)[:, None]
+        out = jnp.zeros_like(h).at[token].add(y)
+        return out if mesh is None else jax.lax.psum(out, axis)
+
+    if mesh is None:
+        return local(h, weights, experts, ex, layer)
+    from jax.sharding import PartitionSpec as P
+
+    rep, split = P(), P(None, axis) if stacked else P(axis)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, {k: split for k in ex}, rep), out_specs=rep, check_vma=False)
+    return fn(h, weights, experts, ex, layer)

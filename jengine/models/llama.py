@@ -189,23 +189,38 @@ class LlamaForCausalLM(CausalLM):
     def partition_kinds(cls, cfg: LlamaConfig) -> dict[str, str]:
         return dict(_PARTITION)
 
+    def rope(self, positions: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [T, rotary_dim // 2] of the new tokens (Phi-3 overrides this for LongRoPE)."""
+        cfg = self.config
+        return cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    # `layers.*` parameters the layer scan leaves whole ([L, ...]); `mlp` gets them as `stacked`
+    unscanned: tuple[str, ...] = ()
+
+    def mlp(self, h: jax.Array, p: nn.Params, layer: Any, stacked: nn.Params, md: AttentionMetadata) -> jax.Array:
+        """The feed-forward block of one layer (the MoE families override this)."""
+        return nn.swiglu(h, p)
+
     def __call__(self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata) -> tuple[Any, jax.Array]:
         cfg = self.config
-        rope = cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        rope = self.rope(positions, md)
         spec = nn.AttentionSpec(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
             qk_norm=functools.partial(nn.rms_norm, eps=cfg.rms_norm_eps) if cfg.qk_norm else None,
         )
 
+        arrays = self.layers.arrays()
+        stacked = {k: arrays.pop(k) for k in self.unscanned}
+
         def layer(slot: int, i: Any, p: nn.Params, carry: Any) -> Any:
             x, cache = carry
             cache, o = nn.attention(spec, p, nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), cache, i, md, rope)
             x = x + o
-            x = x + nn.swiglu(nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p)
+            x = x + self.mlp(nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p, i, stacked, md)
             return x, cache
 
         x = nn.embed(self.embed[...], token_ids)
-        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers)
+        x, kv_cache = nn.scan_layers(layer, arrays, (x, kv_cache), cfg.num_layers)
         return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
 

@@ -50,9 +50,13 @@ def cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x[T, H, D] by the angles of cos/sin[T, D // 2]; math in float32, result in x's dtype."""
-    half = x.shape[-1] // 2
+    """Rotates x[T, H, D] by the angles of cos/sin[T, R // 2]; math in float32, result in x's dtype.
+
+    R < D is partial rotary (Phi-3's `partial_rotary_factor`): the first R features of each head are
+    rotated ("rotate half" within them), the other D - R pass through unchanged.
+    """
+    half = cos.shape[-1]
     xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., :half], xf[..., half:]
+    x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1).astype(x.dtype)
