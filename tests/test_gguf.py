@@ -203,3 +203,22 @@ def test_generate_runs_without_torch(ours, llm, xla_cache_dir):
     (out,) = llm.generate([{"prompt_token_ids": reference(chat, add_special_tokens=False).input_ids}], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     assert text == out.outputs[0].text.strip()
     assert text.startswith("The capital of France is Paris.")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_whole_tensor_dequantization_equals_gguf_bit_for_bit(qtype: str) -> None:
+    """The loader's one-pass dequantizers do gguf's float32 arithmetic: the same bits, on random data
+    with a spread of scales (and a constant row, where llama.cpp's scale is 0)."""
+    import gguf
+
+    from jengine.loader.gguf_format import _DEQUANTIZE
+
+    t = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((24, 256)) * rng.uniform(1e-3, 10, (24, 1))).astype(np.float32)
+    w[3] = 0.5
+    raw = gguf.quants.quantize(w, t)
+    expected = gguf.quants.dequantize(raw, t).astype(np.float32)
+    got = _DEQUANTIZE[t](raw.reshape(-1, gguf.GGML_QUANT_SIZES[t][1])).reshape(w.shape)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert np.abs(got - w).max() < np.abs(w).max() / 4  # and it is a dequantization of w at all
