@@ -240,7 +240,10 @@ def specialize_schema(components: dict[str, Any], *, model_names: Sequence[str],
         if "top_k" in props:
             props["top_k"]["maximum"] = vocab_size
         if "tool_choice" in props and not auto_tool_choice:
-            props["tool_choice"] = {"anyOf": [{"enum": ["none", "required"]}, NAMED_TOOL_CHOICE, {"type": "null"}], "default": None,
-                                    "description": '"auto" needs --enable-auto-tool-choice (off); a named function must be in tools'}
+            # Stated without "auto" (refused without the flag) and without "required" / named functions, which
+            # need `tools` naming them: a constraint between two fields that a schema-driven client cannot follow.
+            props["tool_choice"] = {"anyOf": [{"const": "none"}, {"type": "null"}], "default": None,
+                                    "description": '"required" or {"type": "function", "function": {"name"}} with tools naming it; '
+                                                   '"auto" needs --enable-auto-tool-choice (off)'}
         if "chat_template" in props and not trust_request_chat_template:
             props["chat_template"] = {"type": "null", "default": None, "description": "refused unless --trust-request-chat-template"}

@@ -48,14 +48,12 @@ def tool_functions(tools: Any) -> dict[str, dict[str, Any]]:
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise APIError(400, f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}", param="tools")
-        if name in out:
-            raise APIError(400, f"tools[{i}].function.name {name!r} is given twice", param="tools")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
         if "description" in fn and not isinstance(fn["description"], (str, type(None))):
             raise APIError(400, f"tools[{i}].function.description must be a string", param="tools")
-        out[name] = params if params else NO_PARAMETERS
+        out.setdefault(name, params if params else NO_PARAMETERS)  # a repeated name: the first wins (vLLM does not refuse it either)
     return out
 
 

@@ -145,7 +145,6 @@ BAD = [
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}], "tool_choice": "required"}, "tools", "name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]}, "tools", "parameters"),
-    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools", "twice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}],
       "tool_choice": "required"}, "tools", "invalid"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "response_format"),
