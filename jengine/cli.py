@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import jengine
 from jengine.config import EngineArgs
+from jengine.server.reasoning_parsers import REASONING_PARSERS
+from jengine.server.tool_parsers import TOOL_PARSERS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -180,7 +182,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         served_model_names=tuple(ns.served_model_name or ()), model_path=ns.model_flag or ns.model,
         chat_template=ns.chat_template, uvicorn_log_level=ns.uvicorn_log_level,
         trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
-        shutdown_timeout_s=ns.shutdown_timeout,
+        shutdown_timeout_s=ns.shutdown_timeout, enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=ns.tool_call_parser, reasoning_parser=ns.reasoning_parser,
     )
     if ns.log_level == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
@@ -268,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
                      help="on SIGTERM, refuse new requests (503, /health 503) and let those in flight finish for up to "
                           "this many seconds, then exit 0 (0 aborts them at once); default: 30")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='serve tool_choice "auto" (the default when a request has tools): --tool-call-parser finds the calls in the output; default: off')
+    srv.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                     help="the model's tool-call format (hermes: Qwen 2.5/3, Hermes; llama3_json: Llama 3.1+; mistral; pythonic: Llama 3.2/4); default: none")
+    srv.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                     help="split <think>...</think> output into reasoning_content and content (deepseek_r1, qwen3); default: none")
     srv.set_defaults(func=_cmd_serve)
     return parser
 

@@ -65,6 +65,9 @@ class ServerSettings:
     chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S  # rendering longer than this is a 400
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # 413 beyond
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # SIGTERM: finish in-flight requests for up to this long
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser finds calls in free text
+    tool_call_parser: Optional[str] = None  # a name in server.tool_parsers.TOOL_PARSERS
+    reasoning_parser: Optional[str] = None  # a name in server.reasoning_parsers.REASONING_PARSERS
 
 
 API_KEY_ENV = "JENGINE_API_KEY"
@@ -100,6 +103,19 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     if "{" not in value:
         raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
     return value
+
+
+def check_parser_settings(settings: ServerSettings) -> None:
+    """ValueError for tool / reasoning parser flags that do not fit (before the slow engine start)."""
+    from .reasoning_parsers import get_reasoning_parser
+    from .tool_parsers import get_tool_parser
+
+    if settings.enable_auto_tool_choice and not settings.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if settings.tool_call_parser:
+        get_tool_parser(settings.tool_call_parser)
+    if settings.reasoning_parser:
+        get_reasoning_parser(settings.reasoning_parser)
 
 
 def default_model_names(model_path: Optional[str]) -> list[str]:
@@ -268,7 +284,8 @@ def _add_request_schemas(app: FastAPI, serving: OpenAIServing, models: Sequence[
                 components[model.__name__] = body
             specialize_schema(components, model_names=serving.served_model_names, vocab_size=serving.vocab_size,
                               max_model_len=serving.max_model_len, max_logprobs=serving.max_logprobs,
-                              trust_request_chat_template=serving.trust_request_chat_template)
+                              trust_request_chat_template=serving.trust_request_chat_template,
+                              auto_tool_choice=serving.enable_auto_tool_choice)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -279,7 +296,9 @@ def make_serving(engine: AsyncEngine, settings: ServerSettings) -> tuple[OpenAIS
     names = list(settings.served_model_names) or default_model_names(settings.model_path)
     serving = OpenAIServing(engine, names, model_path=settings.model_path or names[0], chat_template=load_chat_template(settings.chat_template),
                             trust_request_chat_template=settings.trust_request_chat_template,
-                            chat_template_timeout_s=settings.chat_template_timeout_s)
+                            chat_template_timeout_s=settings.chat_template_timeout_s,
+                            enable_auto_tool_choice=settings.enable_auto_tool_choice, tool_call_parser=settings.tool_call_parser,
+                            reasoning_parser=settings.reasoning_parser)
     metrics = ServerMetrics(serving.model_name)
     metrics.attach(engine)
     return serving, metrics
@@ -457,6 +476,7 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
     if not 0 <= settings.port < 65536 or (settings.grpc_port is not None and not 0 <= settings.grpc_port < 65536):
         raise ValueError("ports must be in [0, 65535]")
     load_chat_template(settings.chat_template)  # fail before the slow engine start
+    check_parser_settings(settings)
     config = engine_args.create_engine_config()  # validates every engine flag before loading anything
     from jengine.engine.core import EngineCore
 

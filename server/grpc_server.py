@@ -20,11 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jengine.engine.async_engine import EngineDeadError, EngineOverloadedError
+from jengine.structured_output.params import StructuredOutputsParams
 
 from . import jengine_pb2 as pb
 from . import jengine_pb2_grpc as pb_grpc
 from .protocol import APIError
-from .serving import OpenAIServing, build_sampling_params, clamp_logprob, parse_logit_bias
+from .serving import OpenAIServing, bad_request, build_sampling_params, clamp_logprob, parse_logit_bias
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "jengine.v1.Generation"
 
@@ -64,7 +65,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fields["stop_token_ids"] = [int(t) for t in sp.stop_token_ids]
         if sp.logit_bias:
             fields["logit_bias"] = parse_logit_bias(dict(sp.logit_bias))
+        if sp.HasField("structured_outputs"):
+            fields["structured_outputs"] = self._structured_outputs(sp.structured_outputs)
         return fields
+
+    @staticmethod
+    def _structured_outputs(so: Any) -> StructuredOutputsParams:
+        kind = so.WhichOneof("kind")
+        if kind is None:
+            raise APIError(400, "structured_outputs must set one of json, regex, choice, grammar, json_object", param="structured_outputs")
+        value = list(getattr(so, kind).choices) if kind == "choice" else getattr(so, kind)
+        try:
+            return StructuredOutputsParams(**{kind: value})
+        except ValueError as e:
+            raise APIError(400, str(e), param="structured_outputs") from e
 
     def _prompt(self, request: Any) -> tuple[Optional[str], list[int], str]:
         given = [bool(request.prompt), len(request.prompt_token_ids) > 0, len(request.messages) > 0]
@@ -101,7 +115,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             params = build_sampling_params({**fields, "max_tokens": max_tokens}, self.serving.max_logprobs)
             self.engine.validate(ids, params)
         except ValueError as e:
-            raise APIError(400, str(e), param=prompt_param) from e
+            raise bad_request(e, prompt_param=prompt_param) from e
         return text, ids, params
 
     @staticmethod

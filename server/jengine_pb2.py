@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rjengine.proto\x12\njengine.v1\"\x9d\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x13 \x01(\x08H\x10\x88\x01\x01\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).jengine.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.jengine.v1.ChatMessage\x12\x33\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1a.jengine.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.jengine.v1.TopLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.jengine.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.jengine.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\"\x93\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.jengine.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"N\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.jengine.v1.ModelCard2\xe9\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.jengine.v1.GenerateRequest\x1a\x1c.jengine.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.jengine.v1.TokenizeRequest\x1a\x1c.jengine.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.jengine.v1.ListModelsRequest\x1a\x1e.jengine.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rjengine.proto\x12\njengine.v1\"\xd8\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x13 \x01(\x08H\x10\x88\x01\x01\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).jengine.v1.SamplingParams.LogitBiasEntry\x12\x39\n\x12structured_outputs\x18\x15 \x01(\x0b\x32\x1d.jengine.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\"\x8d\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x13.jengine.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.jengine.v1.ChatMessage\x12\x33\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1a.jengine.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.jengine.v1.TopLogprob\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.jengine.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.jengine.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\"\x93\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.jengine.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"N\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.jengine.v1.ModelCard2\xe9\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.jengine.v1.GenerateRequest\x1a\x1c.jengine.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.jengine.v1.TokenizeRequest\x1a\x1c.jengine.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.jengine.v1.ListModelsRequest\x1a\x1e.jengine.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=30
-  _globals['_SAMPLINGPARAMS']._serialized_end=955
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=613
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=661
-  _globals['_CHATMESSAGE']._serialized_start=957
-  _globals['_CHATMESSAGE']._serialized_end=1001
-  _globals['_GENERATEREQUEST']._serialized_start=1004
-  _globals['_GENERATEREQUEST']._serialized_end=1268
-  _globals['_TOPLOGPROB']._serialized_start=1270
-  _globals['_TOPLOGPROB']._serialized_end=1346
-  _globals['_TOKENLOGPROB']._serialized_start=1348
-  _globals['_TOKENLOGPROB']._serialized_end=1472
-  _globals['_USAGE']._serialized_start=1474
-  _globals['_USAGE']._serialized_end=1583
-  _globals['_GENERATERESPONSE']._serialized_start=1586
-  _globals['_GENERATERESPONSE']._serialized_end=1820
-  _globals['_TOKENIZEREQUEST']._serialized_start=1823
-  _globals['_TOKENIZEREQUEST']._serialized_end=1970
-  _globals['_TOKENIZERESPONSE']._serialized_start=1972
-  _globals['_TOKENIZERESPONSE']._serialized_end=2044
-  _globals['_LISTMODELSREQUEST']._serialized_start=2046
-  _globals['_LISTMODELSREQUEST']._serialized_end=2065
-  _globals['_MODELCARD']._serialized_start=2067
-  _globals['_MODELCARD']._serialized_end=2145
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2147
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2206
-  _globals['_GENERATION']._serialized_start=2209
-  _globals['_GENERATION']._serialized_end=2442
+  _globals['_SAMPLINGPARAMS']._serialized_end=1014
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=672
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=720
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1017
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1158
+  _globals['_CHOICES']._serialized_start=1160
+  _globals['_CHOICES']._serialized_end=1186
+  _globals['_CHATMESSAGE']._serialized_start=1188
+  _globals['_CHATMESSAGE']._serialized_end=1232
+  _globals['_GENERATEREQUEST']._serialized_start=1235
+  _globals['_GENERATEREQUEST']._serialized_end=1499
+  _globals['_TOPLOGPROB']._serialized_start=1501
+  _globals['_TOPLOGPROB']._serialized_end=1577
+  _globals['_TOKENLOGPROB']._serialized_start=1579
+  _globals['_TOKENLOGPROB']._serialized_end=1703
+  _globals['_USAGE']._serialized_start=1705
+  _globals['_USAGE']._serialized_end=1814
+  _globals['_GENERATERESPONSE']._serialized_start=1817
+  _globals['_GENERATERESPONSE']._serialized_end=2051
+  _globals['_TOKENIZEREQUEST']._serialized_start=2054
+  _globals['_TOKENIZEREQUEST']._serialized_end=2201
+  _globals['_TOKENIZERESPONSE']._serialized_start=2203
+  _globals['_TOKENIZERESPONSE']._serialized_end=2275
+  _globals['_LISTMODELSREQUEST']._serialized_start=2277
+  _globals['_LISTMODELSREQUEST']._serialized_end=2296
+  _globals['_MODELCARD']._serialized_start=2298
+  _globals['_MODELCARD']._serialized_end=2376
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2378
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2437
+  _globals['_GENERATION']._serialized_start=2440
+  _globals['_GENERATION']._serialized_end=2673
 # @@protoc_insertion_point(module_scope)

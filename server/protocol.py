@@ -27,11 +27,30 @@ def _doc(default: Any = None, **schema: Any) -> Any:
 
 
 _TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}, "required": ["type", "text"]}
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {"name": _FUNCTION_NAME, "arguments": {"type": "string"}}}}}
 MESSAGE_SCHEMA = {
     "type": "object", "required": ["role"],
     "properties": {"role": {"type": "string"},
-                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]},
+                   "tool_calls": {"type": "array", "items": _TOOL_CALL}, "tool_call_id": {"type": "string"}, "name": {"type": "string"}},
 }
+# Any JSON schema is accepted as a tool's `parameters`; the OpenAPI document states the common shape
+# (flat properties of simple types), which is what schema-driven clients and fuzzers should send.
+_PARAMETERS = {"type": "object", "required": ["type"], "additionalProperties": False, "properties": {
+    "type": {"const": "object"}, "required": {"type": "array", "items": {"type": "string"}},
+    "properties": {"type": "object", "maxProperties": 4, "additionalProperties": {
+        "type": "object", "required": ["type"], "additionalProperties": False,
+        "properties": {"type": {"enum": ["string", "integer", "number", "boolean"]}, "description": {"type": "string"}}}}}}
+TOOLS_SCHEMA = {"anyOf": [{"type": "array", "maxItems": 8, "items": {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {"name": _FUNCTION_NAME, "description": {"type": "string"},
+                                                                        "parameters": _PARAMETERS}}}}},
+    {"type": "null"}]}
+NAMED_TOOL_CHOICE = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": {"type": "object", "required": ["name"], "properties": {"name": _FUNCTION_NAME}}}}
 _STOP = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
                    {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}},
                    {"type": "null"}]}
@@ -136,8 +155,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = False
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Any] = _doc(anyOf=[{"const": "none"}, {"type": "null"}], description="tool calls are not parsed: only none")
+    tools: Optional[list[dict[str, Any]]] = _doc(**TOOLS_SCHEMA)
+    tool_choice: Optional[Any] = _doc(anyOf=[{"enum": ["none", "auto", "required"]}, NAMED_TOOL_CHOICE, {"type": "null"}],
+                                      description='"auto" needs --enable-auto-tool-choice; a named function must be in tools')
 
 
 class TokenizeRequest(_Request):
@@ -189,7 +209,7 @@ def parse_request(cls: type[RequestT], raw: bytes) -> RequestT:
 
 
 def specialize_schema(components: dict[str, Any], *, model_names: Sequence[str], vocab_size: int, max_model_len: int,
-                      max_logprobs: int, trust_request_chat_template: bool) -> None:
+                      max_logprobs: int, trust_request_chat_template: bool, auto_tool_choice: bool = False) -> None:
     """Fills the bounds that depend on the served model and the server's flags into the request
     schemas (OpenAPI components, in place): model names, token ids below the vocabulary size, token
     counts within the context window, logprob counts up to --max-logprobs, request chat templates only
@@ -219,5 +239,11 @@ def specialize_schema(components: dict[str, Any], *, model_names: Sequence[str],
                 props[field]["maximum"] = max_logprobs
         if "top_k" in props:
             props["top_k"]["maximum"] = vocab_size
+        if "tool_choice" in props and not auto_tool_choice:
+            # Stated without "auto" (refused without the flag) and without "required" / named functions, which
+            # need `tools` naming them: a constraint between two fields that a schema-driven client cannot follow.
+            props["tool_choice"] = {"anyOf": [{"const": "none"}, {"type": "null"}], "default": None,
+                                    "description": '"required" or {"type": "function", "function": {"name"}} with tools naming it; '
+                                                   '"auto" needs --enable-auto-tool-choice (off)'}
         if "chat_template" in props and not trust_request_chat_template:
             props["chat_template"] = {"type": "null", "default": None, "description": "refused unless --trust-request-chat-template"}

@@ -33,8 +33,12 @@ from jengine.engine.async_engine import AsyncEngine, EngineDeadError, EngineOver
 from jengine.sampling_params import SamplingParams
 from jengine.structured_output.params import StructuredOutputsParams
 
+from .chat_output import ChoiceOutput
 from .guards import RenderTimeout, call_with_deadline, check_text
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .reasoning_parsers import get_reasoning_parser
+from .tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, get_tool_parser
+from .tools import ToolPlan, plan_tools, template_tool_calls
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 MAX_PROMPTS_PER_REQUEST = 256  # prompts in one /v1/completions batch
@@ -124,18 +128,6 @@ def chat_role_and_echo(req: ChatCompletionRequest) -> tuple[str, str]:
     return role, echo
 
 
-def check_tool_choice(tools: Optional[list[dict[str, Any]]], tool_choice: Any) -> None:
-    """`tools` reach the chat template (as vLLM without a tool parser), but jengine does not parse tool
-    calls out of the output, so only tool_choice "none" (vLLM's default) is served."""
-    if tool_choice is None or tool_choice == "none":
-        return
-    if not tools:
-        raise APIError(400, "tool_choice needs tools", param="tool_choice")
-    shown = tool_choice if isinstance(tool_choice, str) else "a named tool"
-    raise APIError(400, f"tool_choice {shown!r} needs tool-call parsing, which jengine does not support yet; "
-                        "use 'none' (the tools are still rendered into the chat template)", param="tool_choice")
-
-
 def build_sampling_params(fields: dict[str, Any], max_logprobs: int) -> SamplingParams:
     """`SamplingParams` from request fields (None = default). Logprob counts are checked against the
     server's `--max-logprobs` rather than the dataclass default."""
@@ -173,7 +165,10 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         elif content is not None and not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string, a list of text parts or null", param="messages")
-        out.append({**msg, "content": "" if content is None else content})
+        msg = {**msg, "content": "" if content is None else content}
+        if msg.get("tool_calls") is not None:
+            msg["tool_calls"] = template_tool_calls(msg["tool_calls"], i)
+        out.append(msg)
     return out
 
 
@@ -194,9 +189,16 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], *, model_path: Optional[str] = None,
                  chat_template: Optional[str] = None, trust_request_chat_template: bool = False,
-                 chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, preprocess_threads: Optional[int] = None) -> None:
+                 chat_template_timeout_s: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S, preprocess_threads: Optional[int] = None,
+                 enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+                 reasoning_parser: Optional[str] = None) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must not be empty")
+        if enable_auto_tool_choice and not tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        self.tool_parser_cls = get_tool_parser(tool_call_parser) if tool_call_parser else None
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.reasoning_parser_cls = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         self.engine = engine
         self.served_model_names = list(served_model_names)
         self.model_name = self.served_model_names[0]
@@ -379,10 +381,16 @@ class OpenAIServing:
             )
         return requested
 
-    def _params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int], rename: dict[str, str]) -> SamplingParams:
+    def _params(self, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int], rename: dict[str, str],
+                tool_plan: Optional[ToolPlan] = None) -> SamplingParams:
         structured = structured_outputs_of(req.response_format, req.structured_outputs)
         if structured is not None and req.response_format is not None:
             rename = {**rename, "structured_outputs": "response_format"}
+        if tool_plan is not None and tool_plan.constraint is not None:
+            if structured is not None:
+                raise APIError(400, f"tool_choice {tool_plan.mode!r} constrains the output itself: drop response_format / structured_outputs",
+                               param="tool_choice")
+            structured, rename = tool_plan.constraint, {**rename, "structured_outputs": "tools"}
         fields = dict(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -394,9 +402,12 @@ class OpenAIServing:
             structured_outputs=structured,
         )
         try:
-            return build_sampling_params(fields, self.max_logprobs)
+            params = build_sampling_params(fields, self.max_logprobs)
         except (ValueError, TypeError) as e:
             raise bad_request(ValueError(str(e)), rename=rename) from e
+        if tool_plan is not None and tool_plan.mode == "auto" and self.tool_parser_cls is not None:
+            self.tool_parser_cls().adjust_request(params)
+        return params
 
     def check_admitting(self) -> None:
         if self.draining:
@@ -628,32 +639,53 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # ----- /v1/chat/completions -------------------------------------------------------------------
-    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[str, list[int], SamplingParams, dict[str, str]]:
+    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[str, list[int], SamplingParams, dict[str, str], ToolPlan]:
         """Checks the request, renders and tokenizes the chat (on the preprocessing pool): (text, token
-        ids, params, field renames), or an APIError before anything is queued."""
+        ids, params, field renames, tool plan), or an APIError before anything is queued."""
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        check_tool_choice(req.tools, req.tool_choice)
+        plan = plan_tools(req.tools, req.tool_choice, auto_enabled=self.enable_auto_tool_choice)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         rename = {"max_tokens": field, "logprobs": "top_logprobs"}
         num_top = (req.top_logprobs or 0) if req.logprobs else None
-        self._params(req, max_tokens=requested, logprobs=num_top, rename=rename)  # every field, before rendering
+        self._params(req, max_tokens=requested, logprobs=num_top, rename=rename, tool_plan=plan)  # every field, before rendering
         text = self.render_chat(req.messages, chat_template=req.chat_template, add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
         ids = self.encode(text, req.add_special_tokens, param="messages")
         max_tokens = self._max_tokens(requested, len(ids), field, "messages")
-        params = self._params(req, max_tokens=max_tokens, logprobs=num_top, rename=rename)
+        if plan.constraint is not None:
+            rename = {**rename, "structured_outputs": "tools"}
+        params = self._params(req, max_tokens=max_tokens, logprobs=num_top, rename=rename, tool_plan=plan)
         try:
             self.engine.validate(ids, params)
         except ValueError as e:
             raise bad_request(e, prompt_param="messages", rename=rename) from e
-        return text, ids, params, rename
+        return text, ids, params, rename, plan
+
+    def _choice_output(self, req: ChatCompletionRequest, plan: ToolPlan) -> ChoiceOutput:
+        """A fresh parser of one choice's text (reasoning first, then tool calls as the plan says)."""
+        tools: Optional[ToolParser] = None
+        if plan.mode == "auto" and self.tool_parser_cls is not None:
+            tools = self.tool_parser_cls(req.tools)
+        elif plan.mode == "required":
+            tools = RequiredToolParser(req.tools)
+        elif plan.mode == "named":
+            tools = NamedToolParser(plan.function or "", req.tools)
+        return ChoiceOutput(self.reasoning_parser_cls() if self.reasoning_parser_cls else None, tools)
+
+    @staticmethod
+    def _finish_reason(plan: ToolPlan, out: ChoiceOutput, reason: Optional[str]) -> Optional[str]:
+        """"tool_calls" when the model chose to call tools and finished (auto, required); a named
+        function keeps "stop", as OpenAI and vLLM answer a forced call."""
+        if reason == "stop" and out.calls and plan.mode in ("auto", "required"):
+            return "tool_calls"
+        return reason
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> Union[dict[str, Any], AsyncIterator[str]]:
         self.check_admitting()
-        text, ids, params, rename = await self.run_sync(self.prepare_chat, req)
+        text, ids, params, rename, plan = await self.run_sync(self.prepare_chat, req)
         num_top = params.logprobs
         role, echo = chat_role_and_echo(req)
         base = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
@@ -661,7 +693,7 @@ class OpenAIServing:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_chat(base, created, req, stream, num_top, include_usage, role, echo)
+            return self._stream_chat(base, created, req, stream, num_top, include_usage, role, echo, plan)
         final = None
         try:
             async for out in stream:
@@ -678,15 +710,18 @@ class OpenAIServing:
         choices = []
         for c in final.outputs:
             logprobs = None if num_top is None else self.chat_logprobs(c.token_ids, c.logprobs or [], num_top, req.return_tokens_as_token_ids)
-            choices.append({"index": c.index, "message": {"role": role, "content": echo + c.text, "tool_calls": []},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            parsed = self._choice_output(req, plan)
+            parsed.update(c.text, final=True)
+            choices.append({"index": c.index, "message": parsed.message(role, echo), "logprobs": logprobs,
+                            "finish_reason": self._finish_reason(plan, parsed, c.finish_reason), "stop_reason": c.stop_reason})
         return {"id": base, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self.usage([final])}
 
     async def _stream_chat(self, base: str, created: int, req: ChatCompletionRequest, stream: RequestStream,
-                           num_top: Optional[int], include_usage: bool, role: str, echo: str) -> AsyncIterator[str]:
+                           num_top: Optional[int], include_usage: bool, role: str, echo: str, plan: ToolPlan) -> AsyncIterator[str]:
         head = {"id": base, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         states = [_Choice() for _ in range(req.n)]
+        parsers = [self._choice_output(req, plan) for _ in range(req.n)]
         final = None
         try:
             for c in range(req.n):  # the first delta of every choice carries the role (then the echo, if any)
@@ -702,15 +737,15 @@ class OpenAIServing:
                     st = states[c.index]
                     if st.finished:
                         continue
-                    delta = c.text[st.text_len:]
+                    delta = parsers[c.index].update(c.text, final=c.finish_reason is not None)
                     if not delta and c.finish_reason is None:
                         continue
                     logprobs = None
                     if num_top is not None:
                         logprobs = self.chat_logprobs(c.token_ids[st.num_tokens:], (c.logprobs or [])[st.num_tokens:], num_top, req.return_tokens_as_token_ids)
                     st.text_len, st.num_tokens, st.finished = len(c.text), len(c.token_ids), c.finish_reason is not None
-                    chunk_choices.append({"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
-                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                    chunk_choices.append({"index": c.index, "delta": delta, "logprobs": logprobs,
+                                          "finish_reason": self._finish_reason(plan, parsers[c.index], c.finish_reason), "stop_reason": c.stop_reason})
                 if chunk_choices:
                     yield sse({**head, "choices": chunk_choices})
             if include_usage and final is not None:

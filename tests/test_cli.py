@@ -162,3 +162,16 @@ def test_serve_compiles_in_the_background_by_default_and_bench_does_not(tiny):
     assert engine_args_from(parse_args(["serve", tiny, "--no-compile-in-background"])).compile_in_background is False
     assert engine_args_from(parse_args(["bench", tiny])).compile_in_background is False
     assert engine_args_from(parse_args(["generate", tiny])).compile_in_background is False
+
+
+def test_tool_and_reasoning_parser_flags(tiny, capsys):
+    from jengine.cli import parse_args
+    from jengine.server.api_server import ServerSettings, check_parser_settings
+
+    ns = parse_args(["serve", tiny, "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"])
+    assert (ns.enable_auto_tool_choice, ns.tool_call_parser, ns.reasoning_parser) == (True, "hermes", "qwen3")
+    with pytest.raises(SystemExit):
+        parse_args(["serve", tiny, "--tool-call-parser", "nope"])
+    with pytest.raises(ValueError, match="--tool-call-parser"):  # checked before the engine starts
+        check_parser_settings(ServerSettings(enable_auto_tool_choice=True))
+    check_parser_settings(ServerSettings(enable_auto_tool_choice=True, tool_call_parser="pythonic", reasoning_parser="deepseek_r1"))

@@ -63,6 +63,7 @@ def _check(response: Any, label: str) -> None:
 def test_fuzz_every_operation(server: BackgroundServer) -> None:
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     statuses: collections.Counter = collections.Counter()
+    fields: collections.Counter = collections.Counter()  # chat fields present in schema-valid cases
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize"} <= labels
@@ -75,10 +76,14 @@ def test_fuzz_every_operation(server: BackgroundServer) -> None:
             def run(case: Any) -> None:
                 response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT_S)
                 statuses[(op.label, mode.value, response.status_code // 100)] += 1
+                if op.label == "POST /v1/chat/completions" and mode == GenerationMode.POSITIVE and isinstance(case.body, dict):
+                    fields.update((k, response.status_code // 100) for k in ("tools", "tool_choice", "response_format") if case.body.get(k) is not None)
                 _check(response, f"{op.label} ({mode.value}) {str(case.body)[:300]}")
 
             run()
     print("fuzz cases by (operation, mode, status class):", dict(sorted(statuses.items())))  # pytest -s shows it
+    # Which tool / response-format fields the schema led the fuzzer to (the cases differ from run to run).
+    print("schema-valid chat cases with (field, status class):", dict(sorted(fields.items())))
     # The schema states the real bounds: most schema-valid requests reach the engine and are served.
     for label in ("POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize"):
         ok, refused = statuses[(label, "positive", 2)], statuses[(label, "positive", 4)]

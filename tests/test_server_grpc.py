@@ -6,6 +6,8 @@ get INVALID_ARGUMENT, and the standard health and reflection services answer.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any
 
@@ -113,6 +115,21 @@ def test_generate_logit_bias(stub: pb_grpc.GenerationStub) -> None:
     assert ids == {0: [77] * 4}
 
 
+def test_generate_structured_outputs(stub: pb_grpc.GenerationStub) -> None:
+    """The same constraints as the HTTP API's structured_outputs: choice, regex, JSON schema."""
+    def text(so: Any, **kw: Any) -> tuple[str, str]:
+        out, _, msgs = _collect(stub.Generate(pb.GenerateRequest(prompt="Answer:", sampling_params=pb.SamplingParams(
+            temperature=1.0, seed=3, max_tokens=40, structured_outputs=so, **kw)), timeout=TIMEOUT))
+        return out[0], msgs[-1].finish_reason
+
+    assert text(pb.StructuredOutputs(choice=pb.Choices(choices=["yes", "no"]))) in (("yes", "stop"), ("no", "stop"))
+    code, finish = text(pb.StructuredOutputs(regex="[A-Z]{2}-[0-9]{3}"))
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", code) and finish == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}}, "required": ["ok", "n"], "additionalProperties": False}
+    value, finish = text(pb.StructuredOutputs(json=json.dumps(schema)))
+    assert finish == "stop" and set(json.loads(value)) == {"ok", "n"} and json.loads(value)["n"] in (1, 2, 3)
+
+
 @pytest.mark.parametrize("request_kw,needle", [
     (dict(prompt="hi", sampling_params=pb.SamplingParams(temperature=-1.0)), "temperature"),
     (dict(prompt="hi", sampling_params=pb.SamplingParams(top_p=0.0)), "top_p"),
@@ -124,6 +141,12 @@ def test_generate_logit_bias(stub: pb_grpc.GenerationStub) -> None:
     (dict(prompt="hi " * MAX_MODEL_LEN), "max_model_len"),
     (dict(prompt="hi", sampling_params=pb.SamplingParams(logit_bias={100000: 1.0})), "logit_bias"),
     (dict(prompt="hi", sampling_params=pb.SamplingParams(logit_bias={5: float("inf")})), "logit_bias"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(regex="("))), "regex"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(json="{not json"))), "json"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(json='{"type": "nonsense"}'))), "json"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(grammar="root ::= ("))), "grammar"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs(choice=pb.Choices()))), "choice"),
+    (dict(prompt="hi", sampling_params=pb.SamplingParams(structured_outputs=pb.StructuredOutputs())), "structured_outputs"),
 ])
 def test_invalid_arguments(stub: pb_grpc.GenerationStub, request_kw: dict, needle: str) -> None:
     with pytest.raises(grpc.RpcError) as e:

@@ -344,6 +344,15 @@ def test_tools_reach_the_chat_template_and_text_response_format(client: openai.O
     assert out.usage.prompt_tokens == with_tools["count"] and not out.choices[0].message.tool_calls
 
 
+def test_auto_tool_choice_needs_the_server_flags(http: httpx.Client) -> None:
+    """As vLLM: "auto" is refused without --enable-auto-tool-choice; tools without tool_choice are only rendered."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS, "max_tokens": 2}
+    err = http.post("/v1/chat/completions", json={**body, "tool_choice": "auto"}).json()["error"]
+    assert err["param"] == "tool_choice" and "--enable-auto-tool-choice" in err["message"] and "--tool-call-parser" in err["message"]
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] == []
+
+
 # ----- errors ------------------------------------------------------------------------------------
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
