@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import jengine
 from jengine.config import EngineArgs
+from jengine.quantization import QUANTIZATION_METHODS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -62,6 +63,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse the KV pages of shared prompt prefixes")
     parser.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, help="devices to shard the model over")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"], help="checkpoint format; auto: from the path; dummy: random weights of the right shapes")
+    parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                        help="weight quantization of the decoder layers' projections: int8 / fp8 on load (one scale per "
+                             "output channel); default: the checkpoint's own quantization_config, else none")
     parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"], help="attention kernel; default: the one for the platform JAX runs on")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="request order: first come first served, or by request priority")
     parser.add_argument("--max-logprobs", type=_positive_int, default=20, help="most logprobs a request may ask for")
@@ -91,7 +95,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
         enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
-        load_format=ns.load_format, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
+        load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
         compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,

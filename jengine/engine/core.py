@@ -54,7 +54,8 @@ class EngineCore:
         t0 = time.perf_counter()
         self.plan = sharding.plan_for_engine(config)  # None: one device, nothing to shard
         place = self.plan.place if self.plan is not None else None
-        loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
+        loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place,
+                            quantization=config.quantization)
         self.model_config = mc = loaded.config
         self.tokenizer = load_tokenizer(loaded.model_path if loaded.gguf_file is None else loaded.gguf_file, config.tokenizer,
                                         trust_remote_code=config.trust_remote_code)
