@@ -113,6 +113,38 @@ def test_engine_equals_hf_on_fake_quantized_weights(method, tiny_llama, xla_cach
     assert llm.engine.compilations_after_warmup == 0
 
 
+def _child_tensor_parallel(model: str) -> dict:
+    """(In a process with 4 fake CPU devices) int8 greedy tokens and leaf shardings at TP 1 and TP 2."""
+    result = {}
+    for tp in (1, 2):
+        llm = LLM(model, dtype="float32", quantization="int8", tensor_parallel_size=tp, compilation_cache_dir="", **LIMITS)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        layers = llm.engine.runner.params["layers"]
+        specs = {f"{n}.{f}": str(tuple(getattr(layers[n].get_value(), f).sharding.spec)) if tp > 1 else "single"
+                 for n in ("wq", "wk", "wo", "w_down") for f in ("q", "scale")}
+        result[tp] = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": specs,
+                      "compiles": llm.engine.compilations_after_warmup}
+    return result
+
+
+def test_int8_tensor_parallel_matches_tp1(tmp_path):
+    """Quantized leaves shard with their channels (column: values and scales by output; row: values by input,
+    scales replicated) and TP 2 gives TP 1's tokens."""
+    model = make_tiny_checkpoint(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=2)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "tp", model], capture_output=True, text=True, env=env, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["2"]["tokens"] == res["1"]["tokens"]
+    assert res["1"]["compiles"] == res["2"]["compiles"] == 0
+    col, row, out_only, rep = "(None, None, 'model')", "(None, 'model', None)", "(None, 'model')", "(None, None)"
+    assert res["2"]["specs"] == {
+        "wq.q": col, "wq.scale": out_only, "wk.q": col, "wk.scale": out_only,  # 2 KV heads split over 2 devices
+        "wo.q": row, "wo.scale": rep, "w_down.q": row, "w_down.scale": rep,
+    }
+
+
 def test_unknown_quantization_is_named(tiny_llama):
     with pytest.raises(ValueError, match=r"quantization 'int3' is not supported; supported: int8, fp8"):
         LLM(tiny_llama, quantization="int3", **LIMITS)
@@ -157,3 +189,7 @@ def test_smollm2_int8_fp8_stay_close_to_float32(xla_cache_dir):
         agreement = teacher_forced_agreement(LLM(quantization=method, **limits), sequences)
         print(f"{method}: teacher-forced greedy token agreement with float32 {agreement:.3f}")
         assert agreement >= floor, (method, agreement)
+
+
+if __name__ == "__main__":  # the tensor-parallel child; its parent sets the fake device count (XLA_FLAGS)
+    print("RESULT " + json.dumps(_child_tensor_parallel(sys.argv[2])), flush=True)
