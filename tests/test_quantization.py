@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -157,6 +158,160 @@ def test_cli_quantization_flag():
     assert engine_args_from(ns).quantization == "fp8"
     proc = subprocess.run([sys.executable, "-m", "jengine.cli", "generate", "--quantization", "int3"], capture_output=True, text=True)
     assert proc.returncode != 0 and "int3" in proc.stderr and "--quantization" in proc.stderr
+
+
+# ----- pre-quantized checkpoints -------------------------------------------------------------------
+def _pack_words(vals: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
+    """Test-side packer: 4-bit values -> int32 words along `axis`; nibble i holds element order[i] of each 8."""
+    v = np.moveaxis(vals.astype(np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
+    words = np.zeros(v.shape[:-1], np.uint32)
+    for i, j in enumerate(order):
+        words |= v[..., j] << np.uint32(4 * i)
+    return np.moveaxis(words, -1, axis).view(np.int32)
+
+
+def write_int4_checkpoint(src: str, dst: str, method: str, group: int, seed: int = 0, **qc_extra) -> dict:
+    """Copies tiny checkpoint `src` with every projection quantized to 4 bits in `method`'s packing.
+
+    Returns {HF weight name: dequantized [out, in] float32}, computed from the test's own integers."""
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    tensors, deq = load_file(os.path.join(src, "model.safetensors")), {}
+    out_tensors = {}
+    for name, w in tensors.items():
+        if name.split(".")[-2] not in PROJECTIONS or not name.endswith(".weight"):
+            out_tensors[name] = w
+            continue
+        wt = w.T.astype(np.float32)  # [in, out]
+        n_in, n_out = wt.shape
+        G = n_in // group
+        q = rng.integers(0, 16, size=(n_in, n_out))
+        z = rng.integers(1 if method == "gptq" else 0, 16, size=(G, n_out))  # GPTQ v1 cannot store a zero of 0
+        s = (np.abs(wt).reshape(G, group, n_out).max(axis=1) / 8).astype(np.float16)
+        deq[name] = ((q - np.repeat(z, group, axis=0)) * np.repeat(s.astype(np.float32), group, axis=0)).T
+        prefix = name.removesuffix(".weight")
+        if method == "awq":
+            order = (0, 2, 4, 6, 1, 3, 5, 7)
+            out_tensors[prefix + ".qweight"] = _pack_words(q, 1, order)
+            out_tensors[prefix + ".qzeros"] = _pack_words(z, 1, order)
+        else:
+            out_tensors[prefix + ".qweight"] = _pack_words(q, 0)
+            out_tensors[prefix + ".qzeros"] = _pack_words(z - 1, 1)  # GPTQ v1 stores zero - 1
+            out_tensors[prefix + ".g_idx"] = (np.arange(n_in) // group).astype(np.int32)
+        out_tensors[prefix + ".scales"] = s
+    os.makedirs(dst, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in out_tensors.items()}, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    qc = {"quant_method": method, "bits": 4, "group_size": group}
+    qc.update({"version": "gemm", "zero_point": True} if method == "awq" else {"desc_act": False, "sym": False})
+    cfg["quantization_config"] = {**qc, **qc_extra}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return deq
+
+
+def hf_with_weights(path: str, deq: dict):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, w in deq.items():
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    return hf
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_int4_checkpoint_unpacks_and_equals_hf(method, tiny_llama, tmp_path, xla_cache_dir):
+    """Unpacked weights == the test's numpy dequantization; the engine == HF on those weights, token for token."""
+    from jengine.loader import load_model
+    from jengine.quantization.weights import PackedInt4Weight
+
+    dst = str(tmp_path / method)
+    deq = write_int4_checkpoint(tiny_llama, dst, method, group=32)
+    loaded = load_model(dst, dtype="float32")
+    assert loaded.quantization == method
+    layers = loaded.model.layers.arrays()
+    for ours, hf_name in (("wq", "q_proj"), ("wk", "k_proj"), ("wo", "o_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+        w = layers[ours]
+        assert isinstance(w, PackedInt4Weight) and w.packed.dtype == jnp.uint8
+        for i in range(2):
+            layer = jax.tree.map(lambda a: a[i], w)
+            part = "self_attn" if hf_name[1:] == "_proj" or hf_name in ("q_proj", "k_proj", "o_proj") else "mlp"
+            want = deq[f"model.layers.{i}.{part}.{hf_name}.weight"].T
+            np.testing.assert_array_equal(np.asarray(layer.dequantize()), want)
+    shutil.copytree(tiny_llama, dst, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if n in ("model.safetensors", "config.json")])
+    hf = hf_with_weights(tiny_llama, deq)
+    llm = LLM(dst, dtype="float32", compilation_cache_dir=xla_cache_dir, **LIMITS)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, GREEDY.max_tokens)
+    assert llm.engine.compilations_after_warmup == 0
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_compressed_tensors_checkpoint_unpacks(kind, tiny_llama, tmp_path):
+    """compressed-tensors W8A16 (int8, channel scales) and FP8 (tensor scale) load as their numpy dequantization."""
+    from safetensors.numpy import load_file, save_file
+
+    from jengine.loader import load_model
+
+    tensors, deq = load_file(os.path.join(tiny_llama, "model.safetensors")), {}
+    for name in list(tensors):
+        if name.split(".")[-2] in PROJECTIONS and name.endswith(".weight"):
+            w = tensors[name].astype(np.float32)
+            if kind == "int":
+                s = (np.abs(w).max(axis=1, keepdims=True) / 127).astype(np.float32)
+                q = np.clip(np.round(w / s), -127, 127).astype(np.int8)
+            else:
+                s = np.array([np.abs(w).max() / 448], np.float32)
+                q = (w / s).astype(ml_dtypes.float8_e4m3fn)
+            tensors[name], tensors[name + "_scale"] = q, s
+            deq[name] = q.astype(np.float32) * s
+    dst = tmp_path / "ct"
+    dst.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    cfg = json.load(open(os.path.join(tiny_llama, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": f"{kind}-quantized", "ignore": ["lm_head"],
+                                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                                      "num_bits": 8, "type": kind, "symmetric": True, "strategy": "channel" if kind == "int" else "tensor"}}}}
+    json.dump(cfg, open(dst / "config.json", "w"))
+    loaded = load_model(str(dst), dtype="float32")
+    w = loaded.model.layers.arrays()["w_gate"]
+    assert isinstance(w, ChannelWeight) and w.q.dtype == (jnp.int8 if kind == "int" else jnp.float8_e4m3fn)
+    for i in range(2):
+        got = np.asarray(jax.tree.map(lambda a: a[i], w).dequantize())
+        np.testing.assert_allclose(got, deq[f"model.layers.{i}.mlp.gate_proj.weight"].T, rtol=1e-6)
+
+
+def test_bad_quantized_checkpoints_are_named(tiny_llama, tmp_path):
+    from jengine.loader import load_model
+
+    cases = [
+        ({"group": 48}, "group_size=48 does not divide the 64 input features"),
+        ({"group": 32, "desc_act": True}, "desc_act=true"),
+        ({"group": 32, "bits": 3}, "bits=3 is not supported"),
+    ]
+    for i, (kw, message) in enumerate(cases):
+        group = kw.pop("group")
+        dst = str(tmp_path / f"bad{i}")
+        write_int4_checkpoint(tiny_llama, dst, "gptq", group=32 if group == 48 else group, **kw)
+        if group == 48:
+            cfg = json.load(open(os.path.join(dst, "config.json")))
+            cfg["quantization_config"]["group_size"] = 48
+            json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+        with pytest.raises((ValueError, NotImplementedError), match=message):
+            load_model(dst, dtype="float32")
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes"}
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    with pytest.raises(NotImplementedError, match="quant_method 'bitsandbytes' is not supported"):
+        load_model(dst, dtype="float32")
+    with pytest.raises(ValueError, match="quantization='awq' needs a checkpoint quantized with it"):
+        load_model(tiny_llama, dtype="float32", quantization="awq")
 
 
 def teacher_forced_agreement(llm: LLM, sequences: list[tuple[list[int], list[int]]]) -> float:

@@ -123,13 +123,13 @@ def load_model(
 
         ckpt = GGUFCheckpoint(path)
         config = ckpt.config()
-        checkpoint_method = None
+        quant_config = None
         model_path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.abspath(path)
     else:
         from jengine.loader.safetensors_format import SafetensorsCheckpoint
 
         config = read_hf_config(path)
-        checkpoint_method = read_quant_method(path)
+        quant_config = read_quant_config(path)
         model_path, gguf_file = os.path.abspath(path), None
         ckpt = SafetensorsCheckpoint(path) if load_format == "safetensors" else None
         if ckpt is not None:
@@ -138,9 +138,10 @@ def load_model(
     dtype = resolve_dtype(dtype, config)
     cls = get_model_class(config.architecture)
     shapes = cls.param_shapes(config)
-    method = resolve_method(quantization, checkpoint_method, is_gguf=is_gguf)
+    method = resolve_method(quantization, quant_config and quant_config["quant_method"], is_gguf=is_gguf)
     fetch = dummy_fetch(shapes, dtype) if load_format == "dummy" else ckpt.fetch_for(config)
-    source = make_source(method, config=config, shapes=shapes, fetch=fetch, ckpt=ckpt, scale_dtype=NP_DTYPES[dtype])
+    source = make_source(method, config=config, shapes=shapes, fetch=fetch, ckpt=ckpt, scale_dtype=NP_DTYPES[dtype],
+                         quant_config=quant_config)
     if load_format == "dummy" and source is None:
         params = dummy_params(shapes, dtype, place)
     else:
@@ -149,15 +150,15 @@ def load_model(
                        quantization=method)
 
 
-def read_quant_method(directory: str) -> str | None:
-    """`quantization_config.quant_method` of a checkpoint folder's config.json, or None."""
+def read_quant_config(directory: str) -> dict | None:
+    """`quantization_config` of a checkpoint folder's config.json (with a `quant_method`), or None."""
     with open(os.path.join(directory, "config.json")) as f:
         qc = json.load(f).get("quantization_config")
     if qc is None:
         return None
     if not isinstance(qc, dict) or "quant_method" not in qc:
         raise ValueError("config.json quantization_config must be an object with a quant_method")
-    return qc["quant_method"]
+    return qc
 
 
 def dummy_params(shapes: dict[str, tuple[int, ...]], dtype: str, place: Place | None = None, seed: int = 0) -> dict[str, Any]:

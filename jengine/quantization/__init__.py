@@ -22,7 +22,7 @@ from typing import Optional
 
 ON_LOAD_METHODS: tuple[str, ...] = ("int8", "fp8")
 # Methods a checkpoint's `quantization_config.quant_method` may name (read, never re-quantized).
-CHECKPOINT_METHODS: tuple[str, ...] = ()
+CHECKPOINT_METHODS: tuple[str, ...] = ("awq", "gptq", "compressed-tensors")
 # Every value `quantization=` / `--quantization` accepts (None: the checkpoint's own, else float).
 QUANTIZATION_METHODS: tuple[str, ...] = (*ON_LOAD_METHODS, *CHECKPOINT_METHODS)
 

@@ -69,13 +69,26 @@ def resolve_method(requested: Optional[str], checkpoint_method: Optional[str], *
 
 
 def make_source(method: Optional[str], *, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], fetch: Fetch,
-                ckpt: Any, scale_dtype: Any) -> Optional[LayerSource]:
-    """The `LayerSource` for `method` (None: load every parameter in float)."""
+                ckpt: Any, scale_dtype: Any, quant_config: Optional[Mapping[str, Any]] = None) -> Optional[LayerSource]:
+    """The `LayerSource` for `method` (None: load every parameter in float).
+
+    `quant_config`: the checkpoint's `quantization_config` (for the methods that read one)."""
     if method is None:
         return None
     names = projection_names(config, shapes)
     if method in QUANTIZERS:
         return OnLoadSource(method, fetch, names, scale_dtype)
+    if ckpt is None:
+        raise ValueError(f"quantization {method!r} reads its checkpoint's tensors; load_format='dummy' has none")
+    templates = get_model_class(config.architecture).hf_names(config)
+    if method in ("awq", "gptq"):
+        from jengine.quantization.int4 import Int4Source
+
+        return Int4Source(method, ckpt, templates, names, shapes, quant_config or {}, scale_dtype)
+    if method == "compressed-tensors":
+        from jengine.quantization.int4 import CompressedTensorsSource
+
+        return CompressedTensorsSource(ckpt, templates, names, quant_config or {}, scale_dtype)
     raise ValueError(f"quantization {method!r} is not supported here")
 
 
