@@ -65,7 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"], help="checkpoint format; auto: from the path; dummy: random weights of the right shapes")
     parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                         help="weight quantization of the decoder layers' projections: int8 / fp8 on load (one scale per "
-                             "output channel); default: the checkpoint's own quantization_config, else none")
+                             "output channel); awq / gptq / compressed-tensors: as the checkpoint's config.json says; gguf: keep a .gguf "
+                             "file's Q8_0/Q4_0/Q4_1/Q4_K blocks quantized on the device; default: the checkpoint's own "
+                             "quantization_config, else none (GGUF files are dequantized)")
     parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"], help="attention kernel; default: the one for the platform JAX runs on")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="request order: first come first served, or by request priority")
     parser.add_argument("--max-logprobs", type=_positive_int, default=20, help="most logprobs a request may ask for")

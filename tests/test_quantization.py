@@ -147,7 +147,7 @@ def test_int8_tensor_parallel_matches_tp1(tmp_path):
 
 
 def test_unknown_quantization_is_named(tiny_llama):
-    with pytest.raises(ValueError, match=r"quantization 'int3' is not supported; supported: int8, fp8"):
+    with pytest.raises(ValueError, match=r"quantization 'int3' is not supported; supported: int8, fp8, awq, gptq, compressed-tensors, gguf"):
         LLM(tiny_llama, quantization="int3", **LIMITS)
 
 
@@ -312,6 +312,53 @@ def test_bad_quantized_checkpoints_are_named(tiny_llama, tmp_path):
         load_model(dst, dtype="float32")
     with pytest.raises(ValueError, match="quantization='awq' needs a checkpoint quantized with it"):
         load_model(tiny_llama, dtype="float32", quantization="awq")
+
+
+# ----- GGUF blocks kept quantized ----------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_blocks_match_gguf_dequantize(qtype):
+    """Regrouped blocks dequantize (and multiply) exactly as `gguf.quants.dequantize` and a float matmul."""
+    import gguf
+
+    from jengine.quantization.gguf import gguf_weight
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(1)
+    out, n_in = 24, 512
+    if qtype == "Q4_K":  # gguf-py cannot quantize Q4_K: random blocks with sane f16 d / dmin
+        raw = rng.integers(0, 256, size=(out, n_in // 256, 144), dtype=np.uint8)
+        raw[..., 0:4] = np.abs(rng.standard_normal((out, n_in // 256, 2)) * 0.01).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(out, -1)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((out, n_in)).astype(np.float32), t)
+    want = gguf.quants.dequantize(raw, t).reshape(out, n_in).T  # [in, out]
+    w = jax.tree.map(jnp.asarray, gguf_weight(raw, t, np.float32))
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), want)
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(jax.jit(lambda a, b: b.apply(a))(x, w)), x @ want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_gguf_kept_quantized_equals_dequantized(quant, tmp_path, xla_cache_dir):
+    """quantization='gguf' serves the same tokens as the float path of the same GGUF, from its blocks."""
+    from jengine.quantization.weights import GroupedWeight, PackedInt4Weight
+    from tiny_models import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path, "llama", quant=quant)
+    plain = LLM(path, dtype="float32", compilation_cache_dir=xla_cache_dir, **LIMITS)
+    want = [list(o.outputs[0].token_ids) for o in plain.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)]
+    del plain
+    llm = LLM(path, dtype="float32", quantization="gguf", compilation_cache_dir=xla_cache_dir, **LIMITS)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)]
+    assert got == want
+    wq = llm.engine.runner.params["layers"]["wq"].get_value()
+    assert isinstance(wq, GroupedWeight if quant == "Q8_0" else PackedInt4Weight)
+    assert llm.engine.compilations_after_warmup == 0
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        from jengine.loader import load_model
+
+        load_model(os.path.dirname(path) + "/tiny-llama-0", quantization="gguf")
 
 
 def teacher_forced_agreement(llm: LLM, sequences: list[tuple[list[int], list[int]]]) -> float:

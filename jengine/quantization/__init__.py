@@ -23,8 +23,10 @@ from typing import Optional
 ON_LOAD_METHODS: tuple[str, ...] = ("int8", "fp8")
 # Methods a checkpoint's `quantization_config.quant_method` may name (read, never re-quantized).
 CHECKPOINT_METHODS: tuple[str, ...] = ("awq", "gptq", "compressed-tensors")
+# GGUF files: the blocks of Q8_0 / Q4_0 / Q4_1 / Q4_K projections stay quantized (asked for, not automatic).
+GGUF_METHOD = "gguf"
 # Every value `quantization=` / `--quantization` accepts (None: the checkpoint's own, else float).
-QUANTIZATION_METHODS: tuple[str, ...] = (*ON_LOAD_METHODS, *CHECKPOINT_METHODS)
+QUANTIZATION_METHODS: tuple[str, ...] = (*ON_LOAD_METHODS, *CHECKPOINT_METHODS, GGUF_METHOD)
 
 
 def check_method(quantization: Optional[str]) -> None:
@@ -33,4 +35,4 @@ def check_method(quantization: Optional[str]) -> None:
         raise ValueError(f"quantization {quantization!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}")
 
 
-__all__ = ["CHECKPOINT_METHODS", "ON_LOAD_METHODS", "QUANTIZATION_METHODS", "check_method"]
+__all__ = ["CHECKPOINT_METHODS", "GGUF_METHOD", "ON_LOAD_METHODS", "QUANTIZATION_METHODS", "check_method"]

@@ -11,7 +11,7 @@ from jengine.models.config import ModelConfig
 from jengine.models.layers import Weight
 from jengine.quantization.fp8 import quantize_fp8
 from jengine.quantization.int8 import quantize_int8
-from jengine.quantization import CHECKPOINT_METHODS, check_method
+from jengine.quantization import CHECKPOINT_METHODS, GGUF_METHOD, check_method
 
 QUANTIZERS: dict[str, Callable[[np.ndarray, Any], Weight]] = {"int8": quantize_int8, "fp8": quantize_fp8}
 
@@ -63,6 +63,8 @@ def resolve_method(requested: Optional[str], checkpoint_method: Optional[str], *
         if requested is not None and requested != method:
             raise ValueError(f"quantization={requested!r} does not match the checkpoint's quantization_config.quant_method {method!r}")
         return method
+    if requested == GGUF_METHOD and not is_gguf:
+        raise ValueError("quantization='gguf' keeps a GGUF file's quantized blocks; this checkpoint is not a .gguf file")
     if requested in CHECKPOINT_METHODS:
         raise ValueError(f"quantization={requested!r} needs a checkpoint quantized with it, but this checkpoint has no quantization_config")
     return requested
@@ -80,6 +82,10 @@ def make_source(method: Optional[str], *, config: ModelConfig, shapes: Mapping[s
         return OnLoadSource(method, fetch, names, scale_dtype)
     if ckpt is None:
         raise ValueError(f"quantization {method!r} reads its checkpoint's tensors; load_format='dummy' has none")
+    if method == GGUF_METHOD:
+        from jengine.quantization.gguf import GGUFSource
+
+        return GGUFSource(ckpt, config, names, scale_dtype)
     templates = get_model_class(config.architecture).hf_names(config)
     if method in ("awq", "gptq"):
         from jengine.quantization.int4 import Int4Source
