@@ -19,6 +19,7 @@ import jengine
 from jengine.config import EngineArgs
 from jengine.server.reasoning_parsers import REASONING_PARSERS
 from jengine.server.tool_parsers import TOOL_PARSERS
+from jengine.quantization import QUANTIZATION_METHODS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -66,6 +67,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="mixture-of-experts models: split the experts over the tensor-parallel devices by expert")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"], help="checkpoint format; auto: from the path; dummy: random weights of the right shapes")
+    parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                        help="weight quantization of the decoder layers' projections: int8 / fp8 on load (one scale per "
+                             "output channel); awq / gptq / compressed-tensors: as the checkpoint's config.json says; gguf: keep a .gguf "
+                             "file's Q8_0/Q4_0/Q4_1/Q4_K blocks quantized on the device; default: the checkpoint's own "
+                             "quantization_config, else none (GGUF files are dequantized)")
     parser.add_argument("--attention-backend", default=None, choices=["reference", "cpu", "gpu", "tpu"], help="attention kernel; default: the one for the platform JAX runs on")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="request order: first come first served, or by request priority")
     parser.add_argument("--max-logprobs", type=_positive_int, default=20, help="most logprobs a request may ask for")
@@ -96,7 +102,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
         enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
         enable_expert_parallel=ns.enable_expert_parallel,
-        load_format=ns.load_format, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
+        load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
         compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,

@@ -89,6 +89,7 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     load_format: str = "auto"
+    quantization: Optional[str] = None  # None: the checkpoint's quantization_config, else float weights
     attention_backend: Optional[str] = None  # None: chosen from jax.default_backend()
     max_logprobs: int = 20
     compilation_cache_dir: Optional[str] = None  # "" disables the persistent compilation cache
@@ -124,6 +125,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     load_format: str = "auto"
+    quantization: Optional[str] = None  # "int8", "fp8", ... (jengine.quantization.QUANTIZATION_METHODS)
     attention_backend: Optional[str] = None
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
@@ -146,6 +148,7 @@ class EngineArgs:
         _require(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2, "num_gpu_blocks_override", "must be >= 2")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
+        check_quantization(self.quantization)
         _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
         return EngineConfig(
             model=self.model,
@@ -154,6 +157,7 @@ class EngineArgs:
             dtype=self.dtype,
             seed=self.seed,
             load_format=self.load_format,
+            quantization=self.quantization,
             attention_backend=self.attention_backend,
             max_logprobs=self.max_logprobs,
             compilation_cache_dir=self.compilation_cache_dir,
@@ -180,6 +184,12 @@ class EngineArgs:
             ),
             speculative=SpeculativeConfig.from_dict(self.speculative_config),
         )
+
+
+def check_quantization(value: Optional[str]) -> None:
+    from jengine.quantization import check_method
+
+    check_method(value)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

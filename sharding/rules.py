@@ -19,6 +19,10 @@ KV heads its query heads need. Query heads and the FFN width must divide by the 
 that does not fails at start with the sizes that work (padding heads would change the checkpoint's
 math and waste memory). The vocabulary is replicated when the model axis does not divide it.
 
+A quantized projection (`jengine.quantization`) is a `Weight` pytree; each of its leaves is split
+like the matrix along the matrix axes the leaf's `LEAF_AXES` names (a per-output-channel scale with
+its columns, a per-group scale of a row-parallel matrix with its groups of rows).
+
 `TensorParallelPlan` bundles the mesh, these rules, the loader's `place` hook, the runner's
 `place_cache` hook, the jit shardings of the step, and the per-device memory report.
 """
@@ -36,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jengine.models import get_model_class
 from jengine.models.base import COLUMN, COLUMN_KV, EXPERT, PARTITION_KINDS, REPLICATED, ROW, VOCAB
 from jengine.models.config import ModelConfig
+from jengine.models.layers import Weight
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +156,29 @@ class TensorParallelPlan:
     def param_specs(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, P]:
         return {name: self.spec(name, shape) for name, shape in shapes.items()}
 
-    def place(self, name: str, array: np.ndarray) -> jax.Array:
-        """The loader's `place` hook: puts one host parameter straight onto the mesh, sharded."""
+    def place(self, name: str, array: Any) -> Any:
+        """The loader's `place` hook: puts one host parameter (array or `Weight`) straight onto the mesh, sharded."""
+        if isinstance(array, Weight):
+            return self._place_weight(name, array)
         spec = self.spec(name, array.shape)
         _check_divisible(name, tuple(array.shape), spec, self.mesh)
         return _device_put_sharded(array, NamedSharding(self.mesh, spec))
+
+    def _place_weight(self, name: str, weight: Weight) -> Weight:
+        """Each leaf split as the matrix `weight` stands for is, along the matrix axes its `LEAF_AXES` name."""
+        from jengine.quantization.weights import map_leaves
+
+        matrix = tuple(self.spec(name, weight.shape))
+        matrix = (None,) * (len(weight.shape) - len(matrix)) + matrix
+        lead = len(weight.shape) - 2  # the layer axis of a stacked `[L, in, out]` matrix
+        axis_of = {"in": matrix[-2], "out": matrix[-1], None: None}
+
+        def put(field: str, leaf: np.ndarray, axes: tuple) -> jax.Array:
+            spec = P(*((None,) * lead + tuple(axis_of[a] for a in axes)))
+            _check_divisible(f"{name}.{field}", tuple(leaf.shape), spec, self.mesh)
+            return _device_put_sharded(leaf, NamedSharding(self.mesh, spec))
+
+        return map_leaves(weight, put)
 
     # ----- KV cache -----------------------------------------------------------------------------
     def cache_spec(self, ndim: int) -> P:

