@@ -38,7 +38,7 @@ import numpy as np
 
 from jengine.attention import AttentionMetadata
 from jengine.models.base import NameMap, Source
-from jengine.models.config import RopeScaling, base_fields, unsupported_field
+from jengine.models.config import base_fields, unsupported_field
 from jengine.models.llama import LlamaConfig, LlamaForCausalLM, _GLOBAL_NAMES, _LAYER_NAMES
 from jengine.models.rope import cos_sin
 
