@@ -94,7 +94,10 @@ class Int4Source:
 
     def fetch(self, name: str, layer: int) -> Weight:
         prefix = self._prefix[name].format(i=layer)
-        get = lambda suffix: np.asarray(self._ckpt.get(f"{prefix}.{suffix}"))
+
+        def get(suffix: str) -> np.ndarray:
+            return np.asarray(self._ckpt.get(f"{prefix}.{suffix}"))
+
         scales = get("scales")
         if self.method == "awq":
             q = unpack_int32(get("qweight"), axis=-1, order=AWQ_ORDER)
