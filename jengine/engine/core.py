@@ -67,7 +67,7 @@ class EngineCore:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
 
-        self.runner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
+        self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
         sc = config.scheduler
         self.kv_cache_manager = KVCacheManager(self.runner.pages_per_layer, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
