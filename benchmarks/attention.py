@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile and tuning is None:
                 f, inputs = attention_fn(case, backend), case_inputs(case, backend)
                 try:
-                    parts = profile_breakdown(lambda: f(*inputs), calls=burst)
+                    parts = profile_breakdown(lambda f=f, inputs=inputs: f(*inputs), calls=burst)
                 except Exception as exc:  # no profiler on this machine: the timings above still stand
                     print(f"    profile failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                     parts = []

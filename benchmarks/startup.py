@@ -188,7 +188,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for kind in ("cold", "warm"):
         s = summary[kind]
-        f = lambda k: f"{s[k]:.1f} s" if k in s else "-"  # noqa: E731
+        f = lambda k, s=s: f"{s[k]:.1f} s" if k in s else "-"  # noqa: E731
         print(f"| {kind} | {f('health_s')} | {', '.join(f'{x:.1f}' for x in s['health_s_all'])} | {f('imports_s')} | {f('load_s')} | "
               f"{f('warmup_s')} | {f('after_ready_s')} | {f('first_request_s')} |")
     answers = {r.get("answer") for r in runs if "answer" in r}

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jengine import pallas_kernels
@@ -35,11 +36,11 @@ class AttentionMetadata:
     num_seqs[1]: how many of the S rows are real.
     """
 
-    slot_mapping: jax.Array
-    seq_lens: jax.Array
-    block_tables: jax.Array
-    query_start_loc: jax.Array
-    num_seqs: jax.Array
+    slot_mapping: jax.Array | np.ndarray  # numpy on the host, jax.Array inside the jitted step
+    seq_lens: jax.Array | np.ndarray
+    block_tables: jax.Array | np.ndarray
+    query_start_loc: jax.Array | np.ndarray
+    num_seqs: jax.Array | np.ndarray
     pages_per_layer: int = dataclasses.field(metadata=dict(static=True), default=0)
     page_size: int = dataclasses.field(metadata=dict(static=True), default=16)
     backend: str | None = dataclasses.field(metadata=dict(static=True), default=None)

@@ -127,7 +127,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str], types: list[int]) ->
         vocab.setdefault(key, i)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges))
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    steps: list[pre_tokenizers.PreTokenizer] = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()

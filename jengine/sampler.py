@@ -59,36 +59,41 @@ _CDF_BLOCK = 256
 # --------------------------------------------------------------------------------------------- pytrees
 
 
+Tensor = jax.Array | np.ndarray  # a host (numpy) array or a device array
+Flag = jax.Array | np.bool_  # a host or device boolean scalar
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling state of a batch of S rows (arrays; shapes fixed by S, V and the config).
 
     Token-id arrays are padded with V (the vocab size): out-of-range ids are dropped by the scatters.
+    Built as numpy arrays on the host, seen as `jax.Array`s inside the jitted step.
     """
 
-    temperature: jax.Array  # f32[S]; 0 = greedy (padding rows are greedy)
-    top_k: jax.Array  # i32[S]; 0 = off
-    top_p: jax.Array  # f32[S]; 1 = off
-    min_p: jax.Array  # f32[S]; 0 = off
-    presence_penalty: jax.Array  # f32[S]
-    frequency_penalty: jax.Array  # f32[S]
-    repetition_penalty: jax.Array  # f32[S]; 1 = off
-    key_data: jax.Array  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
-    step: jax.Array  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
-    penalty_token_ids: jax.Array  # i32[S, W + Wp]; distinct ids of the output (and, if repetition
+    temperature: Tensor  # f32[S]; 0 = greedy (padding rows are greedy)
+    top_k: Tensor  # i32[S]; 0 = off
+    top_p: Tensor  # f32[S]; 1 = off
+    min_p: Tensor  # f32[S]; 0 = off
+    presence_penalty: Tensor  # f32[S]
+    frequency_penalty: Tensor  # f32[S]
+    repetition_penalty: Tensor  # f32[S]; 1 = off
+    key_data: Tensor  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
+    step: Tensor  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
+    penalty_token_ids: Tensor  # i32[S, W + Wp]; distinct ids of the output (and, if repetition
     #   applies, the prompt) of rows with penalties (see `build_sampling_tensors` for the limits)
-    penalty_output_counts: jax.Array  # f32[S, W + Wp]; how often each of those ids is in the output
-    banned_token_ids: jax.Array  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
-    logit_bias_ids: jax.Array  # i32[S, B]; token ids of the row's logit_bias
-    logit_bias_values: jax.Array  # f32[S, B]; the biases added to those ids' logits
-    num_logprobs: jax.Array  # i32[S]; top logprobs wanted, -1 = no logprobs at all
-    token_bitmask: jax.Array  # i32[S, ceil(V / 32)]; bit t % 32 of word t // 32: token t allowed
+    penalty_output_counts: Tensor  # f32[S, W + Wp]; how often each of those ids is in the output
+    banned_token_ids: Tensor  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
+    logit_bias_ids: Tensor  # i32[S, B]; token ids of the row's logit_bias
+    logit_bias_values: Tensor  # f32[S, B]; the biases added to those ids' logits
+    num_logprobs: Tensor  # i32[S]; top logprobs wanted, -1 = no logprobs at all
+    token_bitmask: Tensor  # i32[S, ceil(V / 32)]; bit t % 32 of word t // 32: token t allowed
     #   (all ones for rows without structured outputs)
-    all_greedy: jax.Array  # bool[]; skip temperature / filtering / drawing altogether
-    any_top_k_or_p: jax.Array  # bool[]
-    any_processing: jax.Array  # bool[]; some row has banned ids (min_tokens), a logit_bias or penalties
-    any_logprobs: jax.Array  # bool[]
-    any_constrained: jax.Array  # bool[]; some row has a token bitmask (else it is not read)
+    all_greedy: Flag  # bool[]; skip temperature / filtering / drawing altogether
+    any_top_k_or_p: Flag  # bool[]
+    any_processing: Flag  # bool[]; some row has banned ids (min_tokens), a logit_bias or penalties
+    any_logprobs: Flag  # bool[]
+    any_constrained: Flag  # bool[]; some row has a token bitmask (else it is not read)
 
 
 jax.tree_util.register_dataclass(
@@ -347,7 +352,7 @@ def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int,
 # -------------------------------------------------------------------------------------------- device
 
 
-def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+def apply_token_bitmask(logits: jax.Array, bitmask: Tensor) -> jax.Array:
     """Sets the logits of tokens whose bit is clear in the packed `bitmask` [S, ceil(V / 32)] to -inf."""
     S, V = logits.shape
     words = lax.bitcast_convert_type(bitmask, jnp.uint32)

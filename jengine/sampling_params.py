@@ -110,14 +110,16 @@ class SamplingParams:
             if value is not None:
                 _check_int(value, name, 0, INT32_MAX if max_logprobs is None else max_logprobs,
                            "" if max_logprobs is None else f" (max_logprobs={max_logprobs})")
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(self.stop)}")
-        for s in self.stop:
+        stop = self.stop or []  # __post_init__ made both lists
+        stop_token_ids = self.stop_token_ids or []
+        _check(len(stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stop)}")
+        for s in stop:
             _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS, "stop",
                    f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
             _check(_encodable(s), "stop", "must be valid Unicode text (no lone surrogates)")
-        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
-               f"at most {MAX_STOP_TOKEN_IDS} stop token ids are supported, got {len(self.stop_token_ids)}")
-        bad = next((t for t in self.stop_token_ids if not (_is_int(t) and 0 <= t <= INT32_MAX)), None)
+        _check(len(stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} stop token ids are supported, got {len(stop_token_ids)}")
+        bad = next((t for t in stop_token_ids if not (_is_int(t) and 0 <= t <= INT32_MAX)), None)
         _check(bad is None, "stop_token_ids", f"must be token ids (non-negative integers), got {bad!r}")
         for name in ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output"):
             _check(isinstance(getattr(self, name), bool), name, f"must be a boolean, got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import jax
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: in
     return _module(backend).new_kv_cache(num_pages, page_size, num_kv_heads, head_dim, dtype)
 
 
-def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, backend: str | None = None, interpret: bool = False) -> Any:
+def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array | np.ndarray, backend: str | None = None, interpret: bool = False) -> Any:
     """Stores the new tokens' K/V at `slot_mapping` (`page * page_size + offset`)."""
     return _module(backend).write_kv(cache, k, v, slot_mapping, interpret=interpret)
 
@@ -86,10 +87,10 @@ def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, ba
 def ragged_paged_attention(
     q: jax.Array,
     cache: Any,
-    seq_lens: jax.Array,
-    block_tables: jax.Array,
-    query_start_loc: jax.Array,
-    num_seqs: jax.Array,
+    seq_lens: jax.Array | np.ndarray,  # the index arrays may be host arrays outside jit
+    block_tables: jax.Array | np.ndarray,
+    query_start_loc: jax.Array | np.ndarray,
+    num_seqs: jax.Array | np.ndarray,
     *,
     sm_scale: float,
     sliding_window: int | None = None,

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +133,7 @@ def ragged_paged_attention(
     if reason is not None:
         raise RuntimeError(f"attention backend 'cpu' is unavailable: {reason}")
     reference.check_inputs("cpu", q, cache)
-    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    kw: dict[str, Any] = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if jnp.dtype(cache.dtype) not in {jnp.dtype(d) for d in _CACHE_DTYPES}:  # float16 caches: jax.numpy
         return reference.ragged_paged_attention(q, cache, seq_lens, block_tables, query_start_loc, num_seqs, **kw)
     q_lens, seq_lens = reference.real_rows(seq_lens, query_start_loc, num_seqs)

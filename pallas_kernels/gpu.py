@@ -151,7 +151,7 @@ def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: 
         unmasked_inner_blocks=unmasked_inner_blocks,
     )
     kv_block = (None, None, num_pages, page_size, d)
-    params = {}
+    params: dict[str, Any] = {}
     if not interpret:
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     acc, m, l = pl.pallas_call(
@@ -212,7 +212,7 @@ def ragged_paged_attention(
     cols = num_splits * blocks_per_split * pages_per_block
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, cols - P)))
     warps = 4 if d <= 128 else 8
-    kw = dict(group_pad=group_pad, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+    kw: dict[str, Any] = dict(group_pad=group_pad, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
               interpret=interpret, pages_per_block=pages_per_block, num_stages=tuning.num_stages,
               unmasked_inner_blocks=tuning.unmasked_inner_blocks)
 

@@ -176,7 +176,7 @@ def ragged_paged_attention(
     pages_per_block = max(1, min(_KV_BLOCK_TOKENS // page_size, P))
     num_blocks = -(-P // pages_per_block)
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, num_blocks * pages_per_block - P)))
-    kw = dict(num_blocks=num_blocks, pages_per_block=pages_per_block, group_pad=group_pad, sm_scale=sm_scale,
+    kw: dict[str, Any] = dict(num_blocks=num_blocks, pages_per_block=pages_per_block, group_pad=group_pad, sm_scale=sm_scale,
               soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
 
     out = jnp.zeros((T, hq, d), jnp.float32)

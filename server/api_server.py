@@ -29,6 +29,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jengine
@@ -268,7 +269,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     return app
 
 
-def _add_request_schemas(app: FastAPI, serving: OpenAIServing, models: Sequence[type]) -> None:
+def _add_request_schemas(app: FastAPI, serving: OpenAIServing, models: Sequence[type[BaseModel]]) -> None:
     """Puts the request models (and the models they use) into the OpenAPI components, where the
     endpoints' `$ref`s point (the bodies are parsed by hand, so FastAPI does not list them itself), with
     the bounds of this model and these flags filled in."""
@@ -336,9 +337,9 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
         info.port = http.servers[0].sockets[0].getsockname()[1]
         info.http = http
         info.serving = serving
-        info.drain = lambda: loop.call_soon_threadsafe(drain_asked.set)
+        info.drain = drain = lambda: loop.call_soon_threadsafe(drain_asked.set)
         if threading.current_thread() is threading.main_thread():  # `jengine serve`: SIGTERM drains (uvicorn's handler stops at once)
-            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: info.drain())
+            previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: drain())
         logger.info("HTTP server on http://%s:%d (model %s)", settings.host, info.port, serving.model_name)
         if started is not None:
             started(info)

@@ -42,6 +42,7 @@ class ChoiceOutput:
             delta["content"] = piece
         entries = []
         for i, call in enumerate(calls):
+            assert self.tool_parser is not None  # calls come only from it
             if i < len(self.calls):
                 sent = self.calls[i]
                 if call.name != sent["name"] or not call.arguments.startswith(sent["arguments"]):

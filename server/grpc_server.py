@@ -74,7 +74,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         kind = so.WhichOneof("kind")
         if kind is None:
             raise APIError(400, "structured_outputs must set one of json, regex, choice, grammar, json_object", param="structured_outputs")
-        value = list(getattr(so, kind).choices) if kind == "choice" else getattr(so, kind)
+        value: Any = list(getattr(so, kind).choices) if kind == "choice" else getattr(so, kind)
         try:
             return StructuredOutputsParams(**{kind: value})
         except ValueError as e:
@@ -140,7 +140,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except APIError as e:
             await self._abort(context, e)
             return
-        sent = {}  # index -> (text length, token count, finished)
+        sent: dict[int, tuple[int, int, bool]] = {}  # index -> (text length, token count, finished)
         first = True
         try:
             async for out in stream:

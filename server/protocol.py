@@ -31,7 +31,7 @@ _FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
 _TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
     "id": {"type": "string"}, "type": {"const": "function"},
     "function": {"type": "object", "required": ["name", "arguments"], "properties": {"name": _FUNCTION_NAME, "arguments": {"type": "string"}}}}}
-MESSAGE_SCHEMA = {
+MESSAGE_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["role"],
     "properties": {"role": {"type": "string"},
                    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]},
@@ -54,7 +54,7 @@ NAMED_TOOL_CHOICE = {"type": "object", "required": ["type", "function"], "proper
 _STOP = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
                    {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}},
                    {"type": "null"}]}
-_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 
 
 class APIError(Exception):

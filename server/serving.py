@@ -104,6 +104,7 @@ def structured_outputs_of(response_format: Optional[dict[str, Any]], structured:
         if kind == "json_object":
             return StructuredOutputsParams(json_object=True)
         if kind == "json_schema":
+            assert response_format is not None  # `kind` came from it
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
                 raise ValueError("response_format.json_schema must be an object with a 'schema' object")
@@ -327,7 +328,8 @@ class OpenAIServing:
     def completion_logprobs(self, token_ids: Sequence[int], logprobs: Sequence[Optional[dict]], num_top: int,
                             offset: int, as_ids: bool) -> dict[str, Any]:
         """OpenAI completions `logprobs` object for `token_ids` starting at text offset `offset`."""
-        tokens, token_lps, tops, offsets = [], [], [], []
+        tops: list[Optional[dict[str, Any]]] = []
+        tokens, token_lps, offsets = [], [], []
         for tid, entry in zip(token_ids, logprobs):
             lp = None if entry is None else entry.get(tid)
             s = self._token_str(tid, lp, as_ids)
@@ -498,7 +500,7 @@ class OpenAIServing:
             elif len(item) >= self.max_model_len:
                 raise APIError(400, f"prompt is {len(item)} tokens, but max_model_len is {self.max_model_len}: the prompt must leave "
                                     "room for at least one generated token", param="prompt")
-        out = []
+        out: list[tuple[Optional[str], list[int]]] = []
         for item in items:
             if isinstance(item, str):
                 ids = self.encode(item, req.add_special_tokens)
@@ -768,6 +770,7 @@ class OpenAIServing:
                                     continue_final_message=req.continue_final_message, kwargs=req.chat_template_kwargs, tools=req.tools)
             ids = self.encode(text, bool(req.add_special_tokens), param="messages")
         else:
+            assert req.prompt is not None  # exactly one of prompt and messages, checked above
             ids = self.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         body: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
         if req.return_token_strs:

@@ -239,7 +239,7 @@ def test_int4_checkpoint_unpacks_and_equals_hf(method, tiny_llama, tmp_path, xla
         w = layers[ours]
         assert isinstance(w, PackedInt4Weight) and w.packed.dtype == jnp.uint8
         for i in range(2):
-            layer = jax.tree.map(lambda a: a[i], w)
+            layer = jax.tree.map(lambda a, i=i: a[i], w)
             part = "self_attn" if hf_name[1:] == "_proj" or hf_name in ("q_proj", "k_proj", "o_proj") else "mlp"
             want = deq[f"model.layers.{i}.{part}.{hf_name}.weight"].T
             np.testing.assert_array_equal(np.asarray(layer.dequantize()), want)
@@ -283,7 +283,7 @@ def test_compressed_tensors_checkpoint_unpacks(kind, tiny_llama, tmp_path):
     w = loaded.model.layers.arrays()["w_gate"]
     assert isinstance(w, ChannelWeight) and w.q.dtype == (jnp.int8 if kind == "int" else jnp.float8_e4m3fn)
     for i in range(2):
-        got = np.asarray(jax.tree.map(lambda a: a[i], w).dequantize())
+        got = np.asarray(jax.tree.map(lambda a, i=i: a[i], w).dequantize())
         np.testing.assert_allclose(got, deq[f"model.layers.{i}.mlp.gate_proj.weight"].T, rtol=1e-6)
 
 

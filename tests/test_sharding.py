@@ -219,10 +219,10 @@ def _spawn(*args: Any) -> subprocess.Popen:
 def _result(proc: subprocess.Popen, timeout: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError(f"child timed out after {timeout} s:\n{out[-4000:]}")
+        raise AssertionError(f"child timed out after {timeout} s:\n{out[-4000:]}") from exc
     lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child failed (rc {proc.returncode}):\n{out[-4000:]}"
     return json.loads(lines[-1][len("RESULT "):])
@@ -358,7 +358,7 @@ def test_expert_parallel_matches_one_device(tmp_path: Any, arch: str) -> None:
     assert ep["compiles_after_warmup"] == 0
     assert ep["shard_map_experts"] and not one["shard_map_experts"]  # each device runs its own experts
     for name in ("layers.experts_gate", "layers.experts_up", "layers.experts_down"):
-        assert [v for k, v in ep["specs"].items() if k.startswith(name)] == [f"(None, 'model', None, None)"], name
+        assert [v for k, v in ep["specs"].items() if k.startswith(name)] == ["(None, 'model', None, None)"], name
     assert [v for k, v in ep["specs"].items() if k.startswith("layers.router")] == [REP]
     total = sum(one["expert_bytes"].values())
     assert len(ep["expert_bytes"]) == 8 and set(ep["expert_bytes"].values()) == {total // 8}

@@ -446,7 +446,7 @@ class Scheduler:
             if not params.ignore_eos and last in req.eos_token_ids:
                 req.status = RequestStatus.FINISHED_STOPPED
                 return
-            if last in params.stop_token_ids:
+            if last in (params.stop_token_ids or ()):
                 req.status = RequestStatus.FINISHED_STOPPED
                 req.stop_reason = last
                 return

@@ -67,7 +67,7 @@ class EngineCore:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
 
-        self.runner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
+        self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
         sc = config.scheduler
         self.kv_cache_manager = KVCacheManager(self.runner.pages_per_layer, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -112,12 +112,12 @@ class EngineCore:
     def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field for a prompt or parameters the engine cannot serve."""
         params.verify(self.config.max_logprobs)
-        outside = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        outside = next((t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise ValueError(f"SamplingParams.stop_token_ids has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
         if params.top_k > self.vocab_size:
             raise ValueError(f"SamplingParams.top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}")
-        if params.min_tokens and len(set(params.stop_token_ids) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
+        if params.min_tokens and len(set(params.stop_token_ids or ()) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
             raise ValueError(f"SamplingParams.stop_token_ids: at most {MAX_STOP_TOKENS} stop and EOS token ids are supported together with min_tokens")
         if params.logit_bias:
             if len(params.logit_bias) > MAX_LOGIT_BIAS:

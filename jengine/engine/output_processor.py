@@ -122,7 +122,7 @@ class OutputProcessor:
             if child.logprobs is not None:  # rows with logprobs never verify drafts: one token
                 lp = float(step_out.logprobs[row])
                 child.logprobs.append(self._logprob_entry(token, lp, step_out.ranks[row], step_out.topk_ids[row], step_out.topk_logprobs[row], params.logprobs))
-                child.cumulative_logprob += lp
+                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp  # 0.0, not None, with logprobs
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
@@ -162,6 +162,7 @@ class OutputProcessor:
     def _add_prompt_logprobs(self, parent: _ParentState, seq: Any, out: Any, first_token: int) -> None:
         num_prompt = len(parent.prompt_token_ids)
         k = parent.params.prompt_logprobs
+        assert k is not None and parent.prompt_logprobs is not None  # only called for requests with prompt_logprobs
         for i in range(seq.num_new_tokens):
             pos = seq.start + i  # logits at `pos` predict prompt token pos + 1
             if pos + 1 >= num_prompt or pos + 1 < len(parent.prompt_logprobs):

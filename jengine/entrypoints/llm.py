@@ -9,7 +9,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from tqdm.auto import tqdm
 
@@ -91,7 +91,7 @@ class LLM:
             return [prompts]
         if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
             return [list(prompts)]
-        return list(prompts)
+        return list(cast(Sequence[PromptType], prompts))  # not one prompt, so a sequence of them
 
     # ----- generation ---------------------------------------------------------------------------
     def generate(
@@ -115,12 +115,12 @@ class LLM:
         encoded = [self._to_token_ids(p) for p in items]
         for (_, ids), params in zip(encoded, params_list):
             self.engine.validate_prompt(ids, params)  # all-or-nothing: nothing is queued on a bad prompt
-        ids = []
+        request_ids = []
         for i, ((text, token_ids), params) in enumerate(zip(encoded, params_list)):
             rid = str(next(self._counter))
             self.engine.add_request(rid, token_ids, params, prompt=text, priority=0 if priority is None else priority[i])
-            ids.append(rid)
-        return self._run(ids, use_tqdm)
+            request_ids.append(rid)
+        return self._run(request_ids, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
@@ -132,7 +132,7 @@ class LLM:
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:
-                            prompt_tokens += len(out.prompt_token_ids)
+                            prompt_tokens += len(out.prompt_token_ids or ())
                             output_tokens += sum(len(o.token_ids) for o in out.outputs)
                             elapsed = max(time.perf_counter() - start, 1e-9)
                             bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.1f} toks/s, output: {output_tokens / elapsed:.1f} toks/s", refresh=False)

@@ -118,6 +118,7 @@ def load_model(
     if load_format == "safetensors" and not os.path.isdir(path):
         raise ValueError(f"load_format='safetensors' needs a checkpoint directory, got {path!r}")
 
+    ckpt: Any  # a GGUFCheckpoint, a SafetensorsCheckpoint, or None for load_format="dummy"
     if is_gguf:
         from jengine.loader.gguf_format import GGUFCheckpoint
 
@@ -138,7 +139,7 @@ def load_model(
     dtype = resolve_dtype(dtype, config)
     cls = get_model_class(config.architecture)
     shapes = cls.param_shapes(config)
-    method = resolve_method(quantization, quant_config and quant_config["quant_method"], is_gguf=is_gguf)
+    method = resolve_method(quantization, quant_config["quant_method"] if quant_config else None, is_gguf=is_gguf)
     fetch = dummy_fetch(shapes, dtype) if load_format == "dummy" else ckpt.fetch_for(config)
     source = make_source(method, config=config, shapes=shapes, fetch=fetch, ckpt=ckpt, scale_dtype=NP_DTYPES[dtype],
                          quant_config=quant_config)

@@ -51,12 +51,13 @@ def assemble(
     total = sum(shape[0] if name.startswith("layers.") else 1 for name, shape in shapes.items())
     progress = ProgressLog(logger, "loading weights", total, "tensors")
     for name, shape in shapes.items():
+        out: Weight | np.ndarray
         if quantized is not None and name.startswith("layers.") and quantized.handles(name):
             out = _stack_weight(name, shape, quantized, progress)
         elif name.startswith("layers."):
-            out = np.empty(shape, np_dtype)
+            out = stacked = np.empty(shape, np_dtype)
             for i in range(shape[0]):
-                out[i] = _checked(name, fetch(name, i), shape[1:])
+                stacked[i] = _checked(name, fetch(name, i), shape[1:])
                 progress.advance()
         else:
             out = np.asarray(_checked(name, fetch(name, None), shape), dtype=np_dtype)

@@ -19,7 +19,7 @@ use `{i}` for the layer index; `transpose` says the checkpoint stores the matrix
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Generic, Mapping, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,7 @@ class Source(NamedTuple):
 
 
 NameMap = dict[str, "Source | tuple[str, bool]"]
+GGUFNameMap = dict[str, tuple[str, bool]]  # GGUF tensors are read whole: (template, transpose)
 
 
 class StackedLayers(nnx.Module):
@@ -86,16 +87,20 @@ class StackedLayers(nnx.Module):
         return {name: getattr(self, name).get_value() for name in self.names}
 
 
-class CausalLM(nnx.Module):
+ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+
+
+class CausalLM(nnx.Module, Generic[ConfigT]):
     """Shared parts of a decoder-only model: parameter checks and holding, the LM head.
 
     Subclasses set `config_class` and implement the class methods in the module docstring and
     `__call__`. Built from already-loaded arrays keyed as in `param_shapes` (see `jengine.loader`).
+    Generic over the family's config class, so a family's methods see its own config fields.
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
 
-    def __init__(self, config: ModelConfig, params: Mapping[str, Any]):
+    def __init__(self, config: ConfigT, params: Mapping[str, Any]):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         expected = self.param_shapes(config)
@@ -120,24 +125,24 @@ class CausalLM(nnx.Module):
         raise NotImplementedError(f"{cls.__name__} cannot be read from GGUF files")
 
     @classmethod
-    def param_shapes(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    def param_shapes(cls, cfg: ConfigT) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
     @classmethod
-    def hf_names(cls, cfg: ModelConfig) -> NameMap:
+    def hf_names(cls, cfg: ConfigT) -> NameMap:
         raise NotImplementedError
 
     @classmethod
-    def gguf_names(cls, cfg: ModelConfig) -> NameMap:
+    def gguf_names(cls, cfg: ConfigT) -> GGUFNameMap:
         raise NotImplementedError(f"{cls.__name__} cannot be read from GGUF files")
 
     @classmethod
-    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: ModelConfig, meta: Mapping[str, Any]) -> np.ndarray:
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: ConfigT, meta: Mapping[str, Any]) -> np.ndarray:
         """A GGUF tensor (after dequantization, before transposing) in the HF checkpoint's convention."""
         return w
 
     @classmethod
-    def partition_kinds(cls, cfg: ModelConfig) -> dict[str, str]:
+    def partition_kinds(cls, cfg: ConfigT) -> dict[str, str]:
         raise NotImplementedError
 
     # ----- the model ----------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _float_or_none(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-class Gemma2ForCausalLM(CausalLM):
+class Gemma2ForCausalLM(CausalLM[GemmaConfig]):
     """Gemma 2 over a paged KV cache (see the module docstring)."""
 
     config_class = GemmaConfig
@@ -161,7 +161,7 @@ class Gemma2ForCausalLM(CausalLM):
 
     @classmethod
     def hf_names(cls, cfg: GemmaConfig) -> NameMap:
-        names = {k: (hf, False) for k, hf in GLOBAL_NAMES.items()}
+        names: NameMap = {k: (hf, False) for k, hf in GLOBAL_NAMES.items()}
         names.update({f"layers.{k}": (f"model.layers.{{i}}.{hf}", t) for k, (hf, t) in LAYER_NAMES.items()})
         return names
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,8 @@ class Weight:
     Subclasses are `jax.tree_util.register_dataclass` dataclasses: their array leaves are stacked
     over layers on axis 0 like every `layers.*` parameter, and `apply` sees one layer's slice.
     """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # declared for type checkers: every subclass is a dataclass
 
     def apply(self, x: jax.Array) -> jax.Array:
         """x[..., in] -> x @ W [..., out]."""

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import jax
 import numpy as np
 
 from jengine.attention import AttentionMetadata
 from jengine.models import layers as nn
-from jengine.models.base import COLUMN, COLUMN_KV, REPLICATED, ROW, VOCAB, CausalLM, NameMap
+from jengine.models.base import COLUMN, COLUMN_KV, REPLICATED, ROW, VOCAB, CausalLM, GGUFNameMap, NameMap
 from jengine.models.config import ModelConfig, RopeScaling, base_fields, gguf_base_fields, parse_rope, unsupported_field
 from jengine.models.rope import cos_sin, inv_frequencies
 
@@ -83,7 +83,10 @@ _PARTITION = {
 }
 
 
-class LlamaForCausalLM(CausalLM):
+LlamaConfigT = TypeVar("LlamaConfigT", bound=LlamaConfig)
+
+
+class LlamaForCausalLM(CausalLM[LlamaConfigT]):
     """Decoder-only Llama-family transformer over a paged KV cache."""
 
     config_class = LlamaConfig
@@ -136,7 +139,7 @@ class LlamaForCausalLM(CausalLM):
         )
 
     @classmethod
-    def param_shapes(cls, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    def param_shapes(cls, cfg: LlamaConfigT) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter the model holds for `cfg` (see module docstring)."""
         L, H, F, D = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         shapes: dict[str, tuple[int, ...]] = {
@@ -163,19 +166,19 @@ class LlamaForCausalLM(CausalLM):
         return shapes
 
     @classmethod
-    def hf_names(cls, cfg: LlamaConfig) -> NameMap:
-        names = {k: (hf, False) for k, (hf, _) in _GLOBAL_NAMES.items()}
+    def hf_names(cls, cfg: LlamaConfigT) -> NameMap:
+        names: NameMap = {k: (hf, False) for k, (hf, _) in _GLOBAL_NAMES.items()}
         names.update({f"layers.{k}": (f"model.layers.{{i}}.{hf}", t) for k, (hf, _, t) in _LAYER_NAMES.items()})
         return names
 
     @classmethod
-    def gguf_names(cls, cfg: LlamaConfig) -> NameMap:
-        names = {k: (g, False) for k, (_, g) in _GLOBAL_NAMES.items()}
+    def gguf_names(cls, cfg: LlamaConfigT) -> GGUFNameMap:
+        names: GGUFNameMap = {k: (g, False) for k, (_, g) in _GLOBAL_NAMES.items()}
         names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (_, g, t) in _LAYER_NAMES.items()})
         return names
 
     @classmethod
-    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: LlamaConfig, meta: Mapping[str, Any]) -> np.ndarray:
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: LlamaConfigT, meta: Mapping[str, Any]) -> np.ndarray:
         """Undoes the Q/K row permutation llama.cpp's converter applies for the `llama` architecture."""
         if meta.get("general.architecture") != "llama":
             return w
@@ -186,7 +189,7 @@ class LlamaForCausalLM(CausalLM):
         return w
 
     @classmethod
-    def partition_kinds(cls, cfg: LlamaConfig) -> dict[str, str]:
+    def partition_kinds(cls, cfg: LlamaConfigT) -> dict[str, str]:
         return dict(_PARTITION)
 
     def rope(self, positions: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:

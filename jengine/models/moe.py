@@ -66,7 +66,7 @@ def _check_all_sparse(cfg: Mapping[str, Any], arch: str) -> None:
         raise unsupported_field(arch, "mlp_only_layers", only)
 
 
-class MoeForCausalLM(LlamaForCausalLM):
+class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
     """Mixtral / Qwen2-MoE / Qwen3-MoE over a paged KV cache (see the module docstring)."""
 
     config_class = MoeConfig

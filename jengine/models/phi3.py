@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.attention import AttentionMetadata
-from jengine.models.base import NameMap, Source
+from jengine.models.base import GGUFNameMap, NameMap, Source
 from jengine.models.config import base_fields, unsupported_field
 from jengine.models.llama import LlamaConfig, LlamaForCausalLM, _GLOBAL_NAMES, _LAYER_NAMES
 from jengine.models.rope import cos_sin
@@ -88,7 +88,7 @@ def _longrope(spec: Mapping[str, Any], cfg: Mapping[str, Any], rotary_dim: int) 
     return LongRope(factors["short_factor"], factors["long_factor"], orig, float(attn))
 
 
-class Phi3ForCausalLM(LlamaForCausalLM):
+class Phi3ForCausalLM(LlamaForCausalLM[Phi3Config]):
     """Phi-3 / Phi-4-mini over a paged KV cache (see the module docstring)."""
 
     config_class = Phi3Config
@@ -139,7 +139,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         return names
 
     @classmethod
-    def gguf_names(cls, cfg: Phi3Config) -> NameMap:
+    def gguf_names(cls, cfg: Phi3Config) -> GGUFNameMap:
         raise NotImplementedError("Phi3ForCausalLM cannot be read from GGUF files yet")
 
     def rope(self, positions: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from jengine.models.base import NameMap
 from jengine.models.layers import Weight
 from jengine.quantization.weights import ChannelWeight, PackedInt4Weight
 
@@ -82,7 +83,7 @@ def check_int4_config(method: str, qc: Mapping[str, Any], in_features: Mapping[s
 class Int4Source:
     """Per-layer `PackedInt4Weight`s of an AWQ or GPTQ checkpoint's projections."""
 
-    def __init__(self, method: str, ckpt: Any, templates: Mapping[str, tuple[str, bool]], names: tuple[str, ...],
+    def __init__(self, method: str, ckpt: Any, templates: NameMap, names: tuple[str, ...],
                  shapes: Mapping[str, tuple[int, ...]], qc: Mapping[str, Any], dtype: Any):
         self.method, self._ckpt, self._dtype = method, ckpt, dtype
         self._names = frozenset(names)
@@ -94,7 +95,10 @@ class Int4Source:
 
     def fetch(self, name: str, layer: int) -> Weight:
         prefix = self._prefix[name].format(i=layer)
-        get = lambda suffix: np.asarray(self._ckpt.get(f"{prefix}.{suffix}"))
+
+        def get(suffix: str) -> np.ndarray:
+            return np.asarray(self._ckpt.get(f"{prefix}.{suffix}"))
+
         scales = get("scales")
         if self.method == "awq":
             q = unpack_int32(get("qweight"), axis=-1, order=AWQ_ORDER)
@@ -139,7 +143,7 @@ class CompressedTensorsSource:
 
     method = "compressed-tensors"
 
-    def __init__(self, ckpt: Any, templates: Mapping[str, tuple[str, bool]], names: tuple[str, ...], qc: Mapping[str, Any], dtype: Any):
+    def __init__(self, ckpt: Any, templates: NameMap, names: tuple[str, ...], qc: Mapping[str, Any], dtype: Any):
         check_compressed_tensors_config(qc)
         self._ckpt, self._dtype = ckpt, dtype
         # A projection the recipe ignored is stored in float without a scale: it loads as a plain matrix.
@@ -155,8 +159,8 @@ class CompressedTensorsSource:
         if w.dtype not in (np.int8, ml_dtypes.float8_e4m3fn):
             raise ValueError(f"{key} is {w.dtype}; compressed-tensors 8-bit weights must be int8 or float8_e4m3fn")
         out = w.shape[0]
-        scale = np.broadcast_to(scale.reshape(-1), (out,)) if scale.size in (1, out) else None
-        if scale is None:
+        if scale.size not in (1, out):
             raise ValueError(f"{key}_scale has shape {np.shape(self._ckpt.get(key + '_scale'))}; expected [{out}, 1] or [1]")
+        scale = np.broadcast_to(scale.reshape(-1), (out,))
         return ChannelWeight(q=np.ascontiguousarray(w.T), scale=scale.astype(self._dtype))
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from jengine.config import SpeculativeConfig
 from jengine.request import Request
 from jengine.sampling_params import SamplingParams
@@ -87,7 +89,7 @@ class Speculator:
                 out.extend(dataclasses.replace(row, output_token_ids=output + drafts[:i]) for i in range(1, len(drafts) + 1))
         return out
 
-    def accept(self, scheduled: Sequence[Any], token_ids: Sequence[int]) -> list[Optional[list[int]]]:
+    def accept(self, scheduled: Sequence[Any], token_ids: Sequence[int] | np.ndarray) -> list[Optional[list[int]]]:
         """Groups the per-logits-row tokens into each row's output run (see the module docstring)."""
         result: list[Optional[list[int]]] = []
         cursor = 0

@@ -60,10 +60,12 @@ def grammar_text(params: StructuredOutputsParams) -> tuple[str, str]:
             # \d means an ASCII digit (as in xgrammar and JSON Schema), not any Unicode digit.
             return kind, llg.LLMatcher.grammar_from_lark("start: /" + llg.regex_to_lark(params.regex, "d") + "/")
         if kind == "choice":
+            assert params.choice is not None  # `kind` names the field that is set
             lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
             return kind, llg.LLMatcher.grammar_from_lark(lark)
         from llguidance.gbnf_to_lark import any_to_lark
 
+        assert params.grammar is not None  # the one kind left
         return kind, llg.LLMatcher.grammar_from_lark(any_to_lark(params.grammar))
     except ValueError as e:
         raise ValueError(f"StructuredOutputsParams.{kind} is invalid: {e}") from None

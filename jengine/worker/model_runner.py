@@ -61,7 +61,7 @@ class _CompileCounter:
             if cls._registered:
                 return
 
-            def listener(event: str, duration: float, **kwargs: Any) -> None:
+            def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
                 runner = getattr(cls._active, "runner", None)
                 if runner is not None and event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
                     runner._compilations += 1
@@ -261,9 +261,11 @@ class ModelRunner:
             threading.Thread(target=self._log_background_done, name="jengine-compile-log", daemon=True).start()
 
     def _log_background_done(self) -> None:
-        self._compiler.wait_all()
+        compiler = self._compiler
+        assert compiler is not None  # started by warm-up, which starts this thread
+        compiler.wait_all()
         logger.info("compiled all %d step pieces in %.1f s (%d steps waited for one, %.1f s in all)",
-                    self._compiler.total, self._compiler.seconds or 0.0, self.bucket_waits, self.bucket_wait_seconds)
+                    compiler.total, compiler.seconds or 0.0, self.bucket_waits, self.bucket_wait_seconds)
 
     def _warmup_pieces(self) -> list[tuple[tuple, Any]]:
         """(key, lower function) for every piece, in the order a server is likely to need them: small

@@ -39,6 +39,7 @@ class HermesToolParser(ToolParser):
                 return out
             out.content += before.rstrip()
             out.calls.append(call)
+            assert scan is not None  # a call comes with its scan
             if scan.error is not None:
                 out.content += tail(text[scan.error:], final)
                 return out
