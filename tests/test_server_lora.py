@@ -154,3 +154,15 @@ def test_endpoints_need_the_flag(tmp_path, xla_cache_dir):
         assert "lora_requests_info" not in client.get("/metrics").text
     finally:
         engine.shutdown()
+
+
+def test_serve_flags_are_checked_before_loading(tmp_path, capsys):
+    from jengine.cli import main
+
+    base = make_tiny_checkpoint(tmp_path, "llama")
+    assert main(["serve", base, "--lora-modules", f"a={tmp_path}"]) == 2
+    assert "--lora-modules needs --enable-lora" in capsys.readouterr().err
+    assert main(["serve", base, "--enable-lora", "--lora-modules", "no-equals-sign"]) == 2
+    assert "expected name=path" in capsys.readouterr().err
+    assert main(["serve", base, "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "1"]) == 2
+    assert "max_cpu_loras" in capsys.readouterr().err
