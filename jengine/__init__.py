@@ -1,6 +1,6 @@
 """jengine: a pure-JAX/XLA engine that serves large language models.
 
-Public API (shaped like vLLM's): `LLM`, `SamplingParams`, `StructuredOutputsParams`, `RequestOutput`, `CompletionOutput`.
+Public API (shaped like vLLM's): `LLM`, `SamplingParams`, `LoRARequest`, `StructuredOutputsParams`, `RequestOutput`, `CompletionOutput`.
 Layout: `config` (the frozen config tree), `models/` + `loader/` (Flax models and checkpoint
 loading), `core/` (KV cache manager, scheduler), `worker/` (the jitted step), `engine/` (the step
 loop and output processing), `entrypoints/` (the Python API), `cli` (the `jengine` command);
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncEngine", "AsyncLLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "EngineArgs", "__version__"]
+__all__ = ["LLM", "AsyncEngine", "AsyncLLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "EngineArgs", "LoRARequest", "__version__"]
 
 _LAZY = {
     "LLM": ("jengine.entrypoints.llm", "LLM"),
@@ -21,6 +21,7 @@ _LAZY = {
     "RequestOutput": ("jengine.outputs", "RequestOutput"),
     "CompletionOutput": ("jengine.outputs", "CompletionOutput"),
     "EngineArgs": ("jengine.config", "EngineArgs"),
+    "LoRARequest": ("jengine.lora.request", "LoRARequest"),
     "AsyncEngine": ("jengine.engine.async_engine", "AsyncEngine"),
     "AsyncLLM": ("jengine.engine.async_engine", "AsyncEngine"),
 }
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from jengine.engine.async_engine import AsyncEngine
     from jengine.engine.async_engine import AsyncEngine as AsyncLLM
     from jengine.entrypoints.llm import LLM
+    from jengine.lora.request import LoRARequest
     from jengine.outputs import CompletionOutput, RequestOutput
     from jengine.sampling_params import SamplingParams
     from jengine.structured_output.params import StructuredOutputsParams

@@ -82,6 +82,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                         help='speculative decoding, as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
                              '"prompt_lookup_max": 4}\'; default: off')
+    parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the base model (see --lora-modules)")
+    parser.add_argument("--max-loras", type=_positive_int, default=1, help="LoRA adapters one step can mix (device slots)")
+    parser.add_argument("--max-lora-rank", type=_positive_int, default=16, help="largest LoRA rank; every slot is padded to it")
+    parser.add_argument("--max-cpu-loras", type=_positive_int, default=None, help="LoRA adapters kept loaded on the host (LRU); default: --max-loras")
     parser.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT", help="HOST:PORT of process 0 (multi-host); default: none, one host")
     parser.add_argument("--num-processes", type=_positive_int, default=1, help="processes (hosts) in a multi-host run")
     parser.add_argument("--process-id", type=int, default=0, help="this process's index in a multi-host run")
@@ -105,6 +109,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
         compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
+        enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=ns.max_cpu_loras,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
     )
 
@@ -182,6 +187,13 @@ def _non_negative_float(text: str) -> float:
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from jengine.server.api_server import ServerSettings, resolve_api_keys, serve
+    from jengine.server.lora import parse_lora_modules
+
+    lora_modules = parse_lora_modules(ns.lora_modules or ())
+    if lora_modules and not ns.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    # vLLM's switch is an environment variable; the flag says the same on the command line.
+    runtime_lora = ns.allow_runtime_lora_updating or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true")
 
     settings = ServerSettings(
         host=ns.host, port=ns.port, grpc_port=ns.grpc_port, api_keys=resolve_api_keys(ns.api_key or (), ns.api_key_file),
@@ -190,6 +202,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         trust_request_chat_template=ns.trust_request_chat_template, max_request_body_bytes=ns.max_request_body_bytes,
         shutdown_timeout_s=ns.shutdown_timeout, enable_auto_tool_choice=ns.enable_auto_tool_choice,
         tool_call_parser=ns.tool_call_parser, reasoning_parser=ns.reasoning_parser,
+        lora_modules=lora_modules, allow_runtime_lora_updating=runtime_lora,
     )
     if ns.log_level == "WARNING":  # the per-request and start-up lines are INFO; show them by default
         logging.getLogger("jengine").setLevel(logging.INFO)
@@ -283,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the model's tool-call format (hermes: Qwen 2.5/3, Hermes; llama3_json: Llama 3.1+; mistral; pythonic: Llama 3.2/4); default: none")
     srv.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                      help="split <think>...</think> output into reasoning_content and content (deepseek_r1, qwen3); default: none")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help="LoRA adapters to serve, each as name=path (a PEFT folder) or JSON {\"name\": ..., \"path\": ...}; "
+                          "a request's `model` picks one by name (needs --enable-lora)")
+    srv.add_argument("--allow-runtime-lora-updating", action="store_true",
+                     help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, "
+                          "which is also honoured); default: off")
     srv.set_defaults(func=_cmd_serve)
     return parser
 

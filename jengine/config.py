@@ -82,6 +82,15 @@ class SpeculativeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's flags): device slots, their padded rank, host copies kept."""
+
+    max_loras: int = 1  # adapters one step can mix (device slots)
+    max_lora_rank: int = 16  # every slot is padded to this rank
+    max_cpu_loras: Optional[int] = None  # adapters kept loaded on the host (LRU); None: max_loras
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: Optional[str] = None  # checkpoint dir, .gguf file, or None for the default SmolLM2
     tokenizer: Optional[str] = None
@@ -98,6 +107,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     speculative: Optional[SpeculativeConfig] = None  # None: no speculative decoding
+    lora: Optional[LoRAConfig] = None  # None: LoRA adapters off (enable_lora=False)
 
 
 def default_compilation_cache_dir() -> str:
@@ -135,6 +145,21 @@ class EngineArgs:
     num_processes: int = 1
     process_id: int = 0
     speculative_config: Optional[dict] = None  # e.g. {"method": "ngram", "num_speculative_tokens": 3}
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
+
+    def _lora_config(self) -> Optional[LoRAConfig]:
+        if not self.enable_lora:
+            return None
+        _require(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", f"must be an integer >= 1, got {self.max_loras!r}")
+        _require(isinstance(self.max_lora_rank, int) and 1 <= self.max_lora_rank <= 512, "max_lora_rank",
+                 f"must be an integer in [1, 512], got {self.max_lora_rank!r}")
+        _require(self.max_cpu_loras is None or (isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras),
+                 "max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
+        _require(self.num_processes == 1, "enable_lora", "is not supported with several processes yet")
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     def create_engine_config(self) -> EngineConfig:
         _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
@@ -151,6 +176,7 @@ class EngineArgs:
         check_quantization(self.quantization)
         _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
         return EngineConfig(
+            lora=self._lora_config(),
             model=self.model,
             tokenizer=self.tokenizer,
             trust_remote_code=self.trust_remote_code,

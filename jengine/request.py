@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable, Sequence
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from jengine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jengine.lora.request import LoRARequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -62,6 +65,7 @@ class Request:
         "block_hashes",
         "spec_token_ids",
         "spec_backoff",
+        "lora_request",
         "_all_token_ids",
     )
 
@@ -74,6 +78,7 @@ class Request:
         arrival_time: Optional[float] = None,
         priority: int = 0,
         extra_keys: tuple = (),
+        lora_request: Optional["LoRARequest"] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
@@ -88,6 +93,9 @@ class Request:
         # Folded into every page hash, so requests with different extra keys (LoRA id, cache salt) never
         # share cached pages.
         self.extra_keys: tuple = tuple(extra_keys)
+        self.lora_request = lora_request  # the adapter this request runs with (None: the base model)
+        if lora_request is not None:
+            self.extra_keys += (("lora", lora_request.lora_int_id),)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted

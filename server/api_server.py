@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import signal
@@ -69,6 +70,8 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser finds calls in free text
     tool_call_parser: Optional[str] = None  # a name in server.tool_parsers.TOOL_PARSERS
     reasoning_parser: Optional[str] = None  # a name in server.reasoning_parsers.REASONING_PARSERS
+    lora_modules: Sequence[tuple[str, str]] = ()  # (name, adapter folder) served from the start (--lora-modules)
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 API_KEY_ENV = "JENGINE_API_KEY"
@@ -181,9 +184,9 @@ class _APIKeyMiddleware:
 
 
 def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Sequence[str] = (),
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, allow_runtime_lora_updating: bool = False) -> FastAPI:
     """The FastAPI app over `serving`; `api_keys` (any of them) guard `/v1/*`; bodies over
-    `max_request_body_bytes` get 413."""
+    `max_request_body_bytes` get 413; `allow_runtime_lora_updating` adds vLLM's LoRA load/unload endpoints."""
     app = FastAPI(title="jengine", version=jengine.__version__, docs_url=None, redoc_url=None)
     keys = [k.encode() for k in api_keys]
     engine = serving.engine
@@ -243,6 +246,30 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, *, api_keys: Seque
     async def models() -> Any:
         return _json(serving.list_models())
 
+    if allow_runtime_lora_updating:
+        async def _lora_body(request: Request) -> dict[str, Any]:
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError as e:
+                raise APIError(400, f"the request body is not valid JSON: {e}") from e
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object")
+            return body
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> Response:
+            body = await _lora_body(request)
+            lora = await serving.run_sync(serving.loras.load, body.get("lora_name"), body.get("lora_path"))
+            logger.info("loaded LoRA adapter %r from %s", lora.lora_name, lora.lora_path)
+            return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> Response:
+            body = await _lora_body(request)
+            lora = serving.loras.unload(body.get("lora_name"))
+            logger.info("unloaded LoRA adapter %r", lora.lora_name)
+            return Response(f"Success: LoRA adapter '{lora.lora_name}' removed successfully.", media_type="text/plain")
+
     @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
     async def tokenize(request: Request) -> Any:
         body = await _parse(request, TokenizeRequest)
@@ -300,6 +327,11 @@ def make_serving(engine: AsyncEngine, settings: ServerSettings) -> tuple[OpenAIS
                             chat_template_timeout_s=settings.chat_template_timeout_s,
                             enable_auto_tool_choice=settings.enable_auto_tool_choice, tool_call_parser=settings.tool_call_parser,
                             reasoning_parser=settings.reasoning_parser)
+    for name, path in settings.lora_modules:  # --lora-modules: read and checked before the server listens
+        try:
+            serving.loras.load(name, path)
+        except APIError as e:
+            raise ValueError(f"--lora-modules {name}={path}: {e.message}") from None
     metrics = ServerMetrics(serving.model_name)
     metrics.attach(engine)
     return serving, metrics
@@ -312,7 +344,8 @@ async def run_servers(engine: AsyncEngine, settings: ServerSettings, *, started:
     import uvicorn
 
     serving, metrics = make_serving(engine, settings)
-    app = build_app(serving, metrics, api_keys=settings.api_keys, max_request_body_bytes=settings.max_request_body_bytes)
+    app = build_app(serving, metrics, api_keys=settings.api_keys, max_request_body_bytes=settings.max_request_body_bytes,
+                    allow_runtime_lora_updating=settings.allow_runtime_lora_updating)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
                             lifespan="off", timeout_graceful_shutdown=5)
     http = uvicorn.Server(config)

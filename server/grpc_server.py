@@ -129,8 +129,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.serving.check_capacity()
             text, ids, params = await self.serving.run_sync(self._prepare, request)  # off the event loop
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            lora = self.serving.loras.get(request.model)  # `model` may name a LoRA adapter (NOT_FOUND if unknown)
             try:
-                stream = self.engine.add_request(rid, ids, params, prompt=text, priority=request.priority)
+                stream = self.engine.add_request(rid, ids, params, prompt=text, priority=request.priority,
+                                                 **({"lora_request": lora} if lora is not None else {}))
             except ValueError as e:
                 raise APIError(400, str(e)) from e
             except EngineOverloadedError as e:
@@ -201,7 +203,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def ListModels(self, request: Any, context: Any) -> Any:
         return pb.ListModelsResponse(models=[pb.ModelCard(id=name, root=self.serving.model_path, max_model_len=self.serving.max_model_len,
-                                                          owned_by="jengine") for name in self.serving.served_model_names])
+                                                          owned_by="jengine") for name in self.serving.served_model_names]
+                                     + [pb.ModelCard(id=lora.lora_name, root=lora.lora_path, max_model_len=self.serving.max_model_len,
+                                                     owned_by="jengine") for lora in self.serving.loras.list()])
 
 
 async def start_grpc_server(serving: OpenAIServing, host: str, port: int) -> tuple[Any, int]:

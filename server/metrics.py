@@ -64,6 +64,12 @@ class _SnapshotCollector(Collector):
             yield family(CounterMetricFamily, VLLM + "spec_decode_num_drafts", "Number of spec decoding drafts.", drafts)
             yield family(CounterMetricFamily, VLLM + "spec_decode_num_draft_tokens", "Number of draft tokens.", draft_tokens)
             yield family(CounterMetricFamily, VLLM + "spec_decode_num_accepted_tokens", "Number of accepted tokens.", accepted)
+        if s.lora is not None:  # as vLLM: an info gauge whose labels name the adapters, valued at the snapshot time
+            max_lora, running, waiting = s.lora
+            info = GaugeMetricFamily(VLLM + "lora_requests_info", "Running stats on lora requests.",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            info.add_metric([str(max_lora), ",".join(waiting), ",".join(running)], s.taken_at)
+            yield info
         yield family(CounterMetricFamily, JENGINE + "step_bucket_wait_seconds", "Seconds engine steps spent waiting for step buckets compiling in the background.", s.bucket_wait_seconds_total)
 
 

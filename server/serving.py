@@ -35,6 +35,7 @@ from jengine.structured_output.params import StructuredOutputsParams
 
 from .chat_output import ChoiceOutput
 from .guards import RenderTimeout, call_with_deadline, check_text
+from .lora import LoRAModules
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .reasoning_parsers import get_reasoning_parser
 from .tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, get_tool_parser
@@ -210,6 +211,7 @@ class OpenAIServing:
         self.created = int(time.time())
         self.trust_request_chat_template = trust_request_chat_template
         self.draining = False  # set on SIGTERM: new requests get 503 while those in flight finish
+        self.loras = LoRAModules(engine, self.served_model_names)  # adapter names a request's `model` may pick
         self._preparing = 0  # run_sync calls queued or running (event loop only)
         self.chat_template_timeout_s = chat_template_timeout_s
         # Private copies: the engine thread decodes with its own tokenizer, the event loop (this thread)
@@ -262,8 +264,8 @@ class OpenAIServing:
 
     # ----- shared helpers -------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> None:
-        if name and name not in self.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found", type="NotFoundError")
+        """404 unless `name` is empty, a served name of the base model or a loaded LoRA adapter."""
+        self.loras.get(name)
 
     @property
     def max_text_chars(self) -> int:
@@ -417,10 +419,12 @@ class OpenAIServing:
                            headers={"Retry-After": RETRY_AFTER_S})
 
     def _start(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: Optional[str],
-               priority: int, prompt_param: str, rename: dict[str, str]) -> RequestStream:
+               priority: int, prompt_param: str, rename: dict[str, str], model: Optional[str] = None) -> RequestStream:
         self.check_admitting()
+        lora = self.loras.get(model)  # a LoRA adapter named by the request's `model` (404 if unloaded meanwhile)
         try:
-            return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority)
+            return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority,
+                                           **({"lora_request": lora} if lora is not None else {}))
         except EngineOverloadedError as e:
             raise APIError(503, str(e), headers={"Retry-After": RETRY_AFTER_S}) from e
         except EngineDeadError as e:
@@ -543,7 +547,7 @@ class OpenAIServing:
         try:
             for i, (text, ids, params) in enumerate(plans):
                 rid = base if len(plans) == 1 else f"{base}-{i}"
-                streams.append(self._start(rid, ids, params, text, req.priority, "prompt", {}))
+                streams.append(self._start(rid, ids, params, text, req.priority, "prompt", {}, req.model))
         except BaseException:
             for s in streams:
                 s.cancel()
@@ -691,7 +695,7 @@ class OpenAIServing:
         num_top = params.logprobs
         role, echo = chat_role_and_echo(req)
         base = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        stream = self._start(base, ids, params, text, req.priority, "messages", rename)
+        stream = self._start(base, ids, params, text, req.priority, "messages", rename, req.model)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -792,4 +796,6 @@ class OpenAIServing:
     def list_models(self) -> dict[str, Any]:
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "jengine", "root": self.model_path,
                  "parent": None, "max_model_len": self.max_model_len} for name in self.served_model_names]
+        data += [{"id": lora.lora_name, "object": "model", "created": self.created, "owned_by": "jengine", "root": lora.lora_path,
+                  "parent": self.model_name, "max_model_len": self.max_model_len} for lora in self.loras.list()]
         return {"object": "list", "data": data}

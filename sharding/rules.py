@@ -272,10 +272,10 @@ def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
     sharding layer can be tested on its own.
     """
     rep = "replicated"
-    runner._forward = PinnedJit(
-        runner._forward_fn, donate_argnums=(1,),
-        **plan.jit_kwargs(("params", "cache", rep), ("cache", rep, rep), params=runner.params, kv_cache=runner.kv_cache),
-    )
+    forward = plan.jit_kwargs(("params", "cache", rep), ("cache", rep, rep), params=runner.params, kv_cache=runner.kv_cache)
+    lora = getattr(runner, "lora", None)  # LoRA adapter stacks keep the shardings the manager gave them
+    forward["in_shardings"] += (jax.tree.map(lambda x: x.sharding, lora.stacks) if lora is not None else {},)
+    runner._forward = PinnedJit(runner._forward_fn, donate_argnums=(1,), **forward)
     runner._sample = PinnedJit(runner._sample_fn, **plan.jit_kwargs((rep, rep), rep))
     runner._prompt_lp = PinnedJit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
 

@@ -152,6 +152,7 @@ class Scheduler:
         max_model_len: int,
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
+        max_loras: int = 0,
     ) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
@@ -166,6 +167,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = policy
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold (0: no limit)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: Union[_FCFSQueue, _PriorityQueue] = _FCFSQueue() if policy == "fcfs" else _PriorityQueue()
         self.running: list[Request] = []
@@ -337,9 +339,16 @@ class Scheduler:
             budget -= n + len(drafts)
             i += 1
 
-        # 2. Waiting requests, unless this step had to preempt (no room to grow, so none to admit).
+        # 2. Waiting requests, unless this step had to preempt (no room to grow, so none to admit). A request
+        # whose adapter would take the running batch past max_loras adapters is passed over (it keeps its place).
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        passed_over: list[Request] = []
         while not preempted and len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
+            lora_id = req.lora_request.lora_int_id if req.lora_request is not None else None
+            if self.max_loras and lora_id is not None and lora_id not in adapters and len(adapters) >= self.max_loras:
+                passed_over.append(self.waiting.pop())
+                continue
             computed_pages, num_computed = kv.get_computed_pages(req)
             n = self._chunk(req.num_tokens - num_computed, budget)
             pages = kv.allocate_slots(req, n, computed_pages)
@@ -357,6 +366,10 @@ class Scheduler:
             self.running.append(req)
             rows[req.request_id] = self._row(req, n, pages, is_new=True)
             budget -= n
+            if lora_id is not None:
+                adapters.add(lora_id)
+        for req in reversed(passed_over):
+            self.waiting.add_front(req)
 
         decodes = [r for r in rows.values() if r.is_decode]
         prefills = [r for r in rows.values() if not r.is_decode]

@@ -74,6 +74,9 @@ class EngineStats:
     bucket_wait_seconds_total: float = 0.0
     # Speculative decoding (None when it is off): drafts proposed, draft tokens verified, of which accepted.
     spec_decode: Optional[tuple[int, int, int]] = None
+    # LoRA (None when it is off): max_loras, and the names of the adapters of running / waiting requests.
+    lora: Optional[tuple[int, tuple[str, ...], tuple[str, ...]]] = None
+    taken_at: float = 0.0  # time.time() of the snapshot
 
 
 @dataclasses.dataclass
@@ -96,6 +99,17 @@ class FinishedRequestStats:
     e2e_latency: float
     time_per_output_token: Optional[float]  # None with fewer than 2 tokens per choice
     aborted: bool = False
+
+
+def _lora_adapters(core: Any, sched: Any) -> Optional[tuple[int, tuple[str, ...], tuple[str, ...]]]:
+    lora = getattr(getattr(core, "config", None), "lora", None)
+    if lora is None:
+        return None
+
+    def names(requests: Any) -> tuple[str, ...]:
+        return tuple(sorted({r.lora_request.lora_name for r in requests if getattr(r, "lora_request", None) is not None}))
+
+    return lora.max_loras, names(sched.running), names(sched.waiting)
 
 
 class StatsSink(Protocol):
@@ -248,6 +262,14 @@ class AsyncEngine:
         (`crashed` tells which); e.g. to flip gRPC health or to exit the process."""
         self._death_callbacks.append(callback)
 
+    # ----- LoRA adapters (the adapter cache is locked, so these are safe off the engine thread) -------
+    def add_lora(self, lora_request: Any) -> bool:
+        """Reads and validates an adapter into the host cache (blocking: call it from a worker thread)."""
+        return self.core.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.core.remove_lora(lora_int_id)
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field; reads only immutable config, so safe off the engine thread."""
         self.core.validate_prompt(prompt_token_ids, params)
@@ -262,6 +284,7 @@ class AsyncEngine:
         prompt: Optional[str] = None,
         arrival_time: Optional[float] = None,
         priority: int = 0,
+        lora_request: Any = None,
     ) -> RequestStream:
         """Validates and queues a request; call from the event loop. Raises ValueError for a bad request,
         EngineDeadError when the loop is gone, EngineOverloadedError when too many are pending."""
@@ -278,7 +301,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise EngineDeadError(f"the engine loop has stopped: {self._dead_error!r}")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._send(("add", (request_id, prompt_token_ids, params, prompt, arrival, priority)))
+        self._send(("add", (request_id, prompt_token_ids, params, prompt, arrival, priority, lora_request)))
         return stream
 
     async def generate(
@@ -363,12 +386,14 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - any escape kills the loop; report it, never hang
             self._die(e)
 
-    def _do_add(self, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str], arrival: float, priority: int) -> None:
+    def _do_add(self, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str], arrival: float, priority: int,
+                lora_request: Any = None) -> None:
         stream = self._streams.get(request_id)
         if stream is None:  # aborted before the engine saw it
             return
         try:
-            self.core.add_request(request_id, ids, params, prompt=prompt, arrival_time=arrival, priority=priority)
+            self.core.add_request(request_id, ids, params, prompt=prompt, arrival_time=arrival, priority=priority,
+                                  **({"lora_request": lora_request} if lora_request is not None else {}))
         except Exception as e:  # noqa: BLE001 - raced past validation (or a bad value it missed): this request only
             if not isinstance(e, ValueError):
                 logger.error("request %s could not be added: %r", request_id, e)
@@ -479,6 +504,8 @@ class AsyncEngine:
             bucket_waits_total=waits,
             bucket_wait_seconds_total=wait_s,
             spec_decode=_spec_decode_totals(getattr(self.core, "speculator", None)),
+            lora=_lora_adapters(self.core, sched),
+            taken_at=time.time(),
         )
 
     def _die(self, error: BaseException) -> None:

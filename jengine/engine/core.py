@@ -21,6 +21,7 @@ from jengine.core.kv_cache_manager import KVCacheManager
 from jengine.core.scheduler import Scheduler
 from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
+from jengine.lora.request import LoRARequest
 from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
 from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors, has_repetition_penalty, needs_penalties
@@ -76,6 +77,7 @@ class EngineCore:
             max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             policy=sc.policy,
+            max_loras=config.lora.max_loras if config.lora is not None else 0,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = np.random.default_rng(config.seed)
@@ -136,6 +138,23 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
 
+    # ----- LoRA adapters ------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads and validates an adapter into the host cache (ValueError naming what is wrong)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.runner.lora is None:
+            raise ValueError("lora_request given, but LoRA is not enabled (start the engine with enable_lora=True / --enable-lora)")
+        self.runner.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drops an adapter's host copy and slot; requests still running with it reload it from its folder."""
+        return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.runner.lora.list() if self.runner.lora is not None else []
+
     def add_request(
         self,
         request_id: str,
@@ -145,9 +164,12 @@ class EngineCore:
         prompt: Optional[str] = None,
         arrival_time: Optional[float] = None,
         priority: int = 0,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         """Queues a request; `n > 1` forks it into children that share the prompt's cached pages."""
         self.validate_prompt(prompt_token_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         children = []
         for index in range(params.n):
             child_params = params
@@ -157,7 +179,8 @@ class EngineCore:
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
             self._seeds[child_id] = seed
-            req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority)
+            req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority,
+                          lora_request=lora_request)
             children.append(req)
         if params.structured_outputs is not None:
             for req in children:  # each child its own matcher

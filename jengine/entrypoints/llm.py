@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from jengine.config import EngineArgs
 from jengine.engine.core import EngineCore
+from jengine.lora.request import LoRARequest
 from jengine.outputs import RequestOutput
 from jengine.sampling_params import SamplingParams
 from jengine.tokenizer import check_encodable
@@ -67,6 +68,16 @@ class LLM:
         if self.engine.config.parallel.num_processes > 1:
             run_as_multihost_process(self.engine)
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads an adapter ahead of its first request (vLLM's `LLM.add_lora`)."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
@@ -100,8 +111,10 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
-        """Generates for every prompt; returns `RequestOutput`s in input order."""
+        """Generates for every prompt; returns `RequestOutput`s in input order. `lora_request`: one
+        adapter for every prompt, or a list with one (or None for the base model) per prompt."""
         items = self._as_list(prompts)
         if not items:
             raise ValueError("prompts must not be empty")
@@ -112,13 +125,22 @@ class LLM:
             raise ValueError(f"sampling_params has {len(params_list)} entries for {len(items)} prompts")
         if priority is not None and len(priority) != len(items):
             raise ValueError(f"priority has {len(priority)} entries for {len(items)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(items)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(items):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(items)} prompts")
         encoded = [self._to_token_ids(p) for p in items]
         for (_, ids), params in zip(encoded, params_list):
             self.engine.validate_prompt(ids, params)  # all-or-nothing: nothing is queued on a bad prompt
+        for lora in {id(x): x for x in loras if x is not None}.values():
+            self.engine.add_lora(lora)
         request_ids = []
         for i, ((text, token_ids), params) in enumerate(zip(encoded, params_list)):
             rid = str(next(self._counter))
-            self.engine.add_request(rid, token_ids, params, prompt=text, priority=0 if priority is None else priority[i])
+            self.engine.add_request(rid, token_ids, params, prompt=text, priority=0 if priority is None else priority[i],
+                                    lora_request=loras[i])
             request_ids.append(rid)
         return self._run(request_ids, use_tqdm)
 
@@ -153,8 +175,9 @@ class LLM:
         chat_template: Optional[str] = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template to each conversation and generates."""
+        """Applies the model's chat template to each conversation and generates (`lora_request` as in `generate`)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         tokenizer = self.engine.tokenizer
@@ -168,4 +191,4 @@ class LLM:
             )
             # The template already holds any BOS it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)

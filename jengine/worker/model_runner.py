@@ -138,6 +138,14 @@ class ModelRunner:
 
         self.kv_cache = plan.place_cache(make_cache) if plan is not None else make_cache()
         self.kv_cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.kv_cache))
+        self.lora = None  # jengine.lora.manager.LoRAManager when LoRA adapters are enabled
+        if config.lora is not None:
+            from jengine.lora.manager import LoRAManager
+            from jengine.lora.peft import lora_targets
+            from jengine.models import get_model_class
+
+            targets = lora_targets(get_model_class(mc.architecture), mc)
+            self.lora = LoRAManager(config.lora, targets, mc.num_layers, self.dtype, plan)
         _CompileCounter.install()
         self._compilations = 0  # lowerings during execute(), i.e. after warm-up
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
@@ -201,12 +209,14 @@ class ModelRunner:
     # ----- the step ---------------------------------------------------------------------------
     # The step is three jitted pieces so each compiles only over the shapes it depends on:
     # the model over (T, S) buckets, the sampler over S, prompt logprobs over T.
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_stacks=None):
         with self._matmul_precision():
-            return self._forward_body(params, kv_cache, inputs)
+            return self._forward_body(params, kv_cache, inputs, lora_stacks)
 
-    def _forward_body(self, params, kv_cache, inputs: StepInputs):
+    def _forward_body(self, params, kv_cache, inputs: StepInputs, lora_stacks=None):
         model = nnx.merge(self.graphdef, params)
+        if lora_stacks:  # adapters: the targeted projections become LoRAWeights for this step only
+            self.lora.wrap(model.layers, lora_stacks, inputs.lora_slots)
         md = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
             seq_lens=inputs.seq_lens,
@@ -274,8 +284,10 @@ class ModelRunner:
         kv0 = self.kv_cache  # may be donated (deleted) by the time a worker lowers: lowering reads only its shape
         params, hidden_size, maxp = self.params, self.model_config.hidden_size, self.max_pages_per_seq
 
+        lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
+
         def forward(t: int, s: int) -> Any:
-            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp))
+            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp), lora0)
 
         def sampler(s: int) -> Any:
             return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
@@ -300,6 +312,9 @@ class ModelRunner:
             add(("prompt_logprobs", t), prompt_lp(t))
         return pieces
 
+    def _lora_stacks(self) -> dict:
+        return self.lora.stacks if self.lora is not None else {}
+
     def first_pieces(self) -> list[tuple]:
         """What a server compiles before it answers /health: a short prompt (up to 64 tokens, such as
         a chat question) and decoding a few rows: the narrowest rows' forward buckets up to 64 tokens
@@ -321,7 +336,11 @@ class ModelRunner:
         """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts)."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
         s = pick_seq_bucket(t, max(len(sampling_rows), len(scheduled), 1), self.min_seq_bucket, self.max_logit_rows)
-        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size)
+        slots: list[int] = []
+        if self.lora is not None:
+            with _CompileCounter.watching(self):  # a slot write must never compile either
+                slots = self.lora.activate([seq.request.lora_request for seq in scheduled])
+        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, slots)
         return inputs, self._sampling_tensors(sampling_rows, s)
 
     def _await_pieces(self, inputs: StepInputs) -> None:
@@ -344,7 +363,7 @@ class ModelRunner:
         """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
         self._await_pieces(inputs)
         with _CompileCounter.watching(self):
-            self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs)
+            self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs, self._lora_stacks())
             out = self._sample(logits, sampling)
             prompt = None
             if inputs.want_prompt_logprobs:

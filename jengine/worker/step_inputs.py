@@ -65,7 +65,8 @@ class StepInputs:
 
     token_ids, positions, slot_mapping: [T]; seq_lens, logits_indices: [S]; query_start_loc: [S + 1];
     block_tables: [S, max_pages_per_seq]; num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
-    after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool.
+    after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool;
+    lora_slots: [T] (the LoRA device slot of each token's adapter, -1 for none or padding).
     """
 
     token_ids: np.ndarray
@@ -78,6 +79,7 @@ class StepInputs:
     logits_indices: np.ndarray
     prompt_next_ids: np.ndarray
     want_prompt_logprobs: np.ndarray
+    lora_slots: np.ndarray
 
 
 def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) -> StepInputs:
@@ -94,6 +96,7 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) ->
         logits_indices=np.zeros(num_seqs, i32),
         prompt_next_ids=np.full(num_tokens, -1, i32),
         want_prompt_logprobs=np.zeros((), np.bool_),
+        lora_slots=np.full(num_tokens, -1, i32),
     )
 
 
@@ -103,13 +106,15 @@ def logit_rows(scheduled: Sequence) -> list[int]:
     return [1 + len(getattr(seq, "spec_token_ids", ())) for seq in scheduled]
 
 
-def build_step_inputs(scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int) -> StepInputs:
+def build_step_inputs(
+    scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int, lora_slots: Sequence[int] = (),
+) -> StepInputs:
     """Lays the scheduled sequences (decode rows first) into the bucket `(num_tokens, num_seqs)`.
 
     Each item of `scheduled` has `.request` (with `prompt_token_ids`, `output_token_ids` and
     `sampling_params`), `.start` (tokens already computed), `.num_new_tokens`, `.block_ids` and optionally
     `.spec_token_ids` (drafts: the last of its new tokens). `num_seqs` must hold the rows and their
-    logits rows (`logit_rows`).
+    logits rows (`logit_rows`). `lora_slots`, when given, is each row's adapter slot (-1: none).
     """
     x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq)
     cursor = logit = 0
@@ -129,6 +134,8 @@ def build_step_inputs(scheduled: Sequence, num_tokens: int, num_seqs: int, max_p
         x.slot_mapping[cursor:cursor + n] = pages[pos // page_size] * page_size + pos % page_size
         x.block_tables[row, :len(pages)] = pages
         x.seq_lens[row] = end
+        if lora_slots:
+            x.lora_slots[cursor:cursor + n] = lora_slots[row]
         cursor += n
         x.query_start_loc[row + 1] = cursor
         x.logits_indices[logit:logit + len(drafts) + 1] = np.arange(cursor - len(drafts) - 1, cursor)
