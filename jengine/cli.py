@@ -150,7 +150,12 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     )
     llm = LLM(**{k: v for k, v in vars(args).items()})
     prompts = ns.prompt or ["What is the capital of France?"]
-    if ns.chat:
+    chat = ns.chat
+    if chat is None:  # default: chat when the model has a chat template (a base model like Gemma 3 270M has none)
+        from jengine.tokenizer import get_chat_template
+
+        chat = get_chat_template(llm.get_tokenizer()) is not None
+    if chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     else:
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -249,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = subcommand("generate", "complete prompts and print the text")
     gen.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for several); default: one question about France")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="apply the chat template (default: when the tokenizer has one)")
     gen.add_argument("--max-tokens", type=_positive_int, default=64, help="most tokens to generate per prompt")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")

@@ -100,7 +100,11 @@ def backend_from_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: {', '.join(MODEL_KINDS)})")
 
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    # A user-defined token the model's vocabulary spells differently (Gemma's runs of spaces, respelled as
+    # "▁" runs) stays a plain vocabulary token, as in transformers: added under the file's spelling it
+    # would get a new id.
+    known = tok.get_vocab(with_added_tokens=False)
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in known]
     tok.add_special_tokens(specials)
     tok.add_tokens(user)
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):  # an added token must reuse its vocabulary id
@@ -136,6 +140,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str], types: list[int]) ->
 
 def _sentencepiece(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
     gemma = meta.get("general.architecture") in GEMMA_ARCHITECTURES
+    stored = tokens
     if gemma:  # Gemma files store runs of spaces as spaces; the model looks them up as "▁" runs
         tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
         rank = {t: -i for i, t in enumerate(tokens)}
@@ -145,7 +150,8 @@ def _sentencepiece(meta: Mapping[str, Any], tokens: list[str], types: list[int])
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    skip = {t for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)}
+    # Tokens matched whole (added tokens) take no part in merges; a respelled one is a plain token now.
+    skip = {t for t, raw, ty in zip(tokens, stored, types) if ty in (CONTROL, USER_DEFINED) and t == raw}
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(

