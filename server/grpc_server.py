@@ -131,8 +131,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             lora = self.serving.loras.get(request.model)  # `model` may name a LoRA adapter (NOT_FOUND if unknown)
             try:
-                stream = self.engine.add_request(rid, ids, params, prompt=text, priority=request.priority,
-                                                 **({"lora_request": lora} if lora is not None else {}))
+                stream = self.engine.add_request(rid, ids, params, prompt=text, priority=request.priority, lora_request=lora)
             except ValueError as e:
                 raise APIError(400, str(e)) from e
             except EngineOverloadedError as e:

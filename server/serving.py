@@ -423,8 +423,7 @@ class OpenAIServing:
         self.check_admitting()
         lora = self.loras.get(model)  # a LoRA adapter named by the request's `model` (404 if unloaded meanwhile)
         try:
-            return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority,
-                                           **({"lora_request": lora} if lora is not None else {}))
+            return self.engine.add_request(request_id, prompt_ids, params, prompt=prompt, priority=priority, lora_request=lora)
         except EngineOverloadedError as e:
             raise APIError(503, str(e), headers={"Retry-After": RETRY_AFTER_S}) from e
         except EngineDeadError as e:

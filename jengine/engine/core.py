@@ -153,7 +153,7 @@ class EngineCore:
         return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
 
     def list_loras(self) -> list[LoRARequest]:
-        return self.runner.lora.list() if self.runner.lora is not None else []
+        return self.runner.lora.loaded() if self.runner.lora is not None else []
 
     def add_request(
         self,

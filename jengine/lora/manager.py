@@ -119,7 +119,8 @@ class LoRAManager:
             self._paths.pop(lora_int_id, None)
             return found
 
-    def list(self) -> list[LoRARequest]:
+    def loaded(self) -> list[LoRARequest]:
+        """The adapters held on the host (what `LLM.list_loras` reports)."""
         with self._lock:
             return [a.request for a in self._host.values()]
 
@@ -154,15 +155,16 @@ class LoRAManager:
                     padded[param] = zero
             self.stacks = self._write(self.stacks, np.int32(slot), padded)
             self.loads += 1
-            if self._slots[slot] is not None:
-                where.pop(self._slots[slot], None)
+            evicted = self._slots[slot]
+            if evicted is not None:
+                where.pop(evicted, None)
             self._slots[slot] = lid
             where[lid] = slot
         for lid in needed:
             self._slot_lru.move_to_end(where[lid])
         return [-1 if r is None else where[r.lora_int_id] for r in requests]
 
-    def wrap(self, layers: Any, stacks: dict, token_slots: jax.Array) -> None:
+    def wrap(self, layers: Any, stacks: dict, token_slots: jax.Array | np.ndarray) -> None:
         """Inside the jitted step: replaces each adaptable stacked weight of `layers` (the model's
         `StackedLayers`) by a `LoRAWeight` over `stacks` (the traced `self.stacks`) and the step's
         per-token slots. Model files are untouched."""

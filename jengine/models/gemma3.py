@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jengine.models.base import NameMap
+from jengine.models.base import GGUFNameMap
 from jengine.models.config import RopeScaling, base_fields, gguf_base_fields, parse_rope_spec
 from jengine.models.gemma2 import FULL, SLIDING, Gemma2ForCausalLM, GemmaConfig, check_common, layer_types
 
@@ -109,8 +109,8 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         )
 
     @classmethod
-    def gguf_names(cls, cfg: GemmaConfig) -> NameMap:
-        names: NameMap = {k: (g, False) for k, g in GGUF_GLOBAL_NAMES.items()}
+    def gguf_names(cls, cfg: GemmaConfig) -> GGUFNameMap:
+        names: GGUFNameMap = {k: (g, False) for k, g in GGUF_GLOBAL_NAMES.items()}
         names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (g, t) in GGUF_LAYER_NAMES.items()})
         return names
 

@@ -216,6 +216,7 @@ class ModelRunner:
     def _forward_body(self, params, kv_cache, inputs: StepInputs, lora_stacks=None):
         model = nnx.merge(self.graphdef, params)
         if lora_stacks:  # adapters: the targeted projections become LoRAWeights for this step only
+            assert self.lora is not None  # stacks exist only when LoRA is enabled
             self.lora.wrap(model.layers, lora_stacks, inputs.lora_slots)
         md = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
