@@ -190,14 +190,20 @@ def test_lora_delta_matches_a_per_token_reference():
     assert not np.asarray(none).any()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
-def test_other_architectures_match_peft(arch, tmp_path, xla_cache_dir):
-    """Biased projections (Qwen2) and a layer pattern scanned in units plus an unrolled tail (Gemma 3)."""
+@pytest.mark.parametrize("arch, targets", [
+    ("qwen2", ALL_MODULES), ("gemma3", ALL_MODULES),
+    ("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    ("mixtral", ("q_proj", "k_proj", "v_proj", "o_proj")),
+])
+def test_other_architectures_match_peft(arch, targets, tmp_path, xla_cache_dir):
+    """Biased projections (Qwen2), a layer pattern scanned in units plus an unrolled tail (Gemma 3), fused
+    projections the family splits at load (Phi-3: each part shares A and takes its rows of B), and the
+    attention of a mixture-of-experts model (Mixtral)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = make_tiny_checkpoint(tmp_path, arch)
-    lora = LoRARequest("all", 1, make_adapter(path, str(tmp_path / "all"), seed=4, r=4, alpha=8, targets=ALL_MODULES))
+    lora = LoRARequest("all", 1, make_adapter(path, str(tmp_path / "all"), seed=4, r=4, alpha=8, targets=targets))
     prompts = random_prompts(8, [6, 9])
     llm = LLM(path, compilation_cache_dir=xla_cache_dir, enable_lora=True, max_loras=1, max_lora_rank=4, **LIMITS)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False, lora_request=[lora, None])

@@ -3,7 +3,9 @@
 An adapter is checked against the model it will run on before any request uses it: every tensor
 must name a layer projection the model family has (found from the family's Hugging Face weight
 names, so every architecture the model layer serves takes adapters without a table here), with
-the shapes the projection implies, and a rank within `max_lora_rank`. Anything else is a
+the shapes the projection implies, and a rank within `max_lora_rank`. A fused module the family splits
+at load (Phi-3's `qkv_proj`, `gate_up_proj`) adapts each part: the parts share `lora_A` and each takes
+its rows of `lora_B`, which is exactly the fused module's delta. Anything else is a
 `ValueError` naming the file, field or tensor.
 """
 from __future__ import annotations
@@ -34,24 +36,37 @@ class LoRATarget:
     template: str  # "model.layers.{i}.self_attn.q_proj"
     in_features: int
     out_features: int
+    rows: tuple[int, int] | None = None  # the slice of a fused projection's outputs this parameter is (Phi-3's qkv_proj)
 
 
 def lora_targets(model_class: Any, cfg: Any) -> dict[str, LoRATarget]:
-    """The projections of a model family that take adapters, keyed by PEFT module name.
+    """The projections of a model family that take adapters, keyed by our parameter name.
 
     Every per-layer matrix the checkpoint stores `[out, in]` under `<module path>.weight` is a linear
-    projection: exactly what PEFT wraps (norms are vectors; embeddings and the LM head are not per layer).
+    projection: exactly what PEFT wraps (norms are vectors; embeddings and the LM head are not per layer;
+    expert stacks are 4-D and not adapted). A fused checkpoint module that the family splits at load
+    (Phi-3's `qkv_proj` into `wq`/`wk`/`wv`) gives one target per part, with the rows it takes.
     """
     shapes = model_class.param_shapes(cfg)
     targets: dict[str, LoRATarget] = {}
-    for name, (template, transpose) in model_class.hf_names(cfg).items():
+    for name, entry in model_class.hf_names(cfg).items():
+        template, transpose = entry[0], entry[1]
+        rows, layers = getattr(entry, "rows", None), getattr(entry, "layers", None)
         shape = shapes.get(name)
-        if not name.startswith("layers.") or shape is None or len(shape) != 3 or not transpose or not template.endswith(".weight"):
+        if (not name.startswith("layers.") or shape is None or len(shape) != 3 or not transpose
+                or not template.endswith(".weight") or layers is not None):
             continue
         path = template.removesuffix(".weight")
-        module = path.rsplit(".", 1)[-1]
-        targets[module] = LoRATarget(name, module, path, int(shape[1]), int(shape[2]))
+        targets[name] = LoRATarget(name, path.rsplit(".", 1)[-1], path, int(shape[1]), int(shape[2]), rows)
     return targets
+
+
+def _by_module(targets: Mapping[str, LoRATarget]) -> dict[str, list[LoRATarget]]:
+    """PEFT module name -> the parameters it feeds (several for a fused projection)."""
+    out: dict[str, list[LoRATarget]] = {}
+    for t in targets.values():
+        out.setdefault(t.module, []).append(t)
+    return out
 
 
 @dataclasses.dataclass
@@ -112,11 +127,12 @@ def _check_config(request: LoRARequest, config: Mapping[str, Any], targets: Mapp
     if config.get("bias", "none") != "none":
         raise _fail(request, f"bias={config.get('bias')!r} is not supported (only 'none')")
     modules = config.get("target_modules")
+    known = _by_module(targets)
     if isinstance(modules, (list, tuple)):
         for module in modules:
             short = str(module).rsplit(".", 1)[-1]
-            if short not in targets:
-                raise _fail(request, f"target module {module!r} is not a projection of this model (supported: {sorted(targets)})")
+            if short not in known:
+                raise _fail(request, f"target module {module!r} is not a projection of this model (supported: {sorted(known)})")
     elif modules is not None and not isinstance(modules, str):
         raise _fail(request, f"target_modules must be a list of module names or a string, got {modules!r}")
     use_rslora = bool(config.get("use_rslora", False))
@@ -138,12 +154,13 @@ def load_adapter(request: LoRARequest, targets: Mapping[str, LoRATarget], num_la
         keys = tensors.keys()
     except Exception as e:  # noqa: BLE001 - any parse failure is a malformed file
         raise _fail(request, f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from None
-    where = {t.template.format(i=i): (t, i) for t in targets.values() for i in range(num_layers)}
+    modules = _by_module(targets)
+    where = {group[0].template.format(i=i): (group, i) for group in modules.values() for i in range(num_layers)}
     found: dict[str, dict[str, np.ndarray]] = {}  # module path -> {"A": ..., "B": ...}
     for key in keys:
         m = _KEY.match(key.removeprefix(_PEFT_PREFIX))
         if m is None or m.group("module") not in where:
-            raise _fail(request, f"tensor {key!r} is not a LoRA A/B matrix of a projection this model has (supported modules: {sorted(targets)})")
+            raise _fail(request, f"tensor {key!r} is not a LoRA A/B matrix of a projection this model has (supported modules: {sorted(modules)})")
         try:
             array = np.asarray(tensors.get(key), dtype=np.float32)
         except Exception as e:  # noqa: BLE001
@@ -153,18 +170,22 @@ def load_adapter(request: LoRARequest, targets: Mapping[str, LoRATarget], num_la
         raise _fail(request, f"{WEIGHTS_FILE} holds no LoRA tensors")
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module, pair in found.items():
-        target, layer = where[module]
+        group, layer = where[module]
         if set(pair) != {"A", "B"}:
             raise _fail(request, f"{module} has lora_{next(iter(pair))} but not its other half")
         a, b = pair["A"], pair["B"]
-        if a.shape != (rank, target.in_features) or b.shape != (target.out_features, rank):
+        in_features = group[0].in_features
+        out_features = max(t.out_features if t.rows is None else t.rows[1] for t in group)
+        if a.shape != (rank, in_features) or b.shape != (out_features, rank):
             raise _fail(request, f"{module}: lora_A {a.shape} / lora_B {b.shape} do not match r={rank} and the "
-                                 f"projection's [{target.out_features}, {target.in_features}]")
+                                 f"projection's [{out_features}, {in_features}]")
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise _fail(request, f"{module} holds non-finite values")
-        if target.param not in weights:
-            weights[target.param] = (np.zeros((num_layers, target.in_features, rank), np.float32),
-                                     np.zeros((num_layers, rank, target.out_features), np.float32))
-        weights[target.param][0][layer] = a.T
-        weights[target.param][1][layer] = b.T * scale
+        for target in group:  # a fused projection: every part shares A, each takes its rows of B
+            part = b if target.rows is None else b[target.rows[0] : target.rows[1]]
+            if target.param not in weights:
+                weights[target.param] = (np.zeros((num_layers, target.in_features, rank), np.float32),
+                                         np.zeros((num_layers, rank, target.out_features), np.float32))
+            weights[target.param][0][layer] = a.T
+            weights[target.param][1][layer] = part.T * scale
     return LoRAAdapter(request, rank, scale, weights)
