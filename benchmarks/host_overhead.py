@@ -24,10 +24,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 PIECES = ("schedule", "inputs", "device", "outputs")
 
@@ -105,18 +106,13 @@ def main() -> int:
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        print("RESULT " + json.dumps(measure(a.child, a.steps, a.max_num_batched_tokens)))
+        side_process.emit(measure(a.child, a.steps, a.max_num_batched_tokens))
         return 0
 
     results = []
     for rows in [int(r) for r in a.rows.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(rows), "--steps", str(a.steps), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results.append(json.loads(line.removeprefix("RESULT ")))
+        results.append(side_process.run(cmd))
 
     print("| rows | step ms | schedule ms | inputs ms | device ms | outputs ms | host gap ms (device idle) | gap share |")
     print("|---|---|---|---|---|---|---|---|")

@@ -21,10 +21,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+
+import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -105,7 +106,7 @@ def main() -> int:
 
         a.model = default_model_path()
     if a.side:
-        print("RESULT " + json.dumps(run_side(a)))
+        side_process.emit(run_side(a))
         return 0
     with tempfile.TemporaryDirectory() as root:
         adapters = write_adapters(a.model, root, 4, a.rank)
@@ -116,12 +117,7 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--side", side, "--adapters", json.dumps(adapters)] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                     if k not in ("side", "adapters", "sides", "out", "repeats") and v is not None]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    return 1
-                runs[side].append(json.loads(line.removeprefix("RESULT ")))
+                runs[side].append(side_process.run(cmd))
     results = {}
     for side, rs in runs.items():  # the mean over runs (two runs per side have no middle one)
         results[side] = {**rs[0], "runs_output_tokens_per_s": [r["output_tokens_per_s"] for r in rs],

@@ -18,9 +18,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORMATS = ("float32", "int8", "gguf")
@@ -111,18 +112,14 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(child_decode(args.child, batches, args.steps)), flush=True)
+        side_process.emit(child_decode(args.child, batches, args.steps))
         return
     report = {"machine": platform.platform(), "cpus": os.cpu_count(), "weight_bytes": {}, "decode_step_s": {}}
     report["weight_bytes"]["llama3-8b-shaped"] = weight_bytes_8b()
     report["weight_bytes"]["smollm2-135m"] = weight_bytes_smollm2()
     for fmt in args.formats.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", fmt, "--batches", args.batches, "--steps", str(args.steps)],
-                              capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"{fmt} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        report["decode_step_s"][fmt] = json.loads(lines[-1][len("RESULT "):])
+        report["decode_step_s"][fmt] = side_process.run(
+            [sys.executable, __file__, "--child", fmt, "--batches", args.batches, "--steps", str(args.steps)])
     mib = 2**20
     print("weight bytes on the device (MiB)")
     for model, row in report["weight_bytes"].items():

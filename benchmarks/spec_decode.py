@@ -20,9 +20,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 TEXT = (
     "The paged KV cache stores the keys and values of every request in fixed-size pages. A block table maps "
@@ -93,18 +94,13 @@ def main() -> int:
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        print("RESULT " + json.dumps(run_side(a.side, a.num_speculative_tokens, a.max_tokens, a.num_random)))
+        side_process.emit(run_side(a.side, a.num_speculative_tokens, a.max_tokens, a.num_random))
         return 0
     sides = {}
     for side in ("plain", "ngram"):
         cmd = [sys.executable, __file__, "--side", side, "--num-speculative-tokens", str(a.num_speculative_tokens),
                "--max-tokens", str(a.max_tokens), "--num-random", str(a.num_random)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        sides[side] = json.loads(line.removeprefix("RESULT "))
+        sides[side] = side_process.run(cmd)
     print(f"| prompt set | plain ms/token | ngram (k={a.num_speculative_tokens}) ms/token | speed-up | acceptance rate | same greedy output |")
     print("|---|---|---|---|---|---|")
     for name in sides["plain"]["sets"]:

@@ -21,9 +21,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 
 def schema(variant: int = 0) -> dict:
@@ -126,18 +127,13 @@ def main() -> int:
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        print("RESULT " + json.dumps(run_side(a.side, a.num_requests, a.max_tokens, a.ttft_runs)))
+        side_process.emit(run_side(a.side, a.num_requests, a.max_tokens, a.ttft_runs))
         return 0
     sides = {}
     for side in ("unconstrained", "constrained"):
         cmd = [sys.executable, __file__, "--side", side, "--num-requests", str(a.num_requests), "--max-tokens", str(a.max_tokens),
                "--ttft-runs", str(a.ttft_runs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        sides[side] = json.loads(line.removeprefix("RESULT "))
+        sides[side] = side_process.run(cmd)
     u, c = sides["unconstrained"], sides["constrained"]
     ratio = c["output_tokens_per_s"] / u["output_tokens_per_s"]
     print(f"| {a.num_requests} requests x {a.max_tokens} tokens | output tokens | seconds | output tok/s |")
