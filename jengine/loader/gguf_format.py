@@ -20,6 +20,7 @@ import numpy as np
 
 from jengine.models import get_gguf_model_class, get_model_class
 from jengine.models.config import ModelConfig
+from jengine.quantization.gguf import block_f16
 
 # GGUF value type id -> struct format (8 = string, 9 = array are handled in `_read_value`)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -140,8 +141,8 @@ class GGUFCheckpoint:
 # same arithmetic a few rows at a time (bounded memory, Python overhead per group); one pass over the
 # tensor loads the default model's weights several times faster. Same float32 operations, same bits.
 def _halves(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The float16 at byte `start` of every block, as float32 [n_blocks, 1]."""
-    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
+    """The float16 at byte `start` of every block, as float32 [n_blocks, 1] (to scale each block's row)."""
+    return block_f16(blocks, start)[:, None]
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ Q = gguf.GGMLQuantizationType
 KEPT_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 
-def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+def block_f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 field at byte `start` of every block (blocks [..., bytes]), as float32 [...]."""
     return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
@@ -50,14 +51,14 @@ def gguf_weight(raw: np.ndarray, qtype: Any, dtype: Any) -> Weight:
     b = raw.reshape(out, -1, size)  # [out, blocks, bytes]
     if qtype == Q.Q8_0:
         q = np.ascontiguousarray(b[..., 2:]).view(np.int8)  # [out, G, 32]
-        return GroupedWeight(q=np.ascontiguousarray(q.transpose(1, 2, 0)), scale=_f16(b, 0).T.astype(dtype))
+        return GroupedWeight(q=np.ascontiguousarray(q.transpose(1, 2, 0)), scale=block_f16(b, 0).T.astype(dtype))
     if qtype in (Q.Q4_0, Q.Q4_1):
-        d = _f16(b, 0)
-        offset = -8.0 * d if qtype == Q.Q4_0 else _f16(b, 2)
+        d = block_f16(b, 0)
+        offset = -8.0 * d if qtype == Q.Q4_0 else block_f16(b, 2)
         packed = b[..., 2:] if qtype == Q.Q4_0 else b[..., 4:]
         return PackedInt4Weight(packed=np.ascontiguousarray(packed.transpose(1, 2, 0)), scale=d.T.astype(dtype), offset=offset.T.astype(dtype))
     if qtype == Q.Q4_K:
-        d, dmin = _f16(b, 0), _f16(b, 2)
+        d, dmin = block_f16(b, 0), block_f16(b, 2)
         sc, mn = k4_scales_mins(b[..., 4:16])
         scale = (d[..., None] * sc.astype(np.float32)).reshape(out, -1)  # [out, blocks * 8]
         offset = -(dmin[..., None] * mn.astype(np.float32)).reshape(out, -1)
