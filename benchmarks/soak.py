@@ -27,9 +27,7 @@ import os
 import platform
 import random
 import re
-import subprocess
 import sys
-import threading
 import time
 from typing import Any, Optional
 
@@ -222,31 +220,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(model: Optional[str], extra: list[str]) -> tuple[subprocess.Popen[str], int, list[str]]:
-    cmd = [sys.executable, "-m", "jengine.cli", "serve", *([model] if model else []), "--host", "127.0.0.1", "--port", "0",
-           "--no-compile-in-background", "--disable-log-requests", "--uvicorn-log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    port: list[int] = []
-    started = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"HTTP server on http://127\.0\.0\.1:(\d+) \(model (.*)\)", line)
-            if m:
-                port.append(int(m.group(1)))
-                started.set()
-        started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not started.wait(600) or not port:
-        proc.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(lines[-30:]))
-    return proc, port[0], lines
-
-
 def served_model(base_url: str) -> str:
     return httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
 
@@ -263,8 +236,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("serve_args", nargs="*", help="extra `jengine serve` flags (after --)")
     args = ap.parse_args(argv)
 
-    proc, port, log = start_server(args.model, args.serve_args)
-    base = f"http://127.0.0.1:{port}"
+    from startup import ServerRun  # benchmarks/startup.py: the same launcher, on the user's caches
+
+    cache_root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    flags = [*([args.model] if args.model else []), "--no-compile-in-background", "--disable-log-requests", *args.serve_args]
+    server = ServerRun(cache_root, flags, timeout=600)
+    proc, base = server.proc, f"http://127.0.0.1:{server.port}"
     try:
         model = served_model(base)
         before = greedy_text(base, model)
@@ -277,8 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rss_after = rss_bytes(proc.pid)
         after = greedy_text(base, model)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
     growth = rss_after / rss_warm - 1.0
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
