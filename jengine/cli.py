@@ -111,6 +111,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=ns.max_cpu_loras,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
+        reasoning_parser=getattr(ns, "reasoning_parser", None),  # a serve flag: constraints then skip the thinking
     )
 
 

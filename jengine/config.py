@@ -108,6 +108,7 @@ class EngineConfig:
     parallel: ParallelConfig = ParallelConfig()
     speculative: Optional[SpeculativeConfig] = None  # None: no speculative decoding
     lora: Optional[LoRAConfig] = None  # None: LoRA adapters off (enable_lora=False)
+    reasoning_parser: Optional[str] = None  # a constraint then covers only the answer after `</think>`
 
 
 def default_compilation_cache_dir() -> str:
@@ -149,6 +150,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    reasoning_parser: Optional[str] = None  # "deepseek_r1" or "qwen3" (jengine.structured_output.reasoning)
 
     def _lora_config(self) -> Optional[LoRAConfig]:
         if not self.enable_lora:
@@ -175,7 +177,12 @@ class EngineArgs:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         check_quantization(self.quantization)
         _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
+        if self.reasoning_parser is not None:
+            from jengine.structured_output.reasoning import get_reasoning_markers
+
+            get_reasoning_markers(self.reasoning_parser)
         return EngineConfig(
+            reasoning_parser=self.reasoning_parser,
             lora=self._lora_config(),
             model=self.model,
             tokenizer=self.tokenizer,

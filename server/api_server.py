@@ -511,6 +511,9 @@ def serve(engine_args: Any, settings: ServerSettings, *, log_requests: bool = Tr
         raise ValueError("ports must be in [0, 65535]")
     load_chat_template(settings.chat_template)  # fail before the slow engine start
     check_parser_settings(settings)
+    if settings.reasoning_parser and engine_args.reasoning_parser != settings.reasoning_parser:
+        raise ValueError(f"the engine's reasoning_parser ({engine_args.reasoning_parser!r}) must be the server's "
+                         f"({settings.reasoning_parser!r}): structured outputs then constrain only the answer")
     config = engine_args.create_engine_config()  # validates every engine flag before loading anything
     from jengine.engine.core import EngineCore
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .tool_parsers.json_scan import held_back
+from jengine.structured_output.reasoning import REASONING_MARKERS, THINK_END, THINK_START
 
-THINK_START, THINK_END = "<think>", "</think>"
+from .tool_parsers.json_scan import held_back
 
 
 class ReasoningParser:
@@ -46,12 +46,12 @@ class ReasoningParser:
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
     name = "deepseek_r1"
-    start_optional = True
+    start_optional = REASONING_MARKERS[name].thinks_from_start  # the engine's constraint starts where content does
 
 
 class Qwen3ReasoningParser(ReasoningParser):
     name = "qwen3"
-    start_optional = False
+    start_optional = REASONING_MARKERS[name].thinks_from_start
 
 
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {p.name: p for p in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)}

@@ -170,6 +170,10 @@ def test_tool_and_reasoning_parser_flags(tiny, capsys):
 
     ns = parse_args(["serve", tiny, "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"])
     assert (ns.enable_auto_tool_choice, ns.tool_call_parser, ns.reasoning_parser) == (True, "hermes", "qwen3")
+    from jengine.cli import engine_args_from
+
+    assert engine_args_from(ns).reasoning_parser == "qwen3"  # the engine's constraints then start after the thinking
+    assert engine_args_from(parse_args(["generate", tiny])).reasoning_parser is None
     with pytest.raises(SystemExit):
         parse_args(["serve", tiny, "--tool-call-parser", "nope"])
     with pytest.raises(ValueError, match="--tool-call-parser"):  # checked before the engine starts

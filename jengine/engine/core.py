@@ -29,6 +29,7 @@ from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.spec_decode.speculator import Speculator
 from jengine.structured_output.manager import StructuredOutputManager
+from jengine.structured_output.reasoning import get_reasoning_markers
 from jengine.tokenizer import load_tokenizer
 from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
 from jengine.worker.step_inputs import logit_rows
@@ -83,7 +84,8 @@ class EngineCore:
         self._rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
         self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
-        self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        reasoning = get_reasoning_markers(config.reasoning_parser) if config.reasoning_parser else None
+        self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids, reasoning)
         self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
         # Multi-host steps run under a watchdog: there every piece compiles before serving.

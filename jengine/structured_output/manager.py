@@ -11,6 +11,9 @@ device runs the previous step) without touching the step loop:
 Masks are int32 words, bit `t % 32` of word `t // 32` set when token `t` is allowed (llguidance's
 layout, which `jengine.sampler` unpacks on the device). When a grammar is complete only EOS is
 allowed, so the sequence ends with finish reason `stop`.
+
+With reasoning markers (`jengine.structured_output.reasoning`) a sequence is unmasked while it
+thinks, and its matcher sees only the tokens after the one that completes the end marker.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 
 from jengine.structured_output.backend import GrammarCompiler
 from jengine.structured_output.params import StructuredOutputsParams
+from jengine.structured_output.reasoning import ReasoningMarkers
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +34,43 @@ def bitmask_words(vocab_size: int) -> int:
     return (int(vocab_size) + 31) // 32
 
 
+# Where a constrained sequence is (the three thinking phases exist only with reasoning markers).
+ANSWER = "answer"  # the matcher decides every token
+THINKING = "thinking"  # unmasked until the end marker's text appears
+OPENING = "opening"  # the first token: the grammar's tokens or the first token of the start marker
+FORCING = "forcing"  # the rest of a multi-token start marker
+
+
+class _Sequence:
+    """One constrained sequence: its matcher and, for reasoning models, where its answer starts."""
+
+    __slots__ = ("matcher", "phase", "forced", "tail")
+
+    def __init__(self, matcher: Any, phase: str) -> None:
+        self.matcher = matcher
+        self.phase = phase
+        self.forced: list[int] = []  # FORCING: the start marker's tokens still to come
+        self.tail = ""  # THINKING: the last characters written, to find the end marker
+
+
 class StructuredOutputManager:
     """Per-sequence matchers over one `GrammarCompiler` (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
+                 reasoning: Optional[ReasoningMarkers] = None) -> None:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+        self._tokenizer = tokenizer
+        self.reasoning = reasoning
+        self._start_ids: list[int] = []
+        if reasoning is not None and not reasoning.thinks_from_start:
+            self._start_ids = [int(t) for t in tokenizer.encode(reasoning.start, add_special_tokens=False)]
         self.vocab_size = int(vocab_size)
         self.num_words = bitmask_words(vocab_size)
         self._eos_only = np.zeros(self.num_words, np.int32)
         for t in self.compiler.eos_token_ids:
             if 0 <= t < self.vocab_size:
                 self._eos_only.view(np.uint32)[t // 32] |= np.uint32(1 << (t % 32))
-        self._matchers: dict[str, Any] = {}
+        self._matchers: dict[str, _Sequence] = {}
         self._executor: Any = None
 
     def validate(self, params: StructuredOutputsParams) -> None:
@@ -49,7 +78,9 @@ class StructuredOutputManager:
         self.compiler.compile(params)
 
     def add(self, request_id: str, params: StructuredOutputsParams) -> None:
-        self._matchers[request_id] = self.compiler.compile(params)
+        r = self.reasoning
+        phase = ANSWER if r is None else THINKING if r.thinks_from_start else OPENING if self._start_ids else ANSWER
+        self._matchers[request_id] = _Sequence(self.compiler.compile(params), phase)
 
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
@@ -70,38 +101,79 @@ class StructuredOutputManager:
             raise ValueError(f"bitmask buffer must be C-contiguous int32 [{len(request_ids)}, {self.num_words}]")
         if not request_ids:
             return
+        seqs = [self._matchers[r] for r in request_ids]
+        graded = [i for i, q in enumerate(seqs) if q.phase in (ANSWER, OPENING)]
+        if graded:
+            self._fill_from_matchers([seqs[i].matcher for i in graded], graded, out)
+        for i, q in enumerate(seqs):
+            if q.phase == ANSWER and q.matcher.is_error():
+                logger.warning("structured output of %s stopped: %s", request_ids[i], q.matcher.get_error())
+                out[i] = self._eos_only
+            elif q.phase == OPENING:
+                _allow(out[i], self._start_ids[0])
+            elif q.phase == THINKING:
+                out[i] = -1
+            elif q.phase == FORCING:
+                out[i] = 0
+                _allow(out[i], q.forced[0])
+        # Bits past the model's vocabulary (the last word's tail) are never sampled; clear them anyway.
+        tail = self.vocab_size % 32
+        if tail:
+            out[:, -1] &= np.int32((1 << tail) - 1)
+
+    def _fill_from_matchers(self, matchers: Sequence[Any], rows: Sequence[int], out: np.ndarray) -> None:
         from llguidance import LLExecutor
         from llguidance.numpy import fill_next_token_bitmask_par
 
         if self._executor is None:
             self._executor = LLExecutor()
         ll_words = bitmask_words(self.compiler.ll_tokenizer.vocab_size)
-        target = out if ll_words == self.num_words else np.zeros((len(request_ids), ll_words), np.int32)
-        fill_next_token_bitmask_par(self._executor, [(self._matchers[r], i) for i, r in enumerate(request_ids)], target)
+        whole = ll_words == self.num_words and len(rows) == out.shape[0]
+        target = out if whole else np.zeros((len(rows), ll_words), np.int32)
+        fill_next_token_bitmask_par(self._executor, [(m, j) for j, m in enumerate(matchers)], target)
         if target is not out:
-            out[:] = target[:, : self.num_words]
-        for i, r in enumerate(request_ids):
-            m = self._matchers[r]
-            if m.is_error():
-                logger.warning("structured output of %s stopped: %s", r, m.get_error())
-                out[i] = self._eos_only
-        # Bits past the model's vocabulary (the last word's tail) are never sampled; clear them anyway.
-        tail = self.vocab_size % 32
-        if tail:
-            out[:, -1] &= np.int32((1 << tail) - 1)
+            out[list(rows)] = target[:, : self.num_words]
 
     def accept(self, request_id: str, token_ids: Sequence[int]) -> bool:
-        """Advances the sequence's matcher; False when a token was not allowed (the matcher then stays in
-        its error state and only allows EOS)."""
-        m = self._matchers.get(request_id)
-        if m is None:
+        """Advances the sequence by its new tokens; False when the matcher refused one (it then stays
+        in its error state and only allows EOS)."""
+        q = self._matchers.get(request_id)
+        if q is None:
             return True
-        ok = m.consume_tokens([int(t) for t in token_ids])
+        tokens = [int(t) for t in token_ids]
+        while tokens and q.phase != ANSWER:
+            self._advance_thinking(q, tokens.pop(0))
+        if not tokens:
+            return True
+        ok = q.matcher.consume_tokens(tokens)
         if not ok:
-            logger.warning("structured output of %s rejected tokens %s: %s", request_id, list(token_ids), m.get_error())
+            logger.warning("structured output of %s rejected tokens %s: %s", request_id, tokens, q.matcher.get_error())
         return ok
+
+    def _advance_thinking(self, q: _Sequence, token: int) -> None:
+        """One token before the answer: opens, continues or ends the thinking."""
+        assert self.reasoning is not None  # only reasoning markers leave a sequence outside ANSWER
+        if q.phase == OPENING:
+            if token != self._start_ids[0]:
+                q.phase = ANSWER
+                q.matcher.consume_tokens([token])
+                return
+            q.forced = self._start_ids[1:]
+            q.phase = FORCING if q.forced else THINKING
+        elif q.phase == FORCING:
+            q.forced = q.forced[1:] if q.forced and q.forced[0] == token else []
+            q.phase = FORCING if q.forced else THINKING
+        else:
+            end = self.reasoning.end
+            q.tail = (q.tail + self._tokenizer.decode([token], skip_special_tokens=False))[-(len(end) + 32):]
+            if end in q.tail:
+                q.phase = ANSWER
 
     def is_terminated(self, request_id: str) -> Optional[bool]:
         """True once the sequence's grammar can take nothing but EOS (None: not constrained)."""
-        m = self._matchers.get(request_id)
-        return None if m is None else bool(m.is_stopped())
+        q = self._matchers.get(request_id)
+        return None if q is None else q.phase == ANSWER and bool(q.matcher.is_stopped())
+
+
+def _allow(row: np.ndarray, token: int) -> None:
+    row.view(np.uint32)[token // 32] |= np.uint32(1 << (token % 32))
