@@ -95,3 +95,67 @@ def test_phi3_config_spellings_and_errors(tmp_path):
         ModelConfig.from_hf_config({**base, "rope_scaling": {**LONGROPE, "short_factor": [1.0, 2.0]}})
     with pytest.raises(NotImplementedError, match="hidden_act='gelu'"):
         ModelConfig.from_hf_config({**base, "hidden_act": "gelu"})
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_phi3_gguf_matches_transformers_gguf_loading(tmp_path, quant):
+    """A tiny `phi3` GGUF written as llama.cpp's converter does (fused `attn_qkv`, gate and up fused in
+    `ffn_up`, no key length): our split by rows against transformers' own GGUF loader, greedy tokens
+    and logits. Full rotary here: transformers' GGUF mapping drops `rope.dimension_count`."""
+    import os
+
+    from test_gguf import hf_from_gguf
+    from tiny_models import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path, "phi3", quant=quant, partial_rotary_factor=1.0)
+    loaded = load_model(path, dtype="float32")
+    assert loaded.config.architecture == "Phi3ForCausalLM" and loaded.config.rotary_dim == loaded.config.head_dim == 16
+    hf = hf_from_gguf(path)
+    runner = PagedRunner(loaded.model)
+    (ours,) = runner.step([(0, PROMPT)])
+    np.testing.assert_allclose(ours, hf_logits(hf, PROMPT), atol=1e-4, rtol=1e-4)
+    tokens = [int(ours[-1].argmax())]
+    for _ in range(3):
+        (ours,) = runner.step([(0, [tokens[-1]])])
+        tokens.append(int(ours[-1].argmax()))
+    assert tokens == hf_greedy(hf, PROMPT, 4)
+    if quant == "F32":  # lossless: the same model as the checkpoint the file was written from
+        (st,) = PagedRunner(load_model(os.path.join(tmp_path, "tiny-phi3-0"), dtype="float32").model).step([(0, PROMPT)])
+        (again,) = PagedRunner(loaded.model).step([(0, PROMPT)])
+        np.testing.assert_allclose(again, st, atol=1e-5, rtol=1e-5)
+
+
+def test_phi3_gguf_partial_rotary_and_longrope_metadata(tmp_path):
+    """`rope.dimension_count` (the rotary part), the `rope_factors_*` tensors and the original context
+    length give the same config, and the same logits past the original context, as the HF checkpoint."""
+    from tiny_models import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path, "phi3", rope_parameters=LONGROPE, max_position_embeddings=64, original_max_position_embeddings=ORIG)
+    ours = load_model(path, dtype="float32")
+    ref = load_model(str(tmp_path / "tiny-phi3-0"), dtype="float32")
+    keep = ("rotary_dim", "head_dim", "rope_theta", "max_position_embeddings", "num_kv_heads", "intermediate_size")
+    assert {k: getattr(ours.config, k) for k in keep} == {k: getattr(ref.config, k) for k in keep}
+    lr, ref_lr = ours.config.longrope, ref.config.longrope
+    assert ours.config.rotary_dim == 12 and lr.original_max_position_embeddings == ORIG
+    assert lr.attention_factor == pytest.approx(ref_lr.attention_factor)
+    for k in ("short_factor", "long_factor"):  # GGUF stores them as float32
+        np.testing.assert_allclose(getattr(lr, k), getattr(ref_lr, k), rtol=1e-6)
+    prompt = PROMPT + [3, 4, 5]  # past the original context: the long factors
+    (a,) = PagedRunner(ours.model).step([(0, prompt)])
+    (b,) = PagedRunner(ref.model).step([(0, prompt)])
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_phi3_gguf_kept_quantized_slices_fused_blocks(tmp_path):
+    """`quantization="gguf"` keeps Q8_0 blocks: the fused tensors' row slices are whole blocks."""
+    from tiny_models import make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path, "phi3", quant="Q8_0")
+    from jengine.quantization.weights import GroupedWeight
+
+    kept = load_model(path, dtype="float32", quantization="gguf")
+    layers = kept.model.layers.arrays()
+    assert all(isinstance(layers[k], GroupedWeight) for k in ("wq", "wk", "wv", "w_gate", "w_up"))
+    (a,) = PagedRunner(kept.model).step([(0, PROMPT)])
+    (b,) = PagedRunner(load_model(path, dtype="float32").model).step([(0, PROMPT)])
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

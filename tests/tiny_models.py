@@ -166,8 +166,8 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
     import numpy as np
     from safetensors.numpy import load_file
 
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError("make_tiny_gguf supports llama, qwen2 and qwen3")
+    if arch not in ("llama", "qwen2", "qwen3", "phi3"):
+        raise ValueError("make_tiny_gguf supports llama, qwen2, qwen3 and phi3")
     src = make_tiny_checkpoint(tmp_path, arch, seed=seed, **overrides)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
@@ -188,10 +188,18 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float((cfg.get("rope_parameters") or cfg)["rope_theta"]))
+    rope = cfg.get("rope_parameters") or cfg
+    if arch == "phi3":  # llama.cpp writes the rotary part of a head, and no key length
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))))
+        if rope.get("rope_type") == "longrope":
+            w.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"]))
+            for k in ("long", "short"):
+                w.add_tensor(f"rope_factors_{k}.weight", np.asarray(rope[f"{k}_factor"], np.float32))
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
@@ -201,6 +209,7 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+    w.add_pad_token_id(1)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
@@ -213,6 +222,7 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
         "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
         "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
         "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+        "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",  # Phi-3's fused ones
     }
     for name, arr in weights.items():
         arr = arr.astype(np.float32)

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from jengine.models import get_gguf_model_class, get_model_class
+from jengine.models.base import Source
 from jengine.models.config import ModelConfig
 from jengine.quantization.gguf import block_f16
 
@@ -110,10 +111,14 @@ class GGUFCheckpoint:
 
     def config(self) -> ModelConfig:
         freq = self.get("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
+        # Phi-3's LongRoPE factors are tensors too; only families that read them are given them.
+        longrope = {k: tuple(self.get(f"rope_factors_{k}.weight").tolist()) for k in ("short", "long")
+                    if f"rope_factors_{k}.weight" in self.tensors}
         return get_gguf_model_class(self.metadata.get("general.architecture")).config_from_gguf(
             self.metadata,
             tie_word_embeddings="output.weight" not in self.tensors,
             freq_factors=None if freq is None else tuple(freq.tolist()),
+            **({"rope_factors": longrope} if longrope else {}),
         )
 
     def get(self, name: str) -> np.ndarray:
@@ -130,9 +135,9 @@ class GGUFCheckpoint:
         names = family.gguf_names(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
-            template, transpose = names[name]
-            w = family.from_gguf_tensor(name, self.get(template.format(i=layer)), cfg, self.metadata)
-            return w.T if transpose else w
+            src = Source(*names[name])
+            w = family.from_gguf_tensor(name, src._replace(transpose=False).read(self.get, layer), cfg, self.metadata)
+            return w.T if src.transpose else w
 
         return fetch
 

@@ -40,6 +40,7 @@ _GGUF_REGISTRY: dict[str, type[CausalLM]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_GGUF_REGISTRY)

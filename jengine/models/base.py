@@ -6,7 +6,7 @@ model the runner calls:
 
     config_from_hf(config_json) -> ModelConfig            config_from_gguf(metadata, ...) -> ModelConfig
     param_shapes(cfg) -> {name: shape}                     partition_kinds(cfg) -> {name: COLUMN | ROW | ...}
-    hf_names(cfg) -> {name: Source | (template, transpose)} gguf_names(cfg) -> {name: (template, transpose)}
+    hf_names(cfg) -> {name: Source | (template, transpose)} gguf_names(cfg) -> {name: Source | (template, transpose)}
     from_gguf_tensor(name, array, cfg, metadata) -> array  (llama.cpp layout fixes; default: none)
     model(kv_cache, token_ids[T], positions[T], md) -> (kv_cache, hidden[T, H])
     model.compute_logits(hidden[S, H]) -> logits[S, V] (float32)
@@ -71,7 +71,7 @@ class Source(NamedTuple):
 
 
 NameMap = dict[str, "Source | tuple[str, bool]"]
-GGUFNameMap = dict[str, tuple[str, bool]]  # GGUF tensors are read whole: (template, transpose)
+GGUFNameMap = dict[str, "Source | tuple[str, bool]"]  # `rows` of fused tensors as in HF maps; no `experts`
 
 
 class StackedLayers(nnx.Module):

@@ -38,7 +38,7 @@ import numpy as np
 
 from jengine.attention import AttentionMetadata
 from jengine.models.base import GGUFNameMap, NameMap, Source
-from jengine.models.config import base_fields, unsupported_field
+from jengine.models.config import base_fields, gguf_base_fields, unsupported_field
 from jengine.models.llama import LlamaConfig, LlamaForCausalLM, _GLOBAL_NAMES, _LAYER_NAMES
 from jengine.models.rope import cos_sin
 
@@ -139,8 +139,45 @@ class Phi3ForCausalLM(LlamaForCausalLM[Phi3Config]):
         return names
 
     @classmethod
+    def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None,
+                         rope_factors: Mapping[str, tuple[float, ...]] | None = None) -> Phi3Config:
+        """llama.cpp's `phi3` metadata: `rope.dimension_count` is the rotary part of a head (not the head
+        size), LongRoPE's factors are the `rope_factors_{short,long}` tensors."""
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"phi3.{key}", default)
+
+        if freq_factors is not None:
+            raise NotImplementedError("phi3 GGUF: a rope_freqs tensor is not supported (LongRoPE factors are rope_factors_*)")
+        base = gguf_base_fields(meta, ARCH_PHI3, tie_word_embeddings=tie_word_embeddings)
+        base["head_dim"] = int(get("attention.key_length") or base["hidden_size"] // base["num_heads"])
+        rotary_dim = int(get("rope.dimension_count") or base["head_dim"])
+        if rotary_dim % 2 or not 0 < rotary_dim <= base["head_dim"]:
+            raise unsupported_field(ARCH_PHI3, "phi3.rope.dimension_count", rotary_dim)
+        longrope = None
+        if rope_factors:
+            spec = {f"{k}_factor": list(rope_factors.get(k, ())) for k in ("short", "long")}
+            spec["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+            spec["attention_factor"] = get("rope.scaling.attn_factor")
+            longrope = _longrope(spec, {"max_position_embeddings": base["max_position_embeddings"]}, rotary_dim)
+        window = get("attention.sliding_window")
+        return Phi3Config(**base, rope_scaling=None, sliding_window=int(window) if window else None,
+                          rotary_dim=rotary_dim, longrope=longrope)
+
+    @classmethod
     def gguf_names(cls, cfg: Phi3Config) -> GGUFNameMap:
-        raise NotImplementedError("Phi3ForCausalLM cannot be read from GGUF files yet")
+        """llama.cpp keeps the fused tensors (`attn_qkv`, and `ffn_up` holding gate then up): split by rows."""
+        names: GGUFNameMap = {k: (g, False) for k, (_, g) in _GLOBAL_NAMES.items()}
+        names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (_, g, t) in _LAYER_NAMES.items()})
+        q, kv, F = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        qkv, gate_up = "blk.{i}.attn_qkv.weight", "blk.{i}.ffn_up.weight"
+        names.update({
+            "layers.wq": Source(qkv, True, rows=(0, q)),
+            "layers.wk": Source(qkv, True, rows=(q, q + kv)),
+            "layers.wv": Source(qkv, True, rows=(q + kv, q + 2 * kv)),
+            "layers.w_gate": Source(gate_up, True, rows=(0, F)),
+            "layers.w_up": Source(gate_up, True, rows=(F, 2 * F)),
+        })
+        return names
 
     def rope(self, positions: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
         cfg = self.config

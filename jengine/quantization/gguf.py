@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 
 from jengine.models import get_model_class
+from jengine.models.base import Source
 from jengine.models.config import ModelConfig
 from jengine.models.layers import Weight
 from jengine.quantization.weights import GroupedWeight, PackedInt4Weight
@@ -80,24 +81,27 @@ class GGUFSource:
     def __init__(self, ckpt: Any, config: ModelConfig, names: tuple[str, ...], dtype: Any):
         self._ckpt, self._config, self._dtype = ckpt, config, dtype
         self._family = get_model_class(config.architecture)
-        self._templates = self._family.gguf_names(config)
+        self._sources = {k: Source(*v) for k, v in self._family.gguf_names(config).items()}
         self._names = frozenset(n for n in names if self._kept(n))
 
     def _kept(self, name: str) -> bool:
-        template, transpose = self._templates[name]
-        types = {self._ckpt.tensors[template.format(i=i)].tensor_type for i in range(self._config.num_layers)}
-        return transpose and len(types) == 1 and types.pop() in KEPT_TYPES
+        src = self._sources[name]
+        types = {self._ckpt.tensors[src.template.format(i=i)].tensor_type for i in range(self._config.num_layers)}
+        return src.transpose and len(types) == 1 and types.pop() in KEPT_TYPES
 
     def handles(self, name: str) -> bool:
         return name in self._names
 
     def fetch(self, name: str, layer: int) -> Weight:
-        t = self._ckpt.tensors[self._templates[name][0].format(i=layer)]
-        # Layout fixes permute whole rows (output features), so they apply to rows of raw blocks alike.
-        raw = self._family.from_gguf_tensor(name, t.data, self._config, self._ckpt.metadata)
+        src = self._sources[name]
+        t = self._ckpt.tensors[src.template.format(i=layer)]
+        # Blocks run along the input features, so a fused tensor's rows (output features) slice whole
+        # blocks, and layout fixes permute whole rows of raw blocks alike.
+        raw = t.data if src.rows is None else t.data[src.rows[0] : src.rows[1]]
+        raw = self._family.from_gguf_tensor(name, raw, self._config, self._ckpt.metadata)
         return gguf_weight(np.asarray(raw), t.tensor_type, self._dtype)
 
 
 def kept_summary(source: GGUFSource) -> Mapping[str, str]:
     """Parameter -> kept GGUF type name (for logs and benchmarks)."""
-    return {n: source._ckpt.tensors[source._templates[n][0].format(i=0)].tensor_type.name for n in sorted(source._names)}
+    return {n: source._ckpt.tensors[source._sources[n].template.format(i=0)].tensor_type.name for n in sorted(source._names)}
