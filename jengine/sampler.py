@@ -151,16 +151,29 @@ class PenaltyHistory:
         self._counts[self._size] = count
         self._size += 1
 
-    def arrays(self, output_token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct ids, output counts) after syncing with `output_token_ids` (which only grows)."""
-        for t in output_token_ids[self._outputs_seen:]:
+    def arrays(self, output_token_ids: Sequence[int], num_committed: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct ids, output counts) after syncing with `output_token_ids[:num_committed]` (which only
+        grows). Tokens past `num_committed` (a verification row's draft tokens, which may yet be
+        rejected) are counted in copies, never in the history itself."""
+        committed = len(output_token_ids) if num_committed is None else num_committed
+        for t in output_token_ids[self._outputs_seen:committed]:
             i = self._index.get(int(t))
             if i is None:
                 self._add(int(t), 1.0)
             else:
                 self._counts[i] += 1.0
-        self._outputs_seen = len(output_token_ids)
-        return self._ids[: self._size], self._counts[: self._size]
+        self._outputs_seen = committed
+        ids, counts = self._ids[: self._size], self._counts[: self._size]
+        pending = output_token_ids[committed:]
+        if not len(pending):
+            return ids, counts
+        extra = [int(t) for t in dict.fromkeys(int(t) for t in pending) if int(t) not in self._index]
+        ids = np.concatenate([ids, np.asarray(extra, np.int32)])
+        counts = np.concatenate([counts, np.zeros(len(extra), np.float32)])
+        where = {t: j for j, t in enumerate(ids.tolist())}
+        for t in pending:
+            counts[where[int(t)]] += 1.0
+        return ids, counts
 
 
 def has_repetition_penalty(params: SamplingParams) -> bool:
@@ -185,6 +198,9 @@ class RowState:
     # The request's incremental penalty state (the engine keeps one per request that has penalties);
     # None: the builder de-duplicates the last `history_len` output / prompt tokens itself.
     penalty_history: Optional[PenaltyHistory] = None
+    # Outputs the penalty history may keep: a speculative verification row's output ends with draft
+    # tokens (see jengine.spec_decode), counted for this row only. None: all of `output_token_ids`.
+    num_committed_outputs: Optional[int] = None
     # Packed allowed-token bits (int32 [ceil(V / 32)]) of a row with structured outputs; None: all allowed.
     token_bitmask: Optional[np.ndarray] = None
 
@@ -285,7 +301,7 @@ def build_sampling_tensors(
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
             if row.penalty_history is not None:
-                ids, counts = row.penalty_history.arrays(outs)
+                ids, counts = row.penalty_history.arrays(outs, row.num_committed_outputs)
                 if ids.size > pen_ids.shape[1]:  # rare: keep the output's ids, then prompt-only ones
                     order = np.argsort(counts == 0, kind="stable")
                     ids, counts = ids[order], counts[order]

@@ -268,3 +268,64 @@ def test_each_draft_position_samples_as_that_output_index():
     assert np.asarray(t.step)[:5].tolist() == [4, 5, 6, 7, 4]
     banned = np.asarray(t.banned_token_ids)
     assert [1 in banned[i] for i in range(5)] == [True, True, False, False, True]  # min_tokens = 6
+
+
+def test_penalties_and_logprobs_are_speculated_with_identical_results(tiny_llama, xla_cache_dir):
+    """Requests with presence / frequency / repetition penalties and with logprobs now verify drafts: their
+    tokens (greedy and seeded), logprobs and top logprobs equal the run without speculation, including a
+    stop string that cuts an accepted run (its logprobs end with the kept tokens)."""
+    from jengine import LLM, SamplingParams
+
+    import random
+
+    loop = [11, 12, 13, 14, 15, 16, 17, 18]
+    # 220 distinct ids: most tokens the random model writes occur in the prompt, so the n-gram proposer
+    # drafts for every request (and the drafts of penalised rows get rejected, the case to get right).
+    perm = list(range(2, 320))
+    random.Random(0).shuffle(perm)
+    perm = perm[:220]
+    prompts = [perm, perm[::-1], loop * 5, perm[5:] + perm[:5]]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3, logprobs=2),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=20, ignore_eos=True, presence_penalty=0.4, frequency_penalty=0.3, n=2),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.7, seed=9, max_tokens=20, ignore_eos=True, logprobs=1, frequency_penalty=0.5)]
+    results = {}
+    for spec in (None, SPEC):
+        llm = LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, speculative_config=spec,
+                  **{**ENGINE_LIMITS, "max_model_len": 256, "max_num_batched_tokens": 64})
+        drafted: set[str] = set()
+        if spec is not None:
+            record = llm.engine.speculator._record
+            llm.engine.speculator._record = lambda req, n, k: (drafted.add(req.request_id), record(req, n, k))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[spec is not None] = outs
+        assert llm.engine.compilations_after_warmup == 0
+        if spec is not None:
+            stats = llm.engine.speculator.stats
+            assert stats.num_accepted_tokens > 0, stats
+            assert {r.split("_")[0] for r in drafted} == {"0", "1", "2", "3"}  # every request verified drafts
+            assert llm.engine.kv_cache_manager.num_free_pages == llm.engine.kv_cache_manager.num_usable_pages
+    for plain, spec_out in zip(results[False], results[True]):
+        for a, b in zip(plain.outputs, spec_out.outputs):
+            assert list(a.token_ids) == list(b.token_ids)
+            if a.logprobs is None:
+                assert b.logprobs is None
+                continue
+            assert len(b.logprobs) == len(b.token_ids)
+            for la, lb in zip(a.logprobs, b.logprobs):
+                assert la.keys() == lb.keys()
+                for t in la:
+                    assert lb[t].logprob == pytest.approx(la[t].logprob, abs=1e-4) and lb[t].rank == la[t].rank
+            assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-3)
+
+
+def test_penalty_history_counts_drafts_in_copies_only():
+    from jengine.sampler import PenaltyHistory
+
+    h = PenaltyHistory([5, 6], include_prompt=True)
+    ids, counts = h.arrays([7, 7], num_committed=1)  # one committed output, one draft
+    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 2.0}
+    ids, counts = h.arrays([7, 8, 8], num_committed=1)  # the draft was rejected: 7 counted once
+    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 1.0, 8: 2.0}
+    ids, counts = h.arrays([7, 9])
+    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 1.0, 9: 1.0}

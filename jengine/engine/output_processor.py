@@ -117,12 +117,7 @@ class OutputProcessor:
             if seq.num_accepted == 0:
                 continue
             tokens = req.output_token_ids[-seq.num_accepted:]
-            token = tokens[-1]
             params = req.sampling_params
-            if child.logprobs is not None:  # rows with logprobs never verify drafts: one token
-                lp = float(step_out.logprobs[row])
-                child.logprobs.append(self._logprob_entry(token, lp, step_out.ranks[row], step_out.topk_ids[row], step_out.topk_logprobs[row], params.logprobs))
-                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp  # 0.0, not None, with logprobs
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
@@ -143,6 +138,13 @@ class OutputProcessor:
                     stopped.append((req.request_id, found))
             elif done is not None:
                 child.finish_reason, child.stop_reason = done.finish_reason, done.stop_reason
+            if child.logprobs is not None:  # token j of an accepted run was sampled at the row's j-th logits row
+                first_row = row - len(seq.spec_token_ids)
+                for j, t in enumerate(tokens[: len(tokens) - (len(req.output_token_ids) - kept)]):
+                    r = first_row + j
+                    lp = float(step_out.logprobs[r])
+                    child.logprobs.append(self._logprob_entry(t, lp, step_out.ranks[r], step_out.topk_ids[r], step_out.topk_logprobs[r], params.logprobs))
+                    child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp  # 0.0, not None, with logprobs
             child.token_ids = req.output_token_ids[:kept] if kept < len(req.output_token_ids) else req.output_token_ids
             touched[pid] = None
         # Requests the scheduler ended without a sampled token this step (errors, aborts).

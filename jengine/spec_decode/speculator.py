@@ -17,8 +17,10 @@ top-k, top-p, min-p and logit_bias; greedy rows reproduce decoding one token at 
 seeded request draws the same uniform for each output index with or without speculation, so its tokens
 are identical too. Draft models (a non-degenerate q) need `rejection.rejection_sample` instead.
 
-Requests whose sampling state depends on the tokens in a way the per-position rows do not carry yet
-(penalties, logprobs, structured outputs) run without drafts in the same batch. A request whose drafts
+Penalties count the drafts before a position in that position's row only (the request's penalty
+history keeps committed tokens), and the logprobs of an accepted run are those of each position's
+row, so requests with penalties or logprobs speculate too. Structured outputs would need a mask per
+draft position; those requests run without drafts in the same batch (see `can_speculate`). A request whose drafts
 were all rejected stops proposing for a while, doubling the pause on each miss (up to `MAX_BACKOFF`
 steps), so text that does not repeat itself costs little.
 """
@@ -52,11 +54,7 @@ class SpecDecodeStats:
 
 def can_speculate(params: SamplingParams) -> bool:
     """Whether the per-position sampling rows reproduce this request's one-token-at-a-time sampling."""
-    return (
-        params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-        and params.logprobs is None
-        and getattr(params, "structured_outputs", None) is None
-    )
+    return getattr(params, "structured_outputs", None) is None
 
 
 class Speculator:
@@ -86,7 +84,8 @@ class Speculator:
             drafts = seq.spec_token_ids
             if drafts:
                 output = list(row.output_token_ids)
-                out.extend(dataclasses.replace(row, output_token_ids=output + drafts[:i]) for i in range(1, len(drafts) + 1))
+                out.extend(dataclasses.replace(row, output_token_ids=output + drafts[:i], num_committed_outputs=len(output))
+                           for i in range(1, len(drafts) + 1))
         return out
 
     def accept(self, scheduled: Sequence[Any], token_ids: Sequence[int] | np.ndarray) -> list[Optional[list[int]]]:
