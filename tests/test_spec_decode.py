@@ -296,7 +296,7 @@ def test_penalties_and_logprobs_are_speculated_with_identical_results(tiny_llama
         drafted: set[str] = set()
         if spec is not None:
             record = llm.engine.speculator._record
-            llm.engine.speculator._record = lambda req, n, k: (drafted.add(req.request_id), record(req, n, k))
+            llm.engine.speculator._record = lambda req, n, k, record=record, drafted=drafted: (drafted.add(req.request_id), record(req, n, k))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         results[spec is not None] = outs
         assert llm.engine.compilations_after_warmup == 0
