@@ -158,6 +158,22 @@ def _child_llm(model: str, tp: int, backend: str = "reference") -> dict[str, Any
             "compiles_after_warmup": llm.engine.compilations_after_warmup}
 
 
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SPEC_LIMITS = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64, num_gpu_blocks_override=24)
+
+
+def _child_llm_spec(model: str, tp: int, prompts: str) -> dict[str, Any]:
+    """`LLM` with n-gram speculative decoding under tensor parallelism."""
+    from jengine import LLM, SamplingParams
+
+    llm = LLM(model=model, tensor_parallel_size=tp, speculative_config=SPEC, compilation_cache_dir="", **SPEC_LIMITS)
+    outs = llm.generate([{"prompt_token_ids": p} for p in json.loads(prompts)],
+                        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.speculator.stats
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "draft_tokens": stats.num_draft_tokens,
+            "compiles_after_warmup": llm.engine.compilations_after_warmup}
+
+
 def _child_llm_moe(model: str, tp: int, expert_parallel: str) -> dict[str, Any]:
     """`LLM` on a MoE model; also the bytes of expert weights each device holds."""
     import jax
@@ -188,6 +204,8 @@ def _child_main(argv: list[str]) -> None:
         result = _child_runner(args[0], int(args[1]))
     elif case == "llm":
         result = _child_llm(args[0], int(args[1]), *args[2:])
+    elif case == "llm_spec":
+        result = _child_llm_spec(args[0], int(args[1]), args[2])
     elif case == "llm_moe":
         result = _child_llm_moe(args[0], int(args[1]), args[2])
     elif case == "distributed":
@@ -342,6 +360,26 @@ def test_llm_tensor_parallel_size(tiny_llama: str, tp1_tokens: list[list[int]], 
     assert res["tokens"] == tp1_tokens
     assert any(v == COL for k, v in res["specs"].items() if k.startswith("layers.wq"))
     assert res["compiles_after_warmup"] == 0
+
+
+def test_speculative_decoding_under_tensor_parallelism(tiny_llama: str) -> None:
+    """n-gram drafts verified by a model sharded over 2 devices: the greedy tokens of one device without
+    speculation. Prompts of many distinct ids, so the tokens the random model writes occur in them and
+    the proposer drafts."""
+    import random
+
+    from jengine import LLM, SamplingParams
+
+    ids = list(range(2, 320))
+    random.Random(0).shuffle(ids)
+    prompts = [ids[:50], ids[100:140]]
+    child = _spawn("llm_spec", 8, tiny_llama, 2, json.dumps(prompts))
+    plain = LLM(model=tiny_llama, compilation_cache_dir="", **SPEC_LIMITS)
+    want = [list(o.outputs[0].token_ids) for o in plain.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]
+    res = _result(child)
+    assert res["tokens"] == want
+    assert res["draft_tokens"] > 0 and res["compiles_after_warmup"] == 0
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
