@@ -38,6 +38,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     min_token_bucket: int = 8
     min_seq_bucket: int = 8
+    # vLLM's name: one page pool and block table for every layer, even sliding-window ones (no pages freed
+    # behind the window); for comparisons and as a fallback.
+    disable_hybrid_kv_cache_manager: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +135,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
+    disable_hybrid_kv_cache_manager: bool = False
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     load_format: str = "auto"
@@ -200,6 +204,7 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 policy=self.scheduling_policy,
+                disable_hybrid_kv_cache_manager=bool(self.disable_hybrid_kv_cache_manager),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
