@@ -115,3 +115,43 @@ def test_prefix_hit_past_the_window_matches_no_prefix_cache(tiny_gemma3, hf_gemm
     plain = LLM(tiny_gemma3, compilation_cache_dir=xla_cache_dir, enable_prefix_caching=False, **LIMITS)
     [ref] = plain.generate([{"prompt_token_ids": second}], params, use_tqdm=False)
     assert hit.outputs[0].token_ids == ref.outputs[0].token_ids == hf_greedy(hf_gemma3, second, 8)
+
+
+# ---------------------------------------------------------------- kernels: null pages behind the window
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "gpu", "tpu"])
+def test_kernels_ignore_null_pages_behind_the_window(backend):
+    """A sliding-window group's block tables hold page 0 for pages wholly behind a row's window, and page
+    0 holds whatever padding tokens wrote there (here: large random values). Every backend must give the
+    dense oracle's output: it starts at the window's first page or masks the null page to exactly zero."""
+    import jax.numpy as jnp
+
+    from jengine import pallas_kernels as pk
+    from test_kernels import Batch, dense_oracle, rel_err, run
+
+    if backend == "cpu":
+        from test_kernels import _native_cpu
+
+        _native_cpu()
+    window = 40
+    seqs = [(130, 1), (75, 1), (97, 20), (30, 30)] if backend != "tpu" else [(100, 1), (70, 9)]
+    b = Batch(seqs, hq=4, hkv=2, page_size=16).build()
+    tables = b.arrays["block_tables"]
+    nulled = 0
+    for s, (n, qn) in enumerate(seqs):
+        first = max(0, n - qn - window + 1) // b.page_size
+        tables[s, :first] = 0
+        nulled += first
+    assert nulled >= 4
+    cache = b.cache
+
+    def garbage_in_null_page(backend_name: str, interpret: bool = False):
+        c = cache(backend_name, interpret)
+        rng = np.random.default_rng(1)
+        junk = jnp.asarray(1e4 * rng.standard_normal((b.page_size, b.hkv, b.d)), b.dtype)
+        return pk.write_kv(c, junk, -junk, jnp.arange(b.page_size, dtype=jnp.int32), backend=backend_name, interpret=interpret)
+
+    b.cache = garbage_in_null_page  # type: ignore[method-assign]
+    out = run(b, backend, sliding_window=window, interpret=pk.runs_interpreted(backend))
+    assert rel_err(out, dense_oracle(b, sliding_window=window), b.num_real_tokens) < 1e-4
