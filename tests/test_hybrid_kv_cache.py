@@ -288,3 +288,11 @@ def test_step_inputs_carry_each_groups_pages():
 def test_sliding_window_must_be_positive(bad):
     with pytest.raises(ValueError, match="sliding_window"):
         KVCacheManager(4, 4, sliding_window=bad)
+
+
+def test_disable_flag_reaches_the_config():
+    from jengine.cli import engine_args_from, parse_args
+
+    on = engine_args_from(parse_args(["generate", "m"])).create_engine_config()
+    off = engine_args_from(parse_args(["generate", "m", "--disable-hybrid-kv-cache-manager"])).create_engine_config()
+    assert not on.scheduler.disable_hybrid_kv_cache_manager and off.scheduler.disable_hybrid_kv_cache_manager

@@ -111,17 +111,14 @@ def size_groups(
         return [uniform_pages]
     useful_cap = max_num_seqs * max_pages_per_seq + 1
     budget = uniform_pages * sum(len(layers) for _, layers in groups)  # in pages of one layer
-    sizes: list[Optional[int]] = []
-    for window, layers in groups:
-        if window is None:
-            sizes.append(None)
-        else:
-            need = sliding_pages_needed(window, page_size, max_num_seqs, max_num_batched_tokens)
-            sizes.append(min(need, uniform_pages))
-            budget -= len(layers) * sizes[-1]
-    full_layers = sum(len(layers) for (w, layers) in groups if w is None)
+    sliding = {
+        window: min(sliding_pages_needed(window, page_size, max_num_seqs, max_num_batched_tokens), uniform_pages)
+        for window, _ in groups if window is not None
+    }
+    budget -= sum(len(layers) * sliding[w] for w, layers in groups if w is not None)
+    full_layers = sum(len(layers) for w, layers in groups if w is None)
     full = min(budget // full_layers, useful_cap) if full_layers else 0
-    return [full if s is None else s for s in sizes]
+    return [full if w is None else sliding[w] for w, _ in groups]
 
 
 def build_layout(

@@ -357,7 +357,7 @@ class Scheduler:
                 continue
             computed_pages, num_computed = kv.get_computed_pages(req)
             n = self._chunk(req.num_tokens - num_computed, budget)
-            pages = kv.allocate_slots(req, n, computed_pages)
+            pages = kv.allocate_slots(req, n, computed_pages)  # type: ignore[arg-type]  # what its own get_computed_pages gave
             if pages is None:
                 if not self.running:  # no request of ours holds pages, so waiting cannot help
                     self.waiting.pop()
