@@ -96,6 +96,24 @@ def run_side(model: str, window: int, seqs: int, hybrid: bool, budget_mib: int, 
     }
 
 
+def table(results: list[dict], budget_mib: int) -> str:
+    """The markdown table of a run's results (also `--table PATH` for a saved JSON)."""
+    lines = [
+        f"| model | manager | context (window) | pages per layer: full / sliding | pages per sequence, all layers (peak) | "
+        f"KV per sequence | sequences per KV memory | KV cache allocated ({budget_mib} MiB budget) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base = next(b for b in results if b["model"] == r["model"] and not b["hybrid"])
+        full, local = r["end_pages_per_layer_group"] if r["hybrid"] else r["end_pages_per_layer_group"] * 2
+        lines.append(
+            f"| {r['model']} | {'window-aware' if r['hybrid'] else 'one pool (disabled)'} | {r['context']} ({r['window']}) | "
+            f"{full} / {local} | {r['pages_per_seq_all_layers']} ({r['peak_pages_per_seq_all_layers']}) | "
+            f"{r['kv_bytes_per_seq'] / 2**20:.2f} MiB | {base['pages_per_seq_all_layers'] / r['pages_per_seq_all_layers']:.2f}x | "
+            f"{r['kv_cache_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, default=4)
@@ -103,7 +121,13 @@ def main() -> None:
     ap.add_argument("--real-seqs", type=int, default=2)
     ap.add_argument("--budget-mib", type=int, default=256, help="kv_cache_memory_bytes of each side, in MiB")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sliding_window_memory_cpu.json"))
+    ap.add_argument("--table", metavar="JSON", help="only print the table of a saved result")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        print(table(saved["results"], saved["budget_mib"]))
+        return
 
     import jax
 
@@ -126,14 +150,7 @@ def main() -> None:
                 s["model"] = name
             results += sides
 
-    print("| model | manager | context (window) | pages per layer: full / sliding | pages per sequence, all layers (peak) | KV per sequence | sequences per KV memory |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        base = next(b for b in results if b["model"] == r["model"] and not b["hybrid"])
-        full, local = r["end_pages_per_layer_group"] if r["hybrid"] else r["end_pages_per_layer_group"] * 2
-        print(f"| {r['model']} | {'window-aware' if r['hybrid'] else 'one pool (disabled)'} | {r['context']} ({r['window']}) | "
-              f"{full} / {local} | {r['pages_per_seq_all_layers']} ({r['peak_pages_per_seq_all_layers']}) | "
-              f"{r['kv_bytes_per_seq'] / 2**20:.2f} MiB | {base['pages_per_seq_all_layers'] / r['pages_per_seq_all_layers']:.2f}x |")
+    print(table(results, args.budget_mib))
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "jax": jax.__version__, "budget_mib": args.budget_mib,
