@@ -61,7 +61,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128], help="tokens per KV-cache page")
     parser.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None, help="KV-cache budget in bytes, overriding --gpu-memory-utilization; default: from the device's memory (4 GiB on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of accelerator memory for weights, activations and KV cache")
-    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer; default: sized from the memory budget")
+    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer (sliding-window layers take fewer when their window needs fewer); default: sized from the memory budget")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse the KV pages of shared prompt prefixes")
     parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                         help="give sliding-window layers as many KV pages as full-attention ones (no pages freed behind the window)")

@@ -23,7 +23,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory_bytes: Optional[int] = None  # explicit budget; overrides gpu_memory_utilization
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + activations + cache
-    num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks)
+    num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks); sliding-window layers: at most this
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # "auto" = the model's dtype
 

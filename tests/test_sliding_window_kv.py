@@ -110,8 +110,22 @@ def test_prefix_hit_past_the_window_matches_no_prefix_cache(tiny_gemma3, hf_gemm
     assert isinstance(kv, HybridKVCacheManager)
     llm.generate([{"prompt_token_ids": first}], params, use_tqdm=False)
     hits_before = kv.prefix_cache_hits
+    taken: list = []
+    allocate = kv.allocate_slots
+
+    def allocate_slots(request, num_new_tokens, computed=None):
+        if computed is not None:
+            taken.append(computed)
+        return allocate(request, num_new_tokens, computed)
+
+    kv.allocate_slots = allocate_slots  # type: ignore[method-assign]
     [hit] = llm.generate([{"prompt_token_ids": second}], params, use_tqdm=False)
     assert kv.prefix_cache_hits - hits_before == 56  # seven pages of eight
+    [(full, local)] = taken
+    # The global layer takes all seven pages; the local layers only pages 5 and 6 (positions 41..55 are the
+    # window of position 56), never the ones given back while the first request ran.
+    assert len(full) == len(local) == 7 and 0 not in full
+    assert local[:5] == [0] * 5 and 0 not in local[5:]
     plain = LLM(tiny_gemma3, compilation_cache_dir=xla_cache_dir, enable_prefix_caching=False, **LIMITS)
     [ref] = plain.generate([{"prompt_token_ids": second}], params, use_tqdm=False)
     assert hit.outputs[0].token_ids == ref.outputs[0].token_ids == hf_greedy(hf_gemma3, second, 8)

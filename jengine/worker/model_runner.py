@@ -140,6 +140,10 @@ class ModelRunner:
         self.num_kv_groups = len(self.kv_layout.groups)
         self.pages_per_layer = self.kv_layout.groups[0].num_pages  # group 0's (every layer's with one group)
         total_pages = self.kv_layout.total_pages
+        if self.num_kv_groups > 1:
+            logger.info("KV cache layer groups: %s", ", ".join(
+                f"{'full attention' if g.sliding_window is None else f'window {g.sliding_window}'}: "
+                f"{len(g.layers)} layers x {g.num_pages} pages" for g in self.kv_layout.groups))
 
         def make_cache() -> Any:
             return pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
