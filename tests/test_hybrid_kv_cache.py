@@ -138,6 +138,13 @@ def test_hybrid_allocation_is_all_or_nothing():
     assert kv.usage == 0.0
 
 
+def test_only_full_attention_limits_request_length():
+    with_full = hybrid(full_pages=5, local_pages=6)
+    assert with_full.pages_needed(100) == 25 > with_full.num_usable_pages  # the scheduler rejects it
+    two_windows = HybridKVCacheManager([KVCacheManager(6, 4, sliding_window=4), KVCacheManager(6, 4, sliding_window=8)])
+    assert two_windows.pages_needed(100) == 0
+
+
 def test_hybrid_prefix_hit_is_the_shortest_groups_hit():
     kv = hybrid(full_pages=30, local_pages=30)
     prompt = list(range(1, 42))

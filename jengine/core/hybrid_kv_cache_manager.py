@@ -21,8 +21,9 @@ class HybridKVCacheManager:
     """The same interface as `KVCacheManager` over one manager per layer group (see module doc).
 
     Sizes and stats the scheduler reads without a group (`num_usable_pages`, `pages_needed`,
-    `num_free_pages`) are group 0's: the full-attention group, whose need grows with the context;
-    the sliding-window groups are sized so one sequence of any length always fits (`size_groups`).
+    `num_free_pages`) are group 0's: the full-attention group, whose need grows with the context.
+    Sliding-window groups are sized so that one sequence of any length always fits (`size_groups`), so
+    with no full-attention group `pages_needed` is 0: no request is too long for the cache.
     """
 
     def __init__(self, managers: Sequence[KVCacheManager], layer_counts: Sequence[int] | None = None) -> None:
@@ -68,7 +69,8 @@ class HybridKVCacheManager:
         return self.groups[0].prefix_cache_hit_rate
 
     def pages_needed(self, num_tokens: int) -> int:
-        return self.groups[0].pages_needed(num_tokens)
+        first = self.groups[0]
+        return first.pages_needed(num_tokens) if first.sliding_window is None else 0
 
     def request_ids(self) -> list[str]:
         return self.groups[0].request_ids()
