@@ -61,8 +61,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128], help="tokens per KV-cache page")
     parser.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None, help="KV-cache budget in bytes, overriding --gpu-memory-utilization; default: from the device's memory (4 GiB on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of accelerator memory for weights, activations and KV cache")
-    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer; default: sized from the memory budget")
+    parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer (sliding-window layers take fewer when their window needs fewer); default: sized from the memory budget")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse the KV pages of shared prompt prefixes")
+    parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                        help="give sliding-window layers as many KV pages as full-attention ones (no pages freed behind the window)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, help="devices to shard the model over")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="mixture-of-experts models: split the experts over the tensor-parallel devices by expert")
@@ -104,7 +106,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
-        enable_prefix_caching=ns.enable_prefix_caching, tensor_parallel_size=ns.tensor_parallel_size,
+        enable_prefix_caching=ns.enable_prefix_caching, disable_hybrid_kv_cache_manager=ns.disable_hybrid_kv_cache_manager,
+        tensor_parallel_size=ns.tensor_parallel_size,
         enable_expert_parallel=ns.enable_expert_parallel,
         load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,

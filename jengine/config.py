@@ -23,7 +23,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory_bytes: Optional[int] = None  # explicit budget; overrides gpu_memory_utilization
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + activations + cache
-    num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks)
+    num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks); sliding-window layers: at most this
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # "auto" = the model's dtype
 
@@ -38,6 +38,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     min_token_bucket: int = 8
     min_seq_bucket: int = 8
+    # vLLM's name: one page pool and block table for every layer, even sliding-window ones (no pages freed
+    # behind the window); for comparisons and as a fallback.
+    disable_hybrid_kv_cache_manager: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
+    disable_hybrid_kv_cache_manager: bool = False
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     load_format: str = "auto"
@@ -207,6 +211,7 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 policy=self.scheduling_policy,
+                disable_hybrid_kv_cache_manager=bool(self.disable_hybrid_kv_cache_manager),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,

@@ -14,6 +14,12 @@ Free pages sit in one queue in eviction order (head = evicted first). A page who
 to 0 keeps its hash and stays findable until it is popped for reuse. A freed request's pages go to the
 tail in reverse order, so its last pages (the least likely to be shared) are evicted first; pages with
 no hash go to the head, because they hold nothing worth keeping.
+
+Sliding-window groups. A manager built with `sliding_window=W` serves layers that attend only the last W
+positions: once a request has computed `c` tokens, no later token reads positions below `c - W + 1`, so the
+pages wholly below that go back to the pool (`remove_skipped_pages`) and their block-table entries become
+the null page. Their hashes stay, like any freed page's, so a later request can still find them. A prefix
+hit for such a group needs only the pages its window still sees (`find_cache_hit`), not the whole prefix.
 """
 from __future__ import annotations
 
@@ -34,12 +40,15 @@ def cdiv(a: int, b: int) -> int:
 class KVCacheManager:
     """Page allocator: reference counts, an LRU free queue and the prefix-cache map (see module doc)."""
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True, sliding_window: int | None = None) -> None:
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.num_pages = num_pages
+        self.sliding_window = sliding_window
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_cnt: list[int] = [0] * num_pages
@@ -51,6 +60,7 @@ class KVCacheManager:
         self._cached: dict[int, int] = {}  # page hash -> page
         self._req_pages: dict[str, list[int]] = {}  # request id -> its pages, in token order
         self._req_num_hashed: dict[str, int] = {}  # leading pages of the request already registered
+        self._req_num_skipped: dict[str, int] = {}  # leading pages already given back (sliding window only)
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -97,8 +107,18 @@ class KVCacheManager:
         return list(self._req_pages)
 
     def get_block_table(self, request_id: str) -> list[int]:
-        """The request's pages in token order (a copy; empty if it owns none)."""
+        """The request's pages in token order (a copy; empty if it owns none; NULL_PAGE where skipped)."""
         return list(self._req_pages.get(request_id, ()))
+
+    def num_held_pages(self, request_id: str) -> int:
+        """Pages the request holds (its block table without the null entries of skipped pages)."""
+        return sum(1 for p in self._req_pages.get(request_id, ()) if p != NULL_PAGE)
+
+    def first_needed_page(self, num_computed_tokens: int) -> int:
+        """Index of the request's first page a token at or after `num_computed_tokens` can still attend."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.sliding_window + 1) // self.page_size
 
     # ---- prefix cache -------------------------------------------------------------------------------
 
@@ -127,28 +147,64 @@ class KVCacheManager:
         """
         if not self._uses_prefix_cache(request):
             return [], 0
+        pages = self.find_cache_hit(request, (request.num_tokens - 1) // self.page_size)
+        return pages, len(pages) * self.page_size
+
+    def _cached_page(self, request: Request, hashes: list[int], i: int) -> Optional[int]:
+        """The cached page holding the request's page `i` (its full key compared), else None."""
+        page = self._cached.get(hashes[i])
+        if page is None:
+            return None
         ps = self.page_size
-        max_pages = (request.num_tokens - 1) // ps
+        key = (hashes[i - 1] if i else _ROOT_HASH, tuple(request.all_token_ids[i * ps : (i + 1) * ps]), request.extra_keys)
+        return page if self._page_key[page] == key else None
+
+    def find_cache_hit(self, request: Request, max_pages: int) -> list[int]:
+        """The longest hit of at most `max_pages` pages: the pages a request that starts computing after
+        them needs. Full attention: every page of the prefix. Sliding window: only the pages the window
+        still sees at the hit's end (NULL_PAGE before them), found scanning from the longest candidate
+        down, since any shorter hit needs an earlier window that may still be cached."""
         hashes = self._ensure_hashes(request, max_pages)
-        tokens = request.all_token_ids
-        pages: list[int] = []
-        parent = _ROOT_HASH
-        for i in range(max_pages):
-            page = self._cached.get(hashes[i])
-            if page is None or self._page_key[page] != (parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys):
-                break
-            pages.append(page)
-            parent = hashes[i]
-        return pages, len(pages) * ps
+        if self.sliding_window is None:
+            pages: list[int] = []
+            for i in range(max_pages):
+                page = self._cached_page(request, hashes, i)
+                if page is None:
+                    break
+                pages.append(page)
+            return pages
+        found: dict[int, int] = {}
+        end = max_pages
+        while end > 0:
+            first = self.first_needed_page(end * self.page_size)
+            i = end - 1
+            while i >= first:
+                page = found.get(i)
+                if page is None:
+                    page = self._cached_page(request, hashes, i)
+                if page is None:
+                    break
+                found[i] = page
+                i -= 1
+            if i < first:
+                return [NULL_PAGE] * first + [found[j] for j in range(first, end)]
+            end = i  # page i is missing, so a hit can end at page i at the latest
+        return []
 
     def cache_full_pages(self, request: Request, num_tokens: int) -> None:
         """Registers the request's pages that the first `num_tokens` tokens fill (their KV is computed).
 
         Call after the step that computed them. A page whose content is already cached under another page
-        (two requests computed the same prefix at once) stays unregistered and is recycled first.
+        (two requests computed the same prefix at once) stays unregistered and is recycled first. A
+        sliding-window group then gives back the pages no later token can see (registered first, so a
+        later request can still find them).
         """
-        if not self.enable_prefix_caching:
-            return
+        if self.enable_prefix_caching:
+            self._register(request, num_tokens)
+        if self.sliding_window is not None:
+            self.remove_skipped_pages(request, num_tokens)
+
+    def _register(self, request: Request, num_tokens: int) -> None:
         rid = request.request_id
         pages = self._req_pages.get(rid)
         if pages is None:
@@ -162,12 +218,35 @@ class KVCacheManager:
         ps = self.page_size
         for i in range(start, end):
             page, h = pages[i], hashes[i]
-            if self._page_hash[page] is None and h not in self._cached:
+            if page != NULL_PAGE and self._page_hash[page] is None and h not in self._cached:
                 parent = hashes[i - 1] if i else _ROOT_HASH
                 self._cached[h] = page
                 self._page_hash[page] = h
                 self._page_key[page] = (parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys)
         self._req_num_hashed[rid] = end
+
+    def remove_skipped_pages(self, request: Request, num_computed_tokens: int) -> None:
+        """Sliding window: gives back the request's pages wholly below the window of its next token
+        (position `num_computed_tokens`), replacing them with NULL_PAGE in its block table. Cached ones
+        go to the tail of the free queue, so they stay findable the longest; the rest are reused first."""
+        rid = request.request_id
+        pages = self._req_pages.get(rid)
+        if pages is None or self.sliding_window is None:
+            return
+        start = self._req_num_skipped.get(rid, 0)
+        end = min(self.first_needed_page(num_computed_tokens), len(pages))
+        for i in range(start, end):
+            page = pages[i]
+            if page == NULL_PAGE:
+                continue
+            pages[i] = NULL_PAGE
+            self._ref_cnt[page] -= 1
+            if self._ref_cnt[page] == 0:
+                self._free[page] = None
+                if self._page_hash[page] is None:
+                    self._free.move_to_end(page, last=False)
+        if end > start:
+            self._req_num_skipped[rid] = end
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached page (e.g. after weights change). Pages in use stay owned, just unshared."""
@@ -186,6 +265,18 @@ class KVCacheManager:
 
     # ---- allocation ---------------------------------------------------------------------------------
 
+    def _plan(self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int]) -> tuple[int, int]:
+        """(new pages to pop, cached unowned pages to revive) for `allocate_slots`."""
+        owned = self._req_pages.get(request.request_id)
+        num_owned = 0 if owned is None else len(owned)
+        total_tokens = request.num_computed_tokens + len(new_computed_pages) * self.page_size + num_new_tokens
+        num_new_pages = max(0, cdiv(total_tokens, self.page_size) - num_owned - len(new_computed_pages))
+        return num_new_pages, sum(1 for p in new_computed_pages if p != NULL_PAGE and self._ref_cnt[p] == 0)
+
+    def can_allocate(self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int] = ()) -> bool:
+        """Whether `allocate_slots` with these arguments would succeed (once skipped pages are given back)."""
+        return sum(self._plan(request, num_new_tokens, new_computed_pages)) <= len(self._free)
+
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int] = ()
     ) -> Optional[list[int]]:
@@ -194,29 +285,32 @@ class KVCacheManager:
 
         `new_computed_pages` (from `get_computed_pages`) is only allowed at first admission, when the
         request owns nothing; they are taken (incref, and out of the free queue if unowned) before any page
-        is evicted. Returns None, changing nothing, when there are not enough free pages.
+        is evicted. Returns None, changing nothing, when there are not enough free pages. A
+        sliding-window group first gives back the pages behind the window (never needed again).
         """
         rid = request.request_id
         owned = self._req_pages.get(rid)
         if owned is not None and new_computed_pages:
             raise ValueError(f"request {rid!r} already owns pages; computed pages only at first admission")
-        num_owned = 0 if owned is None else len(owned)
-        total_tokens = request.num_computed_tokens + len(new_computed_pages) * self.page_size + num_new_tokens
-        num_new_pages = max(0, cdiv(total_tokens, self.page_size) - num_owned - len(new_computed_pages))
-        num_revived = sum(1 for p in new_computed_pages if self._ref_cnt[p] == 0)
+        if self.sliding_window is not None and owned is not None:
+            self.remove_skipped_pages(request, request.num_computed_tokens)
+        num_new_pages, num_revived = self._plan(request, num_new_tokens, new_computed_pages)
         if num_new_pages > len(self._free) - num_revived:
             return None
 
         if owned is None:
             owned = self._req_pages[rid] = []
             self._req_num_hashed[rid] = len(new_computed_pages)
+            if self.sliding_window is not None:
+                self._req_num_skipped[rid] = sum(1 for p in new_computed_pages if p == NULL_PAGE)
             if self._uses_prefix_cache(request):
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += len(new_computed_pages) * self.page_size
         for page in new_computed_pages:
-            if self._ref_cnt[page] == 0:
-                del self._free[page]
-            self._ref_cnt[page] += 1
+            if page != NULL_PAGE:
+                if self._ref_cnt[page] == 0:
+                    del self._free[page]
+                self._ref_cnt[page] += 1
             owned.append(page)
         for _ in range(num_new_pages):
             page, _ = self._free.popitem(last=False)
@@ -236,6 +330,8 @@ class KVCacheManager:
         if self._req_num_hashed[request.request_id] > keep:
             raise AssertionError(f"request {request.request_id!r}: a registered page would be trimmed")
         for page in reversed(pages[keep:]):
+            if page == NULL_PAGE:
+                continue
             self._ref_cnt[page] -= 1
             if self._ref_cnt[page] == 0:
                 self._free[page] = None
@@ -247,9 +343,12 @@ class KVCacheManager:
         rid = request.request_id
         pages = self._req_pages.pop(rid, None)
         self._req_num_hashed.pop(rid, None)
+        self._req_num_skipped.pop(rid, None)
         if not pages:
             return
         for page in reversed(pages):  # last pages reach the eviction end first
+            if page == NULL_PAGE:
+                continue
             self._ref_cnt[page] -= 1
             if self._ref_cnt[page] == 0:
                 self._free[page] = None

@@ -10,6 +10,9 @@ One `schedule()` call decides one model step:
    FCFS; highest (priority, arrival) under "priority") is preempted: its pages are freed and it goes back
    to the front of the waiting queue to be recomputed (prompt + outputs so far).
 
+With layer groups (a `HybridKVCacheManager`: sliding-window and full-attention layers) a request gets pages
+only when every group has them, so admission and preemption count pages per group.
+
 `update_from_output` then applies the sampled tokens, checks stop conditions, caches newly full pages and
 frees finished requests. Every admitted request finishes: `add_request` rejects a request that could
 outgrow the whole cache, and a waiting request that cannot get pages while no request of this scheduler
@@ -24,6 +27,7 @@ import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Union
 
+from jengine.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from jengine.core.kv_cache_manager import KVCacheManager
 from jengine.request import Request, RequestStatus
 
@@ -35,7 +39,7 @@ class ScheduledSeq:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens before the step = position of the first new token
-    block_ids: list[int]  # the request's whole page list after allocation
+    block_ids: list[int]  # the request's whole page list after allocation (layer group 0's)
     samples: bool  # the step completes the known tokens, so the runner samples a token for this row
     is_decode: bool  # one new token and the prompt already computed
     is_new: bool  # entered the running batch this step (first admission or resumed after preemption)
@@ -43,6 +47,8 @@ class ScheduledSeq:
     # last len(spec_token_ids) of the num_new_tokens, and the runner returns one token per position.
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_accepted: int = 0  # output tokens this row appended in update_from_output (after stop truncation)
+    # Page lists of layer groups 1.. (sliding-window layers: NULL_PAGE behind the window); empty with one group.
+    group_block_ids: tuple[list[int], ...] = ()
 
     @property
     def request_id(self) -> str:
@@ -145,7 +151,7 @@ class Scheduler:
 
     def __init__(
         self,
-        kv_cache_manager: KVCacheManager,
+        kv_cache_manager: Union[KVCacheManager, HybridKVCacheManager],
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
@@ -351,7 +357,7 @@ class Scheduler:
                 continue
             computed_pages, num_computed = kv.get_computed_pages(req)
             n = self._chunk(req.num_tokens - num_computed, budget)
-            pages = kv.allocate_slots(req, n, computed_pages)
+            pages = kv.allocate_slots(req, n, computed_pages)  # type: ignore[arg-type]  # what its own get_computed_pages gave
             if pages is None:
                 if not self.running:  # no request of ours holds pages, so waiting cannot help
                     self.waiting.pop()
@@ -394,13 +400,15 @@ class Scheduler:
         return spec[:max(room, 0)]
 
     @staticmethod
-    def _row(req: Request, n: int, pages: list[int], is_new: bool, drafts: Sequence[int] = ()) -> ScheduledSeq:
+    def _row(req: Request, n: int, pages: Union[list[int], tuple[list[int], ...]], is_new: bool, drafts: Sequence[int] = ()) -> ScheduledSeq:
         start = req.num_computed_tokens
+        groups = pages if isinstance(pages, tuple) else (pages,)  # a hybrid manager's pages: one list per group
         return ScheduledSeq(
             request=req,
             num_new_tokens=n + len(drafts),
             start=start,
-            block_ids=pages,
+            block_ids=groups[0],
+            group_block_ids=groups[1:],
             samples=start + n == req.num_tokens,
             is_decode=n == 1 and start >= req.num_prompt_tokens,
             is_new=is_new,

@@ -17,7 +17,7 @@ import numpy as np
 
 from jengine.config import EngineConfig, default_compilation_cache_dir
 from jengine import sharding
-from jengine.core.kv_cache_manager import KVCacheManager
+from jengine.core.hybrid_kv_cache_manager import make_kv_cache_manager
 from jengine.core.scheduler import Scheduler
 from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
@@ -71,7 +71,7 @@ class EngineCore:
 
         self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
         sc = config.scheduler
-        self.kv_cache_manager = KVCacheManager(self.runner.pages_per_layer, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.kv_cache_manager = make_kv_cache_manager(self.runner.kv_layout, enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             max_num_seqs=sc.max_num_seqs,

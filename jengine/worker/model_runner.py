@@ -29,6 +29,7 @@ from flax import nnx
 from jengine import pallas_kernels
 from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
+from jengine.core.kv_cache_layout import build_layout
 from jengine.sampler import SamplerOutput, build_sampling_tensors, prompt_logprobs, sample
 from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
@@ -126,12 +127,23 @@ class ModelRunner:
 
         self.plan = plan  # jengine.sharding.TensorParallelPlan, or None on one device
         self.graphdef, self.params = nnx.split(loaded.model)
-        self.pages_per_layer = self._num_pages_per_layer()
+        uniform_pages = self._num_pages_per_layer()
         if config.parallel.num_processes > 1:
             from jengine.sharding import distributed
 
-            self.pages_per_layer = distributed.agree_min("pages_per_layer", self.pages_per_layer)
-        total_pages = mc.num_layers * self.pages_per_layer
+            uniform_pages = distributed.agree_min("pages_per_layer", uniform_pages)
+        # Layer groups: sliding-window layers get pages for their window only (jengine.core.kv_cache_layout).
+        self.kv_layout = build_layout(
+            mc, uniform_pages, page_size=self.page_size, max_model_len=max_model_len, max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens, enabled=not sc.disable_hybrid_kv_cache_manager,
+        )
+        self.num_kv_groups = len(self.kv_layout.groups)
+        self.pages_per_layer = self.kv_layout.groups[0].num_pages  # group 0's (every layer's with one group)
+        total_pages = self.kv_layout.total_pages
+        if self.num_kv_groups > 1:
+            logger.info("KV cache layer groups: %s", ", ".join(
+                f"{'full attention' if g.sliding_window is None else f'window {g.sliding_window}'}: "
+                f"{len(g.layers)} layers x {g.num_pages} pages" for g in self.kv_layout.groups))
 
         def make_cache() -> Any:
             return pallas_kernels.new_kv_cache(total_pages, self.page_size, mc.num_kv_heads, mc.head_dim, self.cache_dtype, backend=self.backend)
@@ -230,10 +242,20 @@ class ModelRunner:
             mesh=self.plan.mesh if self.plan is not None and self.backend != "reference" else None,
             shard_kv=self.plan is not None and self.plan.shard_kv,
             interpret=self.interpret,
+            **self._group_metadata(inputs),
         )
         kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
         logits = model.compute_logits(hidden[inputs.logits_indices])
         return kv_cache, logits, hidden
+
+    def _group_metadata(self, inputs: StepInputs) -> dict[str, Any]:
+        """AttentionMetadata fields of layer groups 1.. (none with one group)."""
+        if self.num_kv_groups == 1:
+            return {}
+        return dict(
+            group_slot_mapping=inputs.group_slot_mapping, group_block_tables=inputs.group_block_tables,
+            group_windows=self.kv_layout.group_windows, layer_page_offsets=self.kv_layout.layer_offsets(),
+        )
 
     def _sample_fn(self, logits, sampling) -> SamplerOutput:
         return sample(logits, sampling, max_logprobs=self.max_logprobs)
@@ -288,7 +310,7 @@ class ModelRunner:
         lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
 
         def forward(t: int, s: int) -> Any:
-            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp), lora0)
+            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp, self.num_kv_groups), lora0)
 
         def sampler(s: int) -> Any:
             return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
@@ -341,7 +363,7 @@ class ModelRunner:
         if self.lora is not None:
             with _CompileCounter.watching(self):  # a slot write must never compile either
                 slots = self.lora.activate([seq.request.lora_request for seq in scheduled])
-        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, slots)
+        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, slots, self.num_kv_groups)
         return inputs, self._sampling_tensors(sampling_rows, s)
 
     def _await_pieces(self, inputs: StepInputs) -> None:

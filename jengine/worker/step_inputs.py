@@ -67,6 +67,8 @@ class StepInputs:
     block_tables: [S, max_pages_per_seq]; num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
     after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool;
     lora_slots: [T] (the LoRA device slot of each token's adapter, -1 for none or padding).
+    group_slot_mapping [G - 1, T], group_block_tables [G - 1, S, max_pages_per_seq]: the same for layer
+    groups 1.. of a model with several (sliding-window layers); None with one group.
     """
 
     token_ids: np.ndarray
@@ -80,11 +82,14 @@ class StepInputs:
     prompt_next_ids: np.ndarray
     want_prompt_logprobs: np.ndarray
     lora_slots: np.ndarray
+    group_slot_mapping: np.ndarray | None = None
+    group_block_tables: np.ndarray | None = None
 
 
-def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) -> StepInputs:
+def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, num_groups: int = 1) -> StepInputs:
     """All-padding inputs of one bucket (warm-up, and the base every step fills in)."""
     i32 = np.int32
+    extra = num_groups - 1
     return StepInputs(
         token_ids=np.zeros(num_tokens, i32),
         positions=np.zeros(num_tokens, i32),
@@ -97,6 +102,8 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int) ->
         prompt_next_ids=np.full(num_tokens, -1, i32),
         want_prompt_logprobs=np.zeros((), np.bool_),
         lora_slots=np.full(num_tokens, -1, i32),
+        group_slot_mapping=np.zeros((extra, num_tokens), i32) if extra else None,
+        group_block_tables=np.zeros((extra, num_seqs, max_pages_per_seq), i32) if extra else None,
     )
 
 
@@ -108,6 +115,7 @@ def logit_rows(scheduled: Sequence) -> list[int]:
 
 def build_step_inputs(
     scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int, lora_slots: Sequence[int] = (),
+    num_groups: int = 1,
 ) -> StepInputs:
     """Lays the scheduled sequences (decode rows first) into the bucket `(num_tokens, num_seqs)`.
 
@@ -115,8 +123,9 @@ def build_step_inputs(
     `sampling_params`), `.start` (tokens already computed), `.num_new_tokens`, `.block_ids` and optionally
     `.spec_token_ids` (drafts: the last of its new tokens). `num_seqs` must hold the rows and their
     logits rows (`logit_rows`). `lora_slots`, when given, is each row's adapter slot (-1: none).
+    With `num_groups` > 1 each item also has `.group_block_ids` (the page lists of groups 1..).
     """
-    x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq)
+    x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq, num_groups)
     cursor = logit = 0
     for row, seq in enumerate(scheduled):
         n, start = seq.num_new_tokens, seq.start
@@ -133,6 +142,8 @@ def build_step_inputs(
         pages = np.asarray(seq.block_ids, dtype=np.int32)
         x.slot_mapping[cursor:cursor + n] = pages[pos // page_size] * page_size + pos % page_size
         x.block_tables[row, :len(pages)] = pages
+        if num_groups > 1:
+            _fill_groups(x, seq.group_block_ids, row, cursor, pos, page_size)
         x.seq_lens[row] = end
         if lora_slots:
             x.lora_slots[cursor:cursor + n] = lora_slots[row]
@@ -150,6 +161,15 @@ def build_step_inputs(
     x.query_start_loc[rows + 1:] = cursor
     x.num_seqs[0] = rows
     return x
+
+
+def _fill_groups(x: StepInputs, group_pages: Sequence[Sequence[int]], row: int, cursor: int, pos: np.ndarray, page_size: int) -> None:
+    """Slot mapping and block table of groups 1.. for one row (a sliding window's skipped pages are 0)."""
+    assert x.group_slot_mapping is not None and x.group_block_tables is not None
+    for g, ids in enumerate(group_pages):
+        pages = np.asarray(ids, dtype=np.int32)
+        x.group_slot_mapping[g, cursor:cursor + len(pos)] = pages[pos // page_size] * page_size + pos % page_size
+        x.group_block_tables[g, row, :len(pages)] = pages
 
 
 def _token_slice(prompt: Sequence[int], output: Sequence[int], start: int, end: int) -> Sequence[int]:
