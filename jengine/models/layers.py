@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Hashable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,22 +138,94 @@ def scan_layers(
     left after the last whole unit run unrolled after the scan. `params` holds the stacked `[L, ...]`
     weights (arrays or `Weight` pytrees); `p` is one layer's slice. The body is traced once per slot.
     """
-    units, tail = divmod(num_layers, period)
+    slots = [i % period for i in range(num_layers)]
+    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period)
 
-    def take(layer: jax.Array | int) -> Params:
-        return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), params)
 
-    def unit(carry: Any, u: jax.Array) -> tuple[Any, None]:
-        for slot in range(period):
-            layer = u * period + slot
-            carry = layer_fn(slot, layer, take(layer), carry)
-        return carry, None
+class LayerOf(NamedTuple):
+    """Index `layer` of a stacked weight the scan leaves whole (`scan_layer_kinds`'s `whole`), for a
+    body that reads only part of it (the grouped matmul reads one expert at a time)."""
 
-    if units:
+    stack: Any
+    layer: jax.Array | int
+
+
+def layer_segments(kinds: Sequence[Hashable], max_period: int = 8) -> list[tuple[int, int, int]]:
+    """Cuts layers of the given kinds into runs that repeat a pattern: [(start, period, units)].
+
+    From each start, the period (at most `max_period`) whose whole repeated units cover the most
+    layers wins (the shortest on a tie), if it repeats at least twice; otherwise the layer there runs
+    alone (period 1, 1 unit). A regular model is one run (`period` 1 when all layers are alike); an
+    irregular one, e.g. one dense layer before 47 sparse ones, is a few runs, never all unrolled.
+    """
+    n, start, out = len(kinds), 0, []
+    while start < n:
+        best = (1, 1, 1)  # (layers covered, period, units)
+        for p in range(1, min(max_period, n - start) + 1):
+            run = p
+            while start + run < n and kinds[start + run] == kinds[start + run - p]:
+                run += 1
+            units = run // p
+            if units >= 2 and units * p > best[0]:
+                best = (units * p, p, units)
+        out.append((start, best[1], best[2]))
+        start += best[0]
+    return out
+
+
+def scan_layer_kinds(
+    layer_fn: Callable[[Any, jax.Array | int, Params, Any], Any],
+    params: Params,
+    carry: Any,
+    kinds: Sequence[Hashable],
+    held_by: Mapping[str, Sequence[int]] | None = None,
+    whole: Collection[str] = (),
+    max_period: int = 8,
+) -> Any:
+    """Runs `carry = layer_fn(kinds[layer], layer, p, carry)` for every layer, in order.
+
+    Layers of different kinds have different static settings or different parameters (a dense or a
+    sparse MLP). They run as the runs of repeating patterns `layer_segments` finds: each run of two
+    or more units is one `jax.lax.scan` over its units (each slot of the unit traced once), a lone
+    layer runs unrolled. `held_by[name]` lists the layers that hold stacked parameter `name` (default:
+    all); its leading axis counts only those layers, and `p` has it only at those layers. Names in
+    `whole` are not sliced: `p[name]` is a `LayerOf(stack, index into it)`. `p` otherwise holds one layer's
+    slice of every stacked weight (arrays or `Weight` pytrees); the slices are dynamic indexes, the
+    same as scanning over the stacks as `xs`, so no weight is copied.
+    """
+    num_layers = len(kinds)
+    holders = {n: tuple(held_by.get(n, range(num_layers)) if held_by else range(num_layers)) for n in params}
+    rank = {n: {layer: r for r, layer in enumerate(h)} for n, h in holders.items()}
+    # the pattern of kinds and of which parameters each layer holds: within a run, every parameter's
+    # index then moves by a fixed stride per unit
+    signature = [(kinds[i], tuple(i in rank[n] for n in sorted(params))) for i in range(num_layers)]
+
+    def run_layer(start: int, period: int, slot: int, u: jax.Array | int, carry: Any) -> Any:
+        first = start + slot  # this slot's layer in the run's first unit
+        p: dict[str, Any] = {}
+        for name, w in params.items():
+            if first not in rank[name]:
+                continue
+            stride = sum(1 for i in range(start, start + period) if i in rank[name])
+            index = rank[name][first] + u * stride
+            if name in whole:
+                p[name] = LayerOf(w, index)
+            else:
+                p[name] = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), w)  # noqa: B023
+        return layer_fn(kinds[first], first + u * period, p, carry)
+
+    for start, period, units in layer_segments(signature, max_period):
+        if units == 1:
+            for slot in range(period):
+                carry = run_layer(start, period, slot, 0, carry)
+            continue
+
+        def unit(carry: Any, u: jax.Array, start: int = start, period: int = period) -> tuple[Any, None]:
+            for slot in range(period):
+                carry = run_layer(start, period, slot, u, carry)
+            return carry, None
+
         carry, _ = jax.lax.scan(unit, carry, jnp.arange(units, dtype=jnp.int32))
-    for slot in range(tail):
-        layer = units * period + slot
-        carry = layer_fn(slot, layer, take(layer), carry)
     return carry
 
 
