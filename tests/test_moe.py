@@ -134,20 +134,24 @@ def _reference_moe(h, p, spec):
     return out
 
 
-@pytest.mark.parametrize("grouped,block_rows", [("ragged", 8), ("blocked", 1), ("blocked", 3), ("blocked", 64)])
+@pytest.mark.parametrize("grouped,block_rows", [("ragged", 8), ("blocked", 1), ("blocked", 3), ("blocked", 9), ("blocked", 64)])
 def test_grouped_expert_matmul_matches_per_token_reference(grouped, block_rows):
-    """Skewed routing (a router that prefers two experts, so most groups are empty or large)."""
+    """Skewed routing (a router that prefers two experts, so some groups are empty and some large),
+    then every token on the same two experts (groups of 13: several blocks of 1, 3 or 9 rows, the
+    last one of 8 or 9 rows for blocks of 9, see `block_sizes`)."""
     E, H, F, T = 8, 16, 12, 13
     rng = np.random.default_rng(0)
     p = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in
          [("router", (H, E)), ("experts_gate", (E, H, F)), ("experts_up", (E, H, F)), ("experts_down", (E, F, H))]}
     p["router"] = p["router"].at[:, 3].add(3.0).at[:, 6].add(2.0)
     h = jnp.asarray(rng.standard_normal((T, H)), jnp.float32)
-    for norm in (True, False):
+    all_two = ({**p, "router": p["router"].at[0, 3].add(10.0).at[0, 6].add(8.0)}, h.at[:, 0].set(5.0))
+    for (pc, hc), norm in [((p, h), True), ((p, h), False), (all_two, True)]:
         spec = nn.MoeSpec(E, 2, norm_topk_prob=norm, grouped=grouped, block_rows=block_rows)
-        ours = jax.jit(lambda h, p: nn.moe_mlp(h, p, spec))(h, p)  # noqa: B023 (jitted and called at once; a default argument would become a traced input)
-        np.testing.assert_allclose(ours, _reference_moe(np.asarray(h), {k: np.asarray(v) for k, v in p.items()}, spec),
+        ours = jax.jit(lambda h, p: nn.moe_mlp(h, p, spec))(hc, pc)  # noqa: B023 (jitted and called at once; a default argument would become a traced input)
+        np.testing.assert_allclose(ours, _reference_moe(np.asarray(hc), {k: np.asarray(v) for k, v in pc.items()}, spec),
                                    atol=2e-5, rtol=2e-5)
+    assert sorted(np.bincount(np.asarray(nn.route(hc, pc["router"], spec)[1]).ravel(), minlength=E)) == [0] * 6 + [13, 13]
 
 
 def test_padding_rows_go_to_no_expert_and_block_sizes():
@@ -161,7 +165,9 @@ def test_padding_rows_go_to_no_expert_and_block_sizes():
     cut = jax.jit(lambda h, n: nn.moe_mlp(h, p, spec, num_tokens=n))(h, jnp.int32(7))
     np.testing.assert_allclose(cut[:7], full[:7], atol=1e-5)
     assert not np.any(np.asarray(cut[7:]))
-    assert [nn.default_block_rows(m, 8) for m in (2, 16, 512, 4096, 10**6)] == [8, 8, 32, 256, 256]
+    assert [nn.default_block_rows(m, 8) for m in (2, 16, 128, 512, 4096, 10**6)] == [8, 8, 32, 128, 256, 256]
+    assert nn.block_sizes(8) == (8,) and nn.block_sizes(3) == (3,)
+    assert nn.block_sizes(128) == (16, 32, 48, 64, 80, 96, 112, 128) and nn.block_sizes(32) == (8, 16, 24, 32)
 
 
 def test_router_renormalisation_rules():

@@ -250,14 +250,22 @@ class MoeSpec:
 
 
 def default_block_rows(pairs: int, num_experts: int) -> int:
-    """Rows per block: a power of two in [8, 256], at most half an expert's even share of the pairs.
+    """Largest block (rows) of the blocked grouped matmul: a power of two in [8, 256], at least twice
+    an expert's even share of the step's (token, expert) pairs.
 
-    Small blocks waste little on experts with few rows (decode); larger ones keep a long prefill to a
-    few big matmuls instead of many small ones (each loop trip has a fixed cost on the CPU). Half the
-    share, so an expert with a little more than its share wastes at most a third of its last block's work.
+    Each expert's rows run as one matmul of the smallest block size (a multiple of `block_sizes`'
+    step) that holds them, so with twice the share most experts need one matmul and waste at most
+    a step's rows. Decode steps get 8: on the CPU a matmul of 8 rows costs about what one row does.
     """
-    half_share = max(1, pairs // num_experts // 2)
-    return int(min(256, max(8, 1 << (half_share.bit_length() - 1))))
+    share = max(1, pairs // num_experts)
+    return int(min(256, max(8, 1 << (2 * share - 1).bit_length())))
+
+
+def block_sizes(block_rows: int) -> tuple[int, ...]:
+    """The block sizes up to `block_rows` an expert's last block picks from: multiples of an eighth of
+    it (at least 8 rows apart), so an expert's last block wastes fewer than that many rows."""
+    step = max(8, block_rows // 8) if block_rows > 8 else block_rows
+    return tuple(range(step, block_rows, step)) + (block_rows,)
 
 
 def route(h: jax.Array, router: jax.Array | Weight, spec: MoeSpec) -> tuple[jax.Array, jax.Array]:
@@ -293,36 +301,52 @@ def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
 
 
 def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None) -> jax.Array:
-    """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over fixed-size blocks of rows.
+    """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over the experts that have rows.
 
-    Each expert's rows are cut into blocks of `block_rows`; the loop visits only the blocks that hold
-    rows (a data-dependent trip count inside one compiled program: shapes stay fixed), so the work is
-    about (rows + experts used x block_rows) x one expert's FFN, never every expert over every row.
-    A block's rows past its expert's group are zeroed and rewritten by the next group's blocks, which
-    come later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
-    arrays still carry the stacked layer axis ([L, E, ...]) and each block reads only its expert's
-    matrices: slicing a layer out first would copy every expert of the layer on every step.
+    The loop visits only the experts with rows (a data-dependent trip count inside one compiled
+    program: shapes stay fixed) and reads each one's three matrices once. An expert's rows run in
+    blocks of `block_rows`, the last one (usually the only one) of the smallest of `block_sizes`
+    that holds what is left, picked by `lax.switch`: one matmul per expert of about its own rows,
+    never every expert over every row. Reading an expert's matrix out of the stack is a copy on the
+    CPU (its dot needs a buffer of its own), hence once per expert, not once per block. A block's
+    rows past its expert's group are zeroed and rewritten by the next group's blocks, which come
+    later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
+    arrays still carry the stacked layer axis ([L, E, ...]): slicing a layer out first would copy
+    every expert of the layer on every step.
     """
     M, H = x.shape
     C = block_rows
+    sizes_c = block_sizes(C)
     E = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
-    blocks = (sizes + C - 1) // C
-    block_end = jnp.cumsum(blocks)
+    used = jnp.nonzero(sizes > 0, size=E, fill_value=0)[0].astype(jnp.int32)  # experts with rows, in order
     xp = jnp.concatenate([x, jnp.zeros((C, H), x.dtype)])
 
-    def body(b: jax.Array, out: jax.Array) -> jax.Array:
-        e = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), E - 1).astype(jnp.int32)
-        j = b - (block_end[e] - blocks[e])
-        row0 = starts[e] + j * C
-        xb = jax.lax.dynamic_slice_in_dim(xp, row0, C)
+    def expert(i: jax.Array, out: jax.Array) -> jax.Array:
+        e = used[i]
         w = {k: _expert(p[k], layer, e) for k in ("experts_gate", "experts_up", "experts_down")}
-        y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
-        y = jnp.where((jnp.arange(C) < sizes[e] - j * C)[:, None], y, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
 
-    out = jax.lax.fori_loop(0, block_end[-1], body, jnp.zeros((M + C, H), x.dtype))
+        def block(rows: int, row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
+            """Rows [row0, row0 + n) of this expert, computed as a block of `rows` (>= n) rows."""
+            xb = jax.lax.dynamic_slice_in_dim(xp, row0, rows)
+            y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
+            y = jnp.where((jnp.arange(rows) < n)[:, None], y, 0)
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
+
+        def last(row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
+            if len(sizes_c) == 1:
+                return block(C, row0, n, out)
+            pick = jnp.searchsorted(jnp.asarray(sizes_c, jnp.int32), n)
+            branches = [functools.partial(block, r) for r in sizes_c]
+            return jax.lax.switch(pick, branches, row0, n, out)
+
+        full = (sizes[e] - 1) // C  # whole blocks before the last one
+        if C < M:  # a group can outgrow one block
+            out = jax.lax.fori_loop(0, full, lambda j, out: block(C, starts[e] + j * C, jnp.int32(C), out), out)
+        return last(starts[e] + full * C, sizes[e] - full * C, out)
+
+    out = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, jnp.zeros((M + C, H), x.dtype))
     return out[:M]
 
 
@@ -369,8 +393,11 @@ def moe_mlp(
         else:
             rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
             y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None)
-        y = y * jnp.take(weights.reshape(-1), order)[:, None]
-        out = jnp.zeros_like(h).at[token].add(y)
+        # back to (token, k) order with a gather (the inverse permutation) rather than a scatter-add,
+        # which the CPU runs row by row; each token then sums its k outputs times their weights
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y = jnp.take(y, inverse, axis=0).reshape(T, k, -1)
+        out = jnp.einsum("tkh,tk->th", y, weights, preferred_element_type=jnp.float32).astype(h.dtype)
         return out if mesh is None else jax.lax.psum(out, axis)
 
     if mesh is None:
