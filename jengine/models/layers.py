@@ -300,7 +300,10 @@ def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(w, start, (1, 1, *w.shape[2:])).reshape(w.shape[2:])
 
 
-def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None) -> jax.Array:
+def blocked_expert_ffn(
+    x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None,
+    max_group: int | None = None,
+) -> jax.Array:
     """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over the experts that have rows.
 
     The loop visits only the experts with rows (a data-dependent trip count inside one compiled
@@ -312,7 +315,8 @@ def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_ro
     rows past its expert's group are zeroed and rewritten by the next group's blocks, which come
     later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
     arrays still carry the stacked layer axis ([L, E, ...]): slicing a layer out first would copy
-    every expert of the layer on every step.
+    every expert of the layer on every step. `max_group`: no group has more rows (the step's tokens,
+    as a token picks distinct experts); when one block holds it, there is no loop over blocks.
     """
     M, H = x.shape
     C = block_rows
@@ -342,7 +346,7 @@ def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_ro
             return jax.lax.switch(pick, branches, row0, n, out)
 
         full = (sizes[e] - 1) // C  # whole blocks before the last one
-        if C < M:  # a group can outgrow one block
+        if C < (max_group or M):  # a group can outgrow one block
             out = jax.lax.fori_loop(0, full, lambda j, out: block(C, starts[e] + j * C, jnp.int32(C), out), out)
         return last(starts[e] + full * C, sizes[e] - full * C, out)
 
@@ -392,12 +396,12 @@ def moe_mlp(
             y = ragged_expert_ffn(x, sizes, one)
         else:
             rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
-            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None)
+            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T)
         # back to (token, k) order with a gather (the inverse permutation) rather than a scatter-add,
         # which the CPU runs row by row; each token then sums its k outputs times their weights
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y = jnp.take(y, inverse, axis=0).reshape(T, k, -1)
-        out = jnp.einsum("tkh,tk->th", y, weights, preferred_element_type=jnp.float32).astype(h.dtype)
+        out = jnp.sum(y.astype(jnp.float32) * weights[..., None].astype(jnp.float32), axis=1).astype(h.dtype)  # one fused loop
         return out if mesh is None else jax.lax.psum(out, axis)
 
     if mesh is None:
