@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Hashable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,22 +138,94 @@ def scan_layers(
     left after the last whole unit run unrolled after the scan. `params` holds the stacked `[L, ...]`
     weights (arrays or `Weight` pytrees); `p` is one layer's slice. The body is traced once per slot.
     """
-    units, tail = divmod(num_layers, period)
+    slots = [i % period for i in range(num_layers)]
+    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period)
 
-    def take(layer: jax.Array | int) -> Params:
-        return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), params)
 
-    def unit(carry: Any, u: jax.Array) -> tuple[Any, None]:
-        for slot in range(period):
-            layer = u * period + slot
-            carry = layer_fn(slot, layer, take(layer), carry)
-        return carry, None
+class LayerOf(NamedTuple):
+    """Index `layer` of a stacked weight the scan leaves whole (`scan_layer_kinds`'s `whole`), for a
+    body that reads only part of it (the grouped matmul reads one expert at a time)."""
 
-    if units:
+    stack: Any
+    layer: jax.Array | int
+
+
+def layer_segments(kinds: Sequence[Hashable], max_period: int = 8) -> list[tuple[int, int, int]]:
+    """Cuts layers of the given kinds into runs that repeat a pattern: [(start, period, units)].
+
+    From each start, the period (at most `max_period`) whose whole repeated units cover the most
+    layers wins (the shortest on a tie), if it repeats at least twice; otherwise the layer there runs
+    alone (period 1, 1 unit). A regular model is one run (`period` 1 when all layers are alike); an
+    irregular one, e.g. one dense layer before 47 sparse ones, is a few runs, never all unrolled.
+    """
+    n, start, out = len(kinds), 0, []
+    while start < n:
+        best = (1, 1, 1)  # (layers covered, period, units)
+        for p in range(1, min(max_period, n - start) + 1):
+            run = p
+            while start + run < n and kinds[start + run] == kinds[start + run - p]:
+                run += 1
+            units = run // p
+            if units >= 2 and units * p > best[0]:
+                best = (units * p, p, units)
+        out.append((start, best[1], best[2]))
+        start += best[0]
+    return out
+
+
+def scan_layer_kinds(
+    layer_fn: Callable[[Any, jax.Array | int, Params, Any], Any],
+    params: Params,
+    carry: Any,
+    kinds: Sequence[Hashable],
+    held_by: Mapping[str, Sequence[int]] | None = None,
+    whole: Collection[str] = (),
+    max_period: int = 8,
+) -> Any:
+    """Runs `carry = layer_fn(kinds[layer], layer, p, carry)` for every layer, in order.
+
+    Layers of different kinds have different static settings or different parameters (a dense or a
+    sparse MLP). They run as the runs of repeating patterns `layer_segments` finds: each run of two
+    or more units is one `jax.lax.scan` over its units (each slot of the unit traced once), a lone
+    layer runs unrolled. `held_by[name]` lists the layers that hold stacked parameter `name` (default:
+    all); its leading axis counts only those layers, and `p` has it only at those layers. Names in
+    `whole` are not sliced: `p[name]` is a `LayerOf(stack, index into it)`. `p` otherwise holds one layer's
+    slice of every stacked weight (arrays or `Weight` pytrees); the slices are dynamic indexes, the
+    same as scanning over the stacks as `xs`, so no weight is copied.
+    """
+    num_layers = len(kinds)
+    holders = {n: tuple(held_by.get(n, range(num_layers)) if held_by else range(num_layers)) for n in params}
+    rank = {n: {layer: r for r, layer in enumerate(h)} for n, h in holders.items()}
+    # the pattern of kinds and of which parameters each layer holds: within a run, every parameter's
+    # index then moves by a fixed stride per unit
+    signature = [(kinds[i], tuple(i in rank[n] for n in sorted(params))) for i in range(num_layers)]
+
+    def run_layer(start: int, period: int, slot: int, u: jax.Array | int, carry: Any) -> Any:
+        first = start + slot  # this slot's layer in the run's first unit
+        p: dict[str, Any] = {}
+        for name, w in params.items():
+            if first not in rank[name]:
+                continue
+            stride = sum(1 for i in range(start, start + period) if i in rank[name])
+            index = rank[name][first] + u * stride
+            if name in whole:
+                p[name] = LayerOf(w, index)
+            else:
+                p[name] = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), w)  # noqa: B023
+        return layer_fn(kinds[first], first + u * period, p, carry)
+
+    for start, period, units in layer_segments(signature, max_period):
+        if units == 1:
+            for slot in range(period):
+                carry = run_layer(start, period, slot, 0, carry)
+            continue
+
+        def unit(carry: Any, u: jax.Array, start: int = start, period: int = period) -> tuple[Any, None]:
+            for slot in range(period):
+                carry = run_layer(start, period, slot, u, carry)
+            return carry, None
+
         carry, _ = jax.lax.scan(unit, carry, jnp.arange(units, dtype=jnp.int32))
-    for slot in range(tail):
-        layer = units * period + slot
-        carry = layer_fn(slot, layer, take(layer), carry)
     return carry
 
 
@@ -178,14 +250,22 @@ class MoeSpec:
 
 
 def default_block_rows(pairs: int, num_experts: int) -> int:
-    """Rows per block: a power of two in [8, 256], at most half an expert's even share of the pairs.
+    """Largest block (rows) of the blocked grouped matmul: a power of two in [8, 256], at least twice
+    an expert's even share of the step's (token, expert) pairs.
 
-    Small blocks waste little on experts with few rows (decode); larger ones keep a long prefill to a
-    few big matmuls instead of many small ones (each loop trip has a fixed cost on the CPU). Half the
-    share, so an expert with a little more than its share wastes at most a third of its last block's work.
+    Each expert's rows run as one matmul of the smallest block size (a multiple of `block_sizes`'
+    step) that holds them, so with twice the share most experts need one matmul and waste at most
+    a step's rows. Decode steps get 8: on the CPU a matmul of 8 rows costs about what one row does.
     """
-    half_share = max(1, pairs // num_experts // 2)
-    return int(min(256, max(8, 1 << (half_share.bit_length() - 1))))
+    share = max(1, pairs // num_experts)
+    return int(min(256, max(8, 1 << (2 * share - 1).bit_length())))
+
+
+def block_sizes(block_rows: int) -> tuple[int, ...]:
+    """The block sizes up to `block_rows` an expert's last block picks from: multiples of an eighth of
+    it (at least 8 rows apart), so an expert's last block wastes fewer than that many rows."""
+    step = max(8, block_rows // 8) if block_rows > 8 else block_rows
+    return tuple(range(step, block_rows, step)) + (block_rows,)
 
 
 def route(h: jax.Array, router: jax.Array | Weight, spec: MoeSpec) -> tuple[jax.Array, jax.Array]:
@@ -220,37 +300,57 @@ def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(w, start, (1, 1, *w.shape[2:])).reshape(w.shape[2:])
 
 
-def blocked_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None) -> jax.Array:
-    """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over fixed-size blocks of rows.
+def blocked_expert_ffn(
+    x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None,
+    max_group: int | None = None,
+) -> jax.Array:
+    """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over the experts that have rows.
 
-    Each expert's rows are cut into blocks of `block_rows`; the loop visits only the blocks that hold
-    rows (a data-dependent trip count inside one compiled program: shapes stay fixed), so the work is
-    about (rows + experts used x block_rows) x one expert's FFN, never every expert over every row.
-    A block's rows past its expert's group are zeroed and rewritten by the next group's blocks, which
-    come later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
-    arrays still carry the stacked layer axis ([L, E, ...]) and each block reads only its expert's
-    matrices: slicing a layer out first would copy every expert of the layer on every step.
+    The loop visits only the experts with rows (a data-dependent trip count inside one compiled
+    program: shapes stay fixed) and reads each one's three matrices once. An expert's rows run in
+    blocks of `block_rows`, the last one (usually the only one) of the smallest of `block_sizes`
+    that holds what is left, picked by `lax.switch`: one matmul per expert of about its own rows,
+    never every expert over every row. Reading an expert's matrix out of the stack is a copy on the
+    CPU (its dot needs a buffer of its own), hence once per expert, not once per block. A block's
+    rows past its expert's group are zeroed and rewritten by the next group's blocks, which come
+    later in row order. Rows past `sum(group_sizes)` come out as zeros. With `layer`, the expert
+    arrays still carry the stacked layer axis ([L, E, ...]): slicing a layer out first would copy
+    every expert of the layer on every step. `max_group`: no group has more rows (the step's tokens,
+    as a token picks distinct experts); when one block holds it, there is no loop over blocks.
     """
     M, H = x.shape
     C = block_rows
+    sizes_c = block_sizes(C)
     E = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
-    blocks = (sizes + C - 1) // C
-    block_end = jnp.cumsum(blocks)
+    used = jnp.nonzero(sizes > 0, size=E, fill_value=0)[0].astype(jnp.int32)  # experts with rows, in order
     xp = jnp.concatenate([x, jnp.zeros((C, H), x.dtype)])
 
-    def body(b: jax.Array, out: jax.Array) -> jax.Array:
-        e = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), E - 1).astype(jnp.int32)
-        j = b - (block_end[e] - blocks[e])
-        row0 = starts[e] + j * C
-        xb = jax.lax.dynamic_slice_in_dim(xp, row0, C)
+    def expert(i: jax.Array, out: jax.Array) -> jax.Array:
+        e = used[i]
         w = {k: _expert(p[k], layer, e) for k in ("experts_gate", "experts_up", "experts_down")}
-        y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
-        y = jnp.where((jnp.arange(C) < sizes[e] - j * C)[:, None], y, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
 
-    out = jax.lax.fori_loop(0, block_end[-1], body, jnp.zeros((M + C, H), x.dtype))
+        def block(rows: int, row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
+            """Rows [row0, row0 + n) of this expert, computed as a block of `rows` (>= n) rows."""
+            xb = jax.lax.dynamic_slice_in_dim(xp, row0, rows)
+            y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
+            y = jnp.where((jnp.arange(rows) < n)[:, None], y, 0)
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
+
+        def last(row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
+            if len(sizes_c) == 1:
+                return block(C, row0, n, out)
+            pick = jnp.searchsorted(jnp.asarray(sizes_c, jnp.int32), n)
+            branches = [functools.partial(block, r) for r in sizes_c]
+            return jax.lax.switch(pick, branches, row0, n, out)
+
+        full = (sizes[e] - 1) // C  # whole blocks before the last one
+        if C < (max_group or M):  # a group can outgrow one block
+            out = jax.lax.fori_loop(0, full, lambda j, out: block(C, starts[e] + j * C, jnp.int32(C), out), out)
+        return last(starts[e] + full * C, sizes[e] - full * C, out)
+
+    out = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, jnp.zeros((M + C, H), x.dtype))
     return out[:M]
 
 
@@ -296,9 +396,12 @@ def moe_mlp(
             y = ragged_expert_ffn(x, sizes, one)
         else:
             rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
-            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None)
-        y = y * jnp.take(weights.reshape(-1), order)[:, None]
-        out = jnp.zeros_like(h).at[token].add(y)
+            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T)
+        # back to (token, k) order with a gather (the inverse permutation) rather than a scatter-add,
+        # which the CPU runs row by row; each token then sums its k outputs times their weights
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y = jnp.take(y, inverse, axis=0).reshape(T, k, -1)
+        out = jnp.sum(y.astype(jnp.float32) * weights[..., None].astype(jnp.float32), axis=1).astype(h.dtype)  # one fused loop
         return out if mesh is None else jax.lax.psum(out, axis)
 
     if mesh is None:

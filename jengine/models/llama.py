@@ -197,13 +197,6 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
         cfg = self.config
         return cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
-    # `layers.*` parameters the layer scan leaves whole ([L, ...]); `mlp` gets them as `stacked`
-    unscanned: tuple[str, ...] = ()
-
-    def mlp(self, h: jax.Array, p: nn.Params, layer: Any, stacked: nn.Params, md: AttentionMetadata) -> jax.Array:
-        """The feed-forward block of one layer (the MoE families override this)."""
-        return nn.swiglu(h, p)
-
     def __call__(self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata) -> tuple[Any, jax.Array]:
         cfg = self.config
         rope = self.rope(positions, md)
@@ -212,18 +205,15 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
             qk_norm=functools.partial(nn.rms_norm, eps=cfg.rms_norm_eps) if cfg.qk_norm else None,
         )
 
-        arrays = self.layers.arrays()
-        stacked = {k: arrays.pop(k) for k in self.unscanned}
-
         def layer(slot: int, i: Any, p: nn.Params, carry: Any) -> Any:
             x, cache = carry
             cache, o = nn.attention(spec, p, nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), cache, i, md, rope)
             x = x + o
-            x = x + self.mlp(nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p, i, stacked, md)
+            x = x + nn.swiglu(nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p)
             return x, cache
 
         x = nn.embed(self.embed[...], token_ids)
-        x, kv_cache = nn.scan_layers(layer, arrays, (x, kv_cache), cfg.num_layers)
+        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers)
         return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
 

@@ -10,22 +10,30 @@ sorted by expert. What differs between the three:
     Qwen2-MoE   `norm_topk_prob` false: the softmax probabilities as they are; plus a shared expert
                 (a SwiGLU MLP every token runs) scaled by `sigmoid(shared_expert_gate(h))`
 
-Parameters: the Llama family's attention and norm parameters, then per layer
+Qwen2-MoE and Qwen3-MoE can mix in dense layers, as HF does: layer i has a dense SwiGLU MLP of
+`intermediate_size` when i is in `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0`, else the
+sparse one of `moe_intermediate_size` experts (Mixtral: every layer sparse).
 
-    layers.router          [L, H, E]
-    layers.experts_gate    [L, E, H, F]     layers.experts_up [L, E, H, F]     layers.experts_down [L, E, F, H]
-    layers.w_gate/w_up     [L, H, Fs]       layers.w_down     [L, Fs, H]       (Qwen2-MoE shared expert)
-    layers.shared_gate     [L, H, 1]                                           (Qwen2-MoE)
+Parameters: the Llama family's attention and norm parameters ([L, ...], every layer), then with
+Ls sparse and Ld dense layers (each stack counts only the layers that hold it, in layer order)
 
-Expert weights are plain arrays (the grouped matmul indexes them by expert); under expert
-parallelism (`enable_expert_parallel`) they are split over the model axis by expert (partition kind
-EXPERT), else replicated. Every layer must be sparse: Qwen's `decoder_sparse_step` > 1 or a non-empty
-`mlp_only_layers` (dense layers between sparse ones, which no released Qwen MoE model uses) are
-refused by name.
+    layers.router            [Ls, H, E]
+    layers.experts_gate      [Ls, E, H, F]   layers.experts_up [Ls, E, H, F]   layers.experts_down [Ls, E, F, H]
+    layers.shared_w_gate/up  [Ls, H, Fs]     layers.shared_w_down [Ls, Fs, H]  (Qwen2-MoE shared expert)
+    layers.shared_gate       [Ls, H, 1]                                        (Qwen2-MoE)
+    layers.w_gate/w_up       [Ld, H, Fd]     layers.w_down [Ld, Fd, H]         (dense layers, HF `mlp.*_proj`)
+
+The layers run as `layers.scan_layer_kinds` runs of their dense/sparse pattern: one scan when every
+layer is sparse or `decoder_sparse_step` repeats (units of `step` layers), a lone dense layer unrolled
+before a scan of the rest for `mlp_only_layers=[0]`. Expert weights are plain arrays (the grouped
+matmul indexes them by expert); under expert parallelism (`enable_expert_parallel`) they are split
+over the model axis by expert (partition kind EXPERT), else replicated.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Mapping
 
 import jax
@@ -50,20 +58,30 @@ class MoeConfig(LlamaConfig):
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP (Qwen's `mlp_only_layers`, `decoder_sparse_step`)
+    dense_intermediate_size: int = 0  # their FFN width (HF `intermediate_size` of the Qwen MoE configs)
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
 
     @property
     def tp_ffn_size(self) -> int:
-        """The FFN width tensor parallelism splits (the shared expert's; experts are split by expert)."""
-        return self.shared_expert_intermediate_size
+        """The FFN width tensor parallelism splits: it must divide the shared expert's and the dense
+        layers' (experts are split by expert, if at all)."""
+        return math.gcd(self.shared_expert_intermediate_size, self.dense_intermediate_size if self.dense_layers else 0)
 
 
-def _check_all_sparse(cfg: Mapping[str, Any], arch: str) -> None:
-    step = int(cfg.get("decoder_sparse_step", 1) or 1)
-    if step != 1:
+def _dense_layers(cfg: Mapping[str, Any], arch: str, num_layers: int) -> tuple[int, ...]:
+    """HF's rule: layer i is dense when in `mlp_only_layers` or when `(i + 1) % decoder_sparse_step != 0`."""
+    step = cfg.get("decoder_sparse_step", 1)
+    step = 1 if step is None else step
+    if not isinstance(step, int) or step < 1:
         raise unsupported_field(arch, "decoder_sparse_step", step)
-    only = list(cfg.get("mlp_only_layers") or [])
-    if only:
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) for i in only):
         raise unsupported_field(arch, "mlp_only_layers", only)
+    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
 
 
 class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
@@ -72,7 +90,6 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
     config_class = MoeConfig
     expert_mesh: Any = None  # a Mesh whose "model" axis splits the experts (expert parallelism), or None
     grouped_matmul: str | None = None  # "ragged" / "blocked" / None: the platform's choice (see `layers.MoeSpec`)
-    unscanned = ("experts_gate", "experts_up", "experts_down")  # each block reads its expert from the stack
 
     @classmethod
     def config_from_hf(cls, cfg: Mapping[str, Any]) -> MoeConfig:
@@ -88,10 +105,13 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
         base = base_fields(cfg, arch)
         if arch == ARCH_MIXTRAL:
             experts, norm, shared = int(cfg.get("num_local_experts", 8)), True, 0
+            dense: tuple[int, ...] = ()
+            dense_ffn = 0
             window = cfg.get("sliding_window")
             qkv_bias = o_bias = False
         else:
-            _check_all_sparse(cfg, arch)
+            dense = _dense_layers(cfg, arch, base["num_layers"])
+            dense_ffn = base["intermediate_size"]
             experts = int(cfg.get("num_experts", 8))
             base["intermediate_size"] = int(cfg.get("moe_intermediate_size") or base["intermediate_size"])
             norm = bool(cfg.get("norm_topk_prob", arch == ARCH_QWEN3_MOE))
@@ -116,6 +136,8 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
             num_experts_per_tok=top_k,
             norm_topk_prob=norm,
             shared_expert_intermediate_size=shared,
+            dense_layers=dense,
+            dense_intermediate_size=dense_ffn if dense else 0,
         )
 
     @classmethod
@@ -124,54 +146,97 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
 
     @classmethod
     def param_shapes(cls, cfg: MoeConfig) -> dict[str, tuple[int, ...]]:
-        L, H, E, F = cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
-        shapes = {k: v for k, v in super().param_shapes(cfg).items() if k not in ("layers.w_gate", "layers.w_up", "layers.w_down")}
+        H, E, F = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+        Ls, Ld = len(cfg.sparse_layers), len(cfg.dense_layers)
+        shapes = {k: v for k, v in super().param_shapes(cfg).items() if k not in _DENSE}
         shapes.update({
-            "layers.router": (L, H, E),
-            "layers.experts_gate": (L, E, H, F),
-            "layers.experts_up": (L, E, H, F),
-            "layers.experts_down": (L, E, F, H),
+            "layers.router": (Ls, H, E),
+            "layers.experts_gate": (Ls, E, H, F),
+            "layers.experts_up": (Ls, E, H, F),
+            "layers.experts_down": (Ls, E, F, H),
         })
-        Fs = cfg.shared_expert_intermediate_size
-        if Fs:
-            shapes.update({"layers.w_gate": (L, H, Fs), "layers.w_up": (L, H, Fs), "layers.w_down": (L, Fs, H), "layers.shared_gate": (L, H, 1)})
+        if Fs := cfg.shared_expert_intermediate_size:
+            shapes.update({"layers.shared_w_gate": (Ls, H, Fs), "layers.shared_w_up": (Ls, H, Fs),
+                           "layers.shared_w_down": (Ls, Fs, H), "layers.shared_gate": (Ls, H, 1)})
+        if Ld:
+            Fd = cfg.dense_intermediate_size
+            shapes.update({"layers.w_gate": (Ld, H, Fd), "layers.w_up": (Ld, H, Fd), "layers.w_down": (Ld, Fd, H)})
         return shapes
 
     @classmethod
     def hf_names(cls, cfg: MoeConfig) -> NameMap:
-        names = super().hf_names(cfg)
+        names = super().hf_names(cfg)  # attention, norms and the dense layers' `mlp.{gate,up,down}_proj`
         E = cfg.num_experts
         if cfg.architecture == ARCH_MIXTRAL:
             moe, gate, up, down = "block_sparse_moe", "w1", "w3", "w2"
         else:
             moe, gate, up, down = "mlp", "gate_proj", "up_proj", "down_proj"
         layer = f"model.layers.{{i}}.{moe}"
+        # stacks that only some layers hold name the checkpoint layer of each stacked index
+        sparse = cfg.sparse_layers if cfg.dense_layers else None
+        if cfg.dense_layers:
+            for k in _DENSE:
+                names[k] = Source(names[k][0], names[k][1], layers=cfg.dense_layers)
         names.update({
-            "layers.router": (f"{layer}.gate.weight", True),
-            "layers.experts_gate": Source(f"{layer}.experts.{{e}}.{gate}.weight", True, experts=E),
-            "layers.experts_up": Source(f"{layer}.experts.{{e}}.{up}.weight", True, experts=E),
-            "layers.experts_down": Source(f"{layer}.experts.{{e}}.{down}.weight", True, experts=E),
-            "layers.w_gate": (f"{layer}.shared_expert.gate_proj.weight", True),
-            "layers.w_up": (f"{layer}.shared_expert.up_proj.weight", True),
-            "layers.w_down": (f"{layer}.shared_expert.down_proj.weight", True),
-            "layers.shared_gate": (f"{layer}.shared_expert_gate.weight", True),
+            "layers.router": Source(f"{layer}.gate.weight", True, layers=sparse),
+            "layers.experts_gate": Source(f"{layer}.experts.{{e}}.{gate}.weight", True, experts=E, layers=sparse),
+            "layers.experts_up": Source(f"{layer}.experts.{{e}}.{up}.weight", True, experts=E, layers=sparse),
+            "layers.experts_down": Source(f"{layer}.experts.{{e}}.{down}.weight", True, experts=E, layers=sparse),
+            "layers.shared_w_gate": Source(f"{layer}.shared_expert.gate_proj.weight", True, layers=sparse),
+            "layers.shared_w_up": Source(f"{layer}.shared_expert.up_proj.weight", True, layers=sparse),
+            "layers.shared_w_down": Source(f"{layer}.shared_expert.down_proj.weight", True, layers=sparse),
+            "layers.shared_gate": Source(f"{layer}.shared_expert_gate.weight", True, layers=sparse),
         })
         return names
 
     @classmethod
     def partition_kinds(cls, cfg: MoeConfig) -> dict[str, str]:
         return {
-            **_PARTITION,
+            **_PARTITION,  # includes the dense layers' w_gate/w_up (COLUMN) and w_down (ROW)
             "layers.router": REPLICATED, "layers.shared_gate": REPLICATED,
             "layers.experts_gate": EXPERT, "layers.experts_up": EXPERT, "layers.experts_down": EXPERT,
-            "layers.w_gate": COLUMN, "layers.w_up": COLUMN, "layers.w_down": ROW,
+            "layers.shared_w_gate": COLUMN, "layers.shared_w_up": COLUMN, "layers.shared_w_down": ROW,
         }
 
-    def mlp(self, h: jax.Array, p: nn.Params, layer: Any, stacked: nn.Params, md: AttentionMetadata) -> jax.Array:
+    def sparse_mlp(self, h: jax.Array, p: nn.Params, md: AttentionMetadata) -> jax.Array:
+        """The experts (and Qwen2-MoE's gated shared expert) of one sparse layer."""
         cfg = self.config
         spec = nn.MoeSpec(cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, grouped=self.grouped_matmul)
         num_tokens = md.query_start_loc[md.num_seqs[0]]  # the step's real tokens; the rest is bucket padding
-        out = nn.moe_mlp(h, {**p, **stacked}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh)
+        experts = {k: p[k].stack for k in _EXPERTS}  # whole [Ls, E, ...] stacks: each block reads one expert
+        layer = p[_EXPERTS[0]].layer
+        out = nn.moe_mlp(h, {"router": p["router"], **experts}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh)
         if cfg.shared_expert_intermediate_size:
-            out = out + jax.nn.sigmoid(nn.linear(h, p["shared_gate"])) * nn.swiglu(h, p)
+            shared = {"w_gate": p["shared_w_gate"], "w_up": p["shared_w_up"], "w_down": p["shared_w_down"]}
+            out = out + jax.nn.sigmoid(nn.linear(h, p["shared_gate"])) * nn.swiglu(h, shared)
         return out
+
+    def __call__(self, kv_cache: Any, token_ids: jax.Array, positions: jax.Array, md: AttentionMetadata) -> tuple[Any, jax.Array]:
+        cfg = self.config
+        rope = self.rope(positions, md)
+        norm = functools.partial(nn.rms_norm, eps=cfg.rms_norm_eps)
+        spec = nn.AttentionSpec(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+            qk_norm=norm if cfg.qk_norm else None,
+        )
+        kinds = tuple(DENSE if i in cfg.dense_layers else SPARSE for i in range(cfg.num_layers))
+        arrays = self.layers.arrays()
+        held_by = {k.removeprefix("layers."): cfg.dense_layers for k in _DENSE}
+        held_by.update({k: cfg.sparse_layers for k in _SPARSE})
+
+        def layer(kind: str, i: Any, p: nn.Params, carry: Any) -> Any:
+            x, cache = carry
+            cache, o = nn.attention(spec, p, norm(x, p["attn_norm"]), cache, i, md, rope)
+            x = x + o
+            h = norm(x, p["mlp_norm"])
+            return x + (self.sparse_mlp(h, p, md) if kind == SPARSE else nn.swiglu(h, p)), cache
+
+        x = nn.embed(self.embed[...], token_ids)
+        x, kv_cache = nn.scan_layer_kinds(layer, arrays, (x, kv_cache), kinds, held_by, whole=_EXPERTS)
+        return kv_cache, norm(x, self.final_norm[...])
+
+
+DENSE, SPARSE = "dense", "sparse"
+_DENSE = ("layers.w_gate", "layers.w_up", "layers.w_down")
+_EXPERTS = ("experts_gate", "experts_up", "experts_down")
+_SPARSE = ("router", *_EXPERTS, "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate")  # sparse layers' stacks
