@@ -38,6 +38,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     min_token_bucket: int = 8
     min_seq_bucket: int = 8
+    # Dispatch step N+1 before step N's tokens reach the host (None: the engine's default, on; see
+    # jengine.engine.core.resolve_async_scheduling).
+    async_scheduling: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    async_scheduling: Optional[bool] = None  # None: on (off where the engine cannot: speculative decoding, several processes)
 
     def _lora_config(self) -> Optional[LoRAConfig]:
         if not self.enable_lora:
@@ -174,6 +178,7 @@ class EngineArgs:
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         check_quantization(self.quantization)
+        _require(self.async_scheduling in (None, True, False), "async_scheduling", f"must be a bool, got {self.async_scheduling!r}")
         _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
         return EngineConfig(
             lora=self._lora_config(),
@@ -200,6 +205,7 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 policy=self.scheduling_policy,
+                async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
