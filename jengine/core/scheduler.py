@@ -403,12 +403,16 @@ class Scheduler:
 
     def mark_dispatched(self, output: SchedulerOutput) -> None:
         """Asynchronous scheduling: the step is on the device, so its rows count as computed now and each
-        sampling row leaves a placeholder for its token (see the module doc)."""
+        sampling row leaves a placeholder for its token (see the module doc). Pages these rows fill with
+        known tokens join the prefix cache now, as a synchronous step's would after it: the device runs
+        steps in order, so a later step that reads them finds them written."""
+        kv = self.kv_cache_manager
         for row in output.scheduled:
             req = row.request
             req.num_computed_tokens += row.num_new_tokens
             if row.samples:
                 req.num_output_placeholders += 1
+            kv.cache_full_pages(req, min(req.num_computed_tokens, req.num_tokens))
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The request's proposed drafts this decode row can verify: within the token budget, and never
