@@ -236,3 +236,38 @@ def test_smollm2_same_outputs(smol):
     assert got[True] == got[False]
     assert "Paris" in got[True][0][2][0][1]
     assert smol.engine.compilations_after_warmup == 0
+
+
+def test_invalid_token_fails_its_request_and_keeps_the_others(engines):
+    """A row whose sampled id is outside the vocabulary (non-finite logits, say) fails its request; the
+    other rows of that step already count as computed, so they keep their tokens and finish as usual."""
+    core = engines[True].engine
+    prompts = random_prompts(9, [6, 11, 8])
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    fetch = core.runner.fetch
+    calls = []
+
+    def corrupting_fetch(step):
+        out = fetch(step)
+        calls.append(None)
+        if len(calls) == 4:  # all three rows decode by now; row 0 is the first request's
+            out.token_ids = out.token_ids.copy()
+            out.token_ids[0] = -1
+        return out
+
+    core.runner.fetch = corrupting_fetch
+    try:
+        for i, p in enumerate(prompts):
+            core.add_request(f"iv{i}", p, params)
+        finals = {}
+        while core.has_unfinished_requests():
+            for out in core.step():
+                if out.finished:
+                    finals[out.request_id] = out.outputs[0]
+    finally:
+        del core.runner.fetch
+    assert finals["iv0"].finish_reason == "error"
+    ref = engines[False].generate([{"prompt_token_ids": p} for p in prompts[1:]], params, use_tqdm=False)
+    assert [finals["iv1"].token_ids, finals["iv2"].token_ids] == [o.outputs[0].token_ids for o in ref]
+    kv = core.kv_cache_manager
+    assert kv.num_free_pages == kv.num_usable_pages
