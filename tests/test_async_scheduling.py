@@ -76,6 +76,14 @@ def test_default_and_where_it_is_off():
         EngineArgs(async_scheduling="yes").create_engine_config()  # type: ignore[arg-type]
 
 
+def test_cli_flag(ckpt):
+    from jengine.cli import engine_args_from, parse_args
+
+    assert engine_args_from(parse_args(["serve", ckpt])).async_scheduling is None
+    assert engine_args_from(parse_args(["serve", ckpt, "--async-scheduling"])).async_scheduling is True
+    assert engine_args_from(parse_args(["generate", ckpt, "--no-async-scheduling"])).async_scheduling is False
+
+
 def test_same_outputs_with_chunked_prefill_prefix_caching_n_and_stops(engines):
     tok = engines[False].get_tokenizer()
     shared = random_prompts(2, [40])[0]  # longer than the 32-token budget: chunked prefill

@@ -169,11 +169,19 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
-        self._no_prev_tokens = np.zeros(self.max_logit_rows, np.int32)  # synchronous steps: nothing to read
         if plan is not None:
             from jengine.sharding import pin_runner_shardings
 
             pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
+        # `prev_tokens` of a step with nothing to read from the previous one. On the devices, placed like the
+        # sampler's padded tokens, so warm-up and every step (synchronous or not) use one executable per bucket
+        # (with a mesh, a numpy argument and a replicated array lowered apart); several processes publish
+        # numpy inputs (and never schedule asynchronously).
+        zeros = np.zeros(self.max_logit_rows, np.int32)
+        if config.parallel.num_processes > 1:
+            self._no_prev_tokens: Any = zeros
+        else:
+            self._no_prev_tokens = jax.device_put(zeros, plan.replicated) if plan is not None else jax.device_put(zeros)
         self.warmup_seconds = 0.0
         self._compiler: Optional[PieceCompiler] = None
         self.bucket_waits = 0  # steps that waited for a piece still compiling in the background
@@ -313,7 +321,11 @@ class ModelRunner:
         lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
 
         def forward(t: int, s: int) -> Any:
-            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp, self.max_logit_rows), lora0)
+            def lower() -> Any:
+                inputs = empty_step_inputs(t, s, maxp)
+                inputs.prev_tokens = self._no_prev_tokens
+                return self._forward.lower(params, kv0, inputs, lora0)
+            return lower
 
         def sampler(s: int) -> Any:
             return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
