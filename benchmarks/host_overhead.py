@@ -1,7 +1,8 @@
-"""Host time on the critical path of a decode step, with a model so small that the device time is small.
+"""Host time on the critical path of a decode step, and how long the device waits between steps,
+synchronous against asynchronous scheduling, with a model so small that the device time is small.
 
-    python benchmarks/host_overhead.py                      # 1, 64 and 256 decode rows, 40 timed steps each
-    python benchmarks/host_overhead.py --rows 1,256 --steps 100 --out benchmarks/results/host_overhead.json
+    python benchmarks/host_overhead.py                      # 1, 64 and 256 decode rows, both modes, 40 timed steps each
+    python benchmarks/host_overhead.py --rows 1,256 --steps 100 --modes async --out benchmarks/results/host_overhead.json
 
 A tiny Llama (2 layers, hidden 64) with random weights and SmolLM2's 49152-token vocabulary (the
 default model's tokenizer) keeps the sampler's work realistic while the forward pass costs little.
@@ -10,11 +11,15 @@ is in decode, then `--steps` steps are timed piece by piece:
 
 - schedule: `Scheduler.schedule` (which rows run, pages);
 - inputs: the bucketed step inputs and sampling tensors (`ModelRunner.prepare`);
-- device: dispatch, forward + sample, and the copy of the sampled tokens back (`ModelRunner.run`);
+- dispatch: enqueueing forward + sample on the device (`ModelRunner.dispatch`);
+- fetch: waiting for a step's sampled tokens and copying them back (`ModelRunner.fetch`);
 - outputs: scheduler update, detokenization, stop checks and `RequestOutput`s.
 
-Today's step is synchronous, so the device waits through schedule + inputs + outputs between two
-steps: that sum is the gap the asynchronous step loop (issue: step v2) must hide. Each row count
+The device's wait between consecutive steps N and N+1 is max(0, the end of N+1's dispatch - the moment
+N's sampled tokens were ready), the moment taken by a watcher thread blocked on N's tokens (the
+interpreter's switch interval is lowered so it records promptly). Synchronous steps make the device
+wait through outputs + schedule + inputs; asynchronous ones dispatch N+1 before fetching N, so the
+device waits only when the host's work per step is longer than the device's. Each (rows, mode) side
 runs in its own process. Prints a table of medians and writes JSON.
 """
 from __future__ import annotations
@@ -30,7 +35,8 @@ import time
 
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
-PIECES = ("schedule", "inputs", "device", "outputs")
+PIECES = ("schedule", "inputs", "dispatch", "fetch", "outputs")
+MODES = {"sync": False, "async": True}
 
 
 def tiny_config_folder(root: str) -> str:
@@ -48,16 +54,37 @@ def tiny_config_folder(root: str) -> str:
     return folder
 
 
-def measure(rows: int, steps: int, max_num_batched_tokens: int) -> dict:
+def measure(rows: int, steps: int, max_num_batched_tokens: int, mode: str) -> dict:
     """Runs in a child process: times `steps` decode steps of `rows` rows, piece by piece."""
+    import queue
+    import threading
+
     from jengine import LLM, SamplingParams
     from jengine.loader import default_model_path
 
+    sys.setswitchinterval(1e-4)  # the watcher thread records a step's end promptly even while the host works
     folder = tiny_config_folder(tempfile.mkdtemp())
     llm = LLM(model=folder, tokenizer=default_model_path(), load_format="dummy", max_model_len=1024,
-              max_num_seqs=max(rows, 8), max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False)
+              max_num_seqs=max(rows, 8), max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False,
+              async_scheduling=MODES[mode])
     engine = llm.engine
+    assert engine.async_scheduling == MODES[mode]
     times: dict[str, list[float]] = {k: [] for k in PIECES}
+    dispatched: list[float] = []  # end of each step's dispatch
+    ready: dict[int, float] = {}  # step index -> when its sampled tokens were ready
+    pending: queue.Queue = queue.Queue()
+
+    def watch() -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            index, tokens = item
+            tokens.block_until_ready()
+            ready[index] = time.perf_counter()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
 
     def timed(name: str, fn):
         def wrapper(*args, **kwargs):
@@ -69,9 +96,24 @@ def measure(rows: int, steps: int, max_num_batched_tokens: int) -> dict:
         return wrapper
 
     # Instance-level wrappers for measurement only: the classes are untouched.
+    runner = engine.runner
+    dispatch = runner.dispatch
+
+    last_tokens: list = []  # the previous step's tokens
+    busy: list[bool] = []  # per step: was the previous step still running when this one was dispatched?
+
+    def dispatch_and_watch(*args, **kwargs):
+        step = dispatch(*args, **kwargs)
+        dispatched.append(time.perf_counter())
+        busy.append(bool(last_tokens) and not last_tokens[-1].is_ready())  # a check without the watcher's timing
+        last_tokens[:] = [step.tokens]
+        pending.put((len(dispatched) - 1, step.tokens))
+        return step
+
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.runner.prepare = timed("inputs", engine.runner.prepare)
-    engine.runner.run = timed("device", engine.runner.run)
+    runner.prepare = timed("inputs", runner.prepare)
+    runner.dispatch = timed("dispatch", dispatch_and_watch)
+    runner.fetch = timed("fetch", runner.fetch)
     update, process = engine.scheduler.update_from_output, engine.output_processor.process
     engine.scheduler.update_from_output = timed("outputs", update)
     engine.output_processor.process = timed("outputs", process)
@@ -81,20 +123,33 @@ def measure(rows: int, steps: int, max_num_batched_tokens: int) -> dict:
         engine.add_request(f"r{i}", [100 + (i * 7 + j) % 1000 for j in range(8)], params)
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in list(engine.scheduler.waiting) + list(engine.scheduler.running)):
         engine.step()
+    for _ in range(3):  # into the steady state (asynchronous: a step in flight)
+        engine.step()
     for k in times:
         times[k].clear()
+    first = len(dispatched)
     walls = []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t0)
+    last = len(dispatched)
     assert len(engine.scheduler.running) == rows, "every row must still be decoding"
+    while engine.has_unfinished_requests() and engine._in_flight is not None and len(ready) < last:
+        time.sleep(0.01)
+    pending.put(None)
+    watcher.join()
+    gaps = [max(0.0, dispatched[i] - ready[i - 1]) * 1e3 for i in range(first, last)]
     outputs = [a + b for a, b in zip(times["outputs"][0::2], times["outputs"][1::2])]
     med = {k: statistics.median(v) * 1e3 for k, v in (("schedule", times["schedule"]), ("inputs", times["inputs"]),
-                                                     ("device", times["device"]), ("outputs", outputs))}
+                                                     ("dispatch", times["dispatch"]), ("fetch", times["fetch"]), ("outputs", outputs))}
     med["step"] = statistics.median(walls) * 1e3
-    med["host_gap"] = med["schedule"] + med["inputs"] + med["outputs"]
-    return {"rows": rows, "steps": steps, "median_ms": med, "compilations_after_warmup": engine.compilations_after_warmup}
+    med["host_work"] = med["schedule"] + med["inputs"] + med["outputs"]
+    med["device_wait"] = statistics.median(gaps)
+    return {"rows": rows, "mode": mode, "steps": steps, "median_ms": med,
+            "device_wait_p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))], "device_wait_max_ms": max(gaps),
+            "steps_device_never_waited": sum(g == 0.0 for g in gaps),
+            "steps_dispatched_while_previous_ran": sum(busy[first:last]), "compilations_after_warmup": engine.compilations_after_warmup}
 
 
 def main() -> int:
@@ -103,28 +158,36 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per row count (default 40)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument("--modes", default="sync,async", help="comma-separated step loops to measure (default sync,async)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="sync", choices=sorted(MODES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        side_process.emit(measure(a.child, a.steps, a.max_num_batched_tokens))
+        side_process.emit(measure(a.child, a.steps, a.max_num_batched_tokens, a.mode))
         return 0
 
     results = []
+    modes = a.modes.split(",")
     for rows in [int(r) for r in a.rows.split(",")]:
-        cmd = [sys.executable, __file__, "--child", str(rows), "--steps", str(a.steps), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
-        results.append(side_process.run(cmd))
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--child", str(rows), "--mode", mode, "--steps", str(a.steps),
+                   "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+            results.append(side_process.run(cmd))
 
-    print("| rows | step ms | schedule ms | inputs ms | device ms | outputs ms | host gap ms (device idle) | gap share |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rows | mode | step ms | schedule ms | inputs ms | dispatch ms | fetch ms | outputs ms | host work ms | device wait ms (median / p90) "
+          "| dispatched while the previous step ran |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["median_ms"]
-        print(f"| {r['rows']} | {m['step']:.2f} | {m['schedule']:.2f} | {m['inputs']:.2f} | {m['device']:.2f} | "
-              f"{m['outputs']:.2f} | {m['host_gap']:.2f} | {m['host_gap'] / m['step']:.0%} |")
+        print(f"| {r['rows']} | {r['mode']} | {m['step']:.2f} | {m['schedule']:.2f} | {m['inputs']:.2f} | {m['dispatch']:.2f} | "
+              f"{m['fetch']:.2f} | {m['outputs']:.2f} | {m['host_work']:.2f} | {m['device_wait']:.2f} / {r['device_wait_p90_ms']:.2f} "
+              f"| {r['steps_dispatched_while_previous_ran']}/{r['steps']} |")
     if a.out:
         import jax
 
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__, "mode": "synchronous"}
+                "cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+                "load_average": os.getloadavg()}
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     return 0

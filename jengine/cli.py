@@ -84,6 +84,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                         help='speculative decoding, as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
                              '"prompt_lookup_max": 4}\'; default: off')
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="dispatch each step before the previous step's sampled tokens reach the host, and process outputs "
+                             "while the device runs (steps of requests with penalties or structured outputs run synchronously); "
+                             "default: on, off with --speculative-config or several processes")
     parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the base model (see --lora-modules)")
     parser.add_argument("--max-loras", type=_positive_int, default=1, help="LoRA adapters one step can mix (device slots)")
     parser.add_argument("--max-lora-rank", type=_positive_int, default=16, help="largest LoRA rank; every slot is padded to it")
@@ -111,7 +115,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_expert_parallel=ns.enable_expert_parallel,
         load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,
-        compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config,
+        compile_in_background=ns.compile_in_background, speculative_config=ns.speculative_config, async_scheduling=ns.async_scheduling,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=ns.max_cpu_loras,
         distributed_coordinator=ns.distributed_coordinator, num_processes=ns.num_processes, process_id=ns.process_id,
         reasoning_parser=getattr(ns, "reasoning_parser", None),  # a serve flag: constraints then skip the thinking

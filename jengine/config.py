@@ -41,6 +41,9 @@ class SchedulerConfig:
     # vLLM's name: one page pool and block table for every layer, even sliding-window ones (no pages freed
     # behind the window); for comparisons and as a fallback.
     disable_hybrid_kv_cache_manager: bool = False
+    # Dispatch step N+1 before step N's tokens reach the host (None: the engine's default, on; see
+    # jengine.engine.core.resolve_async_scheduling).
+    async_scheduling: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +158,7 @@ class EngineArgs:
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
     reasoning_parser: Optional[str] = None  # "deepseek_r1" or "qwen3" (jengine.structured_output.reasoning)
+    async_scheduling: Optional[bool] = None  # None: on (off where the engine cannot: speculative decoding, several processes)
 
     def _lora_config(self) -> Optional[LoRAConfig]:
         if not self.enable_lora:
@@ -180,6 +184,7 @@ class EngineArgs:
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         check_quantization(self.quantization)
+        _require(self.async_scheduling in (None, True, False), "async_scheduling", f"must be a bool, got {self.async_scheduling!r}")
         _require(1 <= self.max_logprobs, "max_logprobs", f"must be >= 1, got {self.max_logprobs}")
         if self.reasoning_parser is not None:
             from jengine.structured_output.reasoning import get_reasoning_markers
@@ -212,6 +217,7 @@ class EngineArgs:
                 max_model_len=self.max_model_len,
                 policy=self.scheduling_policy,
                 disable_hybrid_kv_cache_manager=bool(self.disable_hybrid_kv_cache_manager),
+                async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,

@@ -65,6 +65,7 @@ class Request:
         "block_hashes",
         "spec_token_ids",
         "spec_backoff",
+        "num_output_placeholders",
         "lora_request",
         "_all_token_ids",
     )
@@ -108,6 +109,9 @@ class Request:
         # Draft tokens proposed for the next step (speculative decoding); the step verifies and clears them.
         self.spec_token_ids: list[int] = []
         self.spec_backoff = 0  # steps to skip proposing after drafts that were all rejected
+        # Asynchronous scheduling: tokens sampled by a step still on the device (0 or 1); the scheduler
+        # counts them as known, and the step that follows reads them on the device.
+        self.num_output_placeholders = 0
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     # ---- tokens -------------------------------------------------------------------------------------

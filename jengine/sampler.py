@@ -203,6 +203,9 @@ class RowState:
     num_committed_outputs: Optional[int] = None
     # Packed allowed-token bits (int32 [ceil(V / 32)]) of a row with structured outputs; None: all allowed.
     token_bitmask: Optional[np.ndarray] = None
+    # Sampled tokens not on the host yet (asynchronous scheduling): they count for the seeded step and
+    # min_tokens. Rows with penalties or a bitmask never have any (those steps run synchronously).
+    num_placeholder_tokens: int = 0
 
 
 def seed_to_key_data(seed: int) -> tuple[int, int]:
@@ -270,7 +273,7 @@ def build_sampling_tensors(
             continue
         p = row.params
         outs = row.output_token_ids
-        n_out = len(outs)
+        n_out = len(outs) + row.num_placeholder_tokens
         step[i] = n_out
         key_data[i] = seed_to_key_data(int(row.seed))
         if p.logprobs is not None:

@@ -14,7 +14,15 @@ With layer groups (a `HybridKVCacheManager`: sliding-window and full-attention l
 only when every group has them, so admission and preemption count pages per group.
 
 `update_from_output` then applies the sampled tokens, checks stop conditions, caches newly full pages and
-frees finished requests. Every admitted request finishes: `add_request` rejects a request that could
+frees finished requests.
+
+With `async_scheduling` the engine dispatches a step before the previous step's sampled tokens reach the
+host: `mark_dispatched` advances each scheduled request right after dispatch (its computed tokens, and a
+placeholder for the token its row samples, `Request.num_output_placeholders`), so the next `schedule()`
+already gives it the decode row that consumes that token; `update_from_output` then replaces the
+placeholder by the real token one step later. A request whose in-flight token is its last by length
+(max_tokens, max_model_len) is not scheduled again; one that stops on EOS or a stop string found late
+has one extra row in the step already dispatched, whose token is dropped. Every admitted request finishes: `add_request` rejects a request that could
 outgrow the whole cache, and a waiting request that cannot get pages while no request of this scheduler
 holds any (so nothing will ever free them: pages held outside the scheduler) fails with FINISHED_ERROR
 instead of waiting forever.
@@ -159,6 +167,7 @@ class Scheduler:
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
         max_loras: int = 0,
+        async_scheduling: bool = False,
     ) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
@@ -174,6 +183,7 @@ class Scheduler:
         self.policy = policy
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold (0: no limit)
+        self.async_scheduling = async_scheduling  # see the module doc: mark_dispatched, placeholders
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: Union[_FCFSQueue, _PriorityQueue] = _FCFSQueue() if policy == "fcfs" else _PriorityQueue()
         self.running: list[Request] = []
@@ -318,7 +328,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            pending = req.num_output_placeholders
+            if pending and self._reaches_length_limit(req, pending):
+                i += 1  # its token in flight is its last: nothing more to compute
+                continue
+            n = self._chunk(req.num_tokens + pending - req.num_computed_tokens, budget)
             drafts = self._drafts(req, n, budget)
             while True:
                 pages = kv.allocate_slots(req, n + len(drafts))
@@ -387,6 +401,25 @@ class Scheduler:
             finished_ids=finished_ids,
         )
 
+    def _reaches_length_limit(self, req: Request, pending: int) -> bool:
+        """The request ends by length once its `pending` in-flight tokens arrive (as `_check_stop` decides)."""
+        max_tokens = req.sampling_params.max_tokens
+        return ((max_tokens is not None and req.num_output_tokens + pending >= max_tokens)
+                or req.num_tokens + pending >= self.max_model_len)
+
+    def mark_dispatched(self, output: SchedulerOutput) -> None:
+        """Asynchronous scheduling: the step is on the device, so its rows count as computed now and each
+        sampling row leaves a placeholder for its token (see the module doc). Pages these rows fill with
+        known tokens join the prefix cache now, as a synchronous step's would after it: the device runs
+        steps in order, so a later step that reads them finds them written."""
+        kv = self.kv_cache_manager
+        for row in output.scheduled:
+            req = row.request
+            req.num_computed_tokens += row.num_new_tokens
+            if row.samples:
+                req.num_output_placeholders += 1
+            kv.cache_full_pages(req, min(req.num_computed_tokens, req.num_tokens))
+
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The request's proposed drafts this decode row can verify: within the token budget, and never
         enough to pass max_model_len or max_tokens even if all are accepted (plus the token of its own)."""
@@ -409,7 +442,7 @@ class Scheduler:
             start=start,
             block_ids=groups[0],
             group_block_ids=groups[1:],
-            samples=start + n == req.num_tokens,
+            samples=start + n == req.num_tokens + req.num_output_placeholders,
             is_decode=n == 1 and start >= req.num_prompt_tokens,
             is_new=is_new,
             spec_token_ids=list(drafts),
@@ -423,6 +456,9 @@ class Scheduler:
         the token of its own: 1 to len(drafts) + 1 tokens). Tokens are appended one at a time, so a stop
         condition met inside an accepted run ends the output right there. Rows of requests finished in
         between (aborted after schedule()) are skipped.
+
+        With `async_scheduling` the rows were advanced by `mark_dispatched` already; here each sampling row's
+        placeholder becomes its token, also for a request preempted since (it recomputes with that token).
         """
         if len(sampled_token_ids) != len(output.scheduled):
             raise ValueError(f"got {len(sampled_token_ids)} sampled tokens for {len(output.scheduled)} scheduled rows")
@@ -433,13 +469,20 @@ class Scheduler:
         newly_finished, self._finished_in_schedule = self._finished_in_schedule, []
         for row, sampled in zip(output.scheduled, sampled_token_ids):
             req = row.request
-            if req.status != RequestStatus.RUNNING:
+            if self.async_scheduling and row.samples and req.num_output_placeholders:
+                req.num_output_placeholders -= 1
+            preempted = self.async_scheduling and req.status in (RequestStatus.PREEMPTED, RequestStatus.WAITING)
+            if req.status != RequestStatus.RUNNING and not preempted:
                 continue
             tokens = [] if sampled is None else [int(sampled)] if isinstance(sampled, int) else [int(t) for t in sampled]
             if not 1 <= len(tokens) <= len(row.spec_token_ids) + 1 and row.samples:
                 raise ValueError(f"row of request {row.request_id!r} verified {len(row.spec_token_ids)} drafts but got {len(tokens)} tokens")
-            # KV is valid for the known tokens and the accepted drafts, not for the rejected ones.
-            req.num_computed_tokens += row.num_new_tokens - len(row.spec_token_ids) + max(len(tokens) - 1, 0)
+            if preempted:  # preempted after this step was dispatched: keep its token, recompute later
+                self._append_preempted(row, tokens if row.samples else [], newly_finished)
+                continue
+            if not self.async_scheduling:  # (asynchronous: mark_dispatched counted them)
+                # KV is valid for the known tokens and the accepted drafts, not for the rejected ones.
+                req.num_computed_tokens += row.num_new_tokens - len(row.spec_token_ids) + max(len(tokens) - 1, 0)
             row.num_accepted = 0
             if row.samples:
                 for token in tokens:
@@ -448,7 +491,7 @@ class Scheduler:
                     self._check_stop(req)
                     if req.is_finished:
                         break
-            kv.cache_full_pages(req, req.num_computed_tokens)
+            kv.cache_full_pages(req, min(req.num_computed_tokens, req.num_tokens))
             if req.is_finished:
                 self._release(req)
                 newly_finished.append(req)
@@ -457,6 +500,19 @@ class Scheduler:
         if newly_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return newly_finished
+
+    def _append_preempted(self, row: ScheduledSeq, tokens: Sequence[int], newly_finished: list[Request]) -> None:
+        req = row.request
+        row.num_accepted = 0
+        for token in tokens:
+            req.append_output_token_ids(token)
+            row.num_accepted += 1
+            self._check_stop(req)
+            if req.is_finished:
+                self.waiting.remove(req)
+                self._release(req)
+                newly_finished.append(req)
+                return
 
     def _check_stop(self, req: Request) -> None:
         """Stop token checks (after min_tokens), then the length limits; sets the finished status."""

@@ -1,6 +1,12 @@
-"""`EngineCore`: the synchronous heart of the engine, one `step()` at a time.
+"""`EngineCore`: the heart of the engine, one `step()` at a time.
 
     Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update_from_output() -> OutputProcessor
+
+With asynchronous scheduling (`async_scheduling`) a step is dispatched to the device before the previous
+step's sampled tokens reach the host: `step()` schedules and dispatches step N+1 (its rows that consume
+step N's tokens read them on the device), then fetches step N's tokens and processes its outputs while the
+device runs step N+1. Steps whose batch needs host knowledge of every last token (penalties built from
+host histories, structured-output bitmasks, speculative decoding, several processes) run synchronously.
 
 It owns the model runner (device), the KV cache manager and scheduler (host), and the output
 processor (detokenization, stop strings, logprobs). Frontends drive it: `LLM` calls `step()` in a
@@ -8,6 +14,7 @@ loop; the asyncio engine runs it on its own thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Optional, Sequence
@@ -18,7 +25,7 @@ import numpy as np
 from jengine.config import EngineConfig, default_compilation_cache_dir
 from jengine import sharding
 from jengine.core.hybrid_kv_cache_manager import make_kv_cache_manager
-from jengine.core.scheduler import Scheduler
+from jengine.core.scheduler import Scheduler, SchedulerOutput
 from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
 from jengine.lora.request import LoRARequest
@@ -31,7 +38,7 @@ from jengine.spec_decode.speculator import Speculator
 from jengine.structured_output.manager import StructuredOutputManager
 from jengine.structured_output.reasoning import get_reasoning_markers
 from jengine.tokenizer import load_tokenizer
-from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, ModelRunner
+from jengine.worker.model_runner import MAX_LOGIT_BIAS, MAX_STOP_TOKENS, InFlightStep, ModelRunner, PrevTokens
 from jengine.worker.step_inputs import logit_rows
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,30 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", directory or default_compilation_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def resolve_async_scheduling(requested: Optional[bool], config: EngineConfig) -> bool:
+    """Whether the engine schedules asynchronously: as asked, else on for accelerators and on the CPU
+    (benchmarks/host_overhead.py: it hides the host's work between steps there too). Never with
+    speculative decoding or several processes, whose steps need the host's tokens (logged)."""
+    if requested is None:
+        requested = True
+    if requested and config.speculative is not None:
+        logger.info("async_scheduling: off, speculative decoding drafts from the host's tokens")
+        return False
+    if requested and config.parallel.num_processes > 1:
+        logger.info("async_scheduling: off with several processes (each step's inputs are broadcast from the host)")
+        return False
+    return bool(requested)
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A step on the device whose outputs the host has not seen yet."""
+
+    sched: SchedulerOutput
+    step: InFlightStep
+    rows: dict[str, int]  # request id -> the row that samples its next token
 
 
 class EngineCore:
@@ -71,6 +102,7 @@ class EngineCore:
 
         self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
         sc = config.scheduler
+        self.async_scheduling = resolve_async_scheduling(sc.async_scheduling, config)
         self.kv_cache_manager = make_kv_cache_manager(self.runner.kv_layout, enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
@@ -79,7 +111,10 @@ class EngineCore:
             max_model_len=self.max_model_len,
             policy=sc.policy,
             max_loras=config.lora.max_loras if config.lora is not None else 0,
+            async_scheduling=self.async_scheduling,
         )
+        self._in_flight: Optional[_Flight] = None  # asynchronous scheduling: the step on the device
+        self._sync_ids: set[str] = set()  # requests whose rows need their last token on the host (penalties, structured outputs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = np.random.default_rng(config.seed)
         self._seeds: dict[str, int] = {}
@@ -181,6 +216,8 @@ class EngineCore:
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
             self._seeds[child_id] = seed
+            if needs_penalties(child_params) or child_params.structured_outputs is not None:
+                self._sync_ids.add(child_id)
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority,
                           lora_request=lora_request)
             children.append(req)
@@ -205,7 +242,7 @@ class EngineCore:
             self._forget(cid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ----- the step -----------------------------------------------------------------------------
     def _row_state(self, request: Request) -> RowState:
@@ -223,11 +260,13 @@ class EngineCore:
             seed=self._seeds[request.request_id],
             eos_token_ids=request.eos_token_ids,
             penalty_history=history,
+            num_placeholder_tokens=request.num_output_placeholders,
         )
 
     def _forget(self, child_id: str) -> None:
         self._seeds.pop(child_id, None)
         self._penalties.pop(child_id, None)
+        self._sync_ids.discard(child_id)
         self.structured_output.remove(child_id)
         if self.speculator is not None:
             self.speculator.forget(child_id)
@@ -254,32 +293,50 @@ class EngineCore:
                 so.accept(s.request.request_id, tokens[:s.num_accepted])
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling iteration; returns outputs of requests that progressed or finished."""
+        """One scheduling iteration; returns outputs of requests that progressed or finished (under
+        asynchronous scheduling: of the step before the one it dispatches)."""
+        if self.async_scheduling:
+            return self._step_async()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
-        step_out, sampled = None, []
+        step_out = None
         if sched.scheduled:
             try:
-                rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
-                self._fill_token_bitmasks(sched.scheduled, rows)
-                if self.speculator is not None:
-                    rows = self.speculator.expand(sched.scheduled, rows)
-                step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens)
+                step_out = self.runner.execute(sched.scheduled, self._sampling_rows(sched), sched.num_batched_tokens)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 return self._fail_unrunnable(sched.scheduled, error)
+        return self._process(sched, step_out)
+
+    def _sampling_rows(self, sched: SchedulerOutput) -> list:
+        rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
+        self._fill_token_bitmasks(sched.scheduled, rows)
+        if self.speculator is not None:
+            rows = self.speculator.expand(sched.scheduled, rows)
+        return rows
+
+    def _process(self, sched: SchedulerOutput, step_out: Any) -> list[RequestOutput]:
+        """Applies a step's sampled tokens (`step_out`, None when nothing ran) and builds the outputs."""
+        sampled: list = []
+        failed: list[RequestOutput] = []
+        if sched.scheduled:
             counts = logit_rows(sched.scheduled)
             ends = np.cumsum(counts)
             ids = np.asarray(step_out.token_ids)[:ends[-1]]
             if ((ids < 0) | (ids >= self.vocab_size)).any():  # rare: find the rows only then, off the common path
                 invalid = [s for s, n, end in zip(sched.scheduled, counts, ends)
                            if s.samples and not ((ids[end - n:end] >= 0) & (ids[end - n:end] < self.vocab_size)).all()]
-                if invalid:  # non-finite logits (say): fail those requests; the others recompute this step next time
-                    return self._fail_requests([(seq, "the sampler produced an invalid token id (non-finite logits?)") for seq in invalid])
+                if invalid:  # non-finite logits (say): fail those requests
+                    why = "the sampler produced an invalid token id (non-finite logits?)"
+                    if not self.async_scheduling:  # the others recompute this step next time
+                        return self._fail_requests([(seq, why) for seq in invalid])
+                    # Asynchronous: the others' rows are already counted as computed, so keep their tokens.
+                    failed = self._fail_requests([(seq, why) for seq in invalid])
             if self.speculator is not None:
                 sampled = self.speculator.accept(sched.scheduled, step_out.token_ids)
             else:
-                sampled = [[int(step_out.token_ids[i])] if s.samples else None for i, s in enumerate(sched.scheduled)]
+                sampled = [[int(step_out.token_ids[i])] if s.samples and not s.request.is_finished else None
+                           for i, s in enumerate(sched.scheduled)]
         finished = self.scheduler.update_from_output(sched, sampled)
         self._accept_structured(sched.scheduled, sampled)
         outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)
@@ -287,7 +344,40 @@ class EngineCore:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
         for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
             self._forget(child_id)
-        return outputs
+        return failed + outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedules and dispatches step N+1, then processes step N (on the device until now) while the
+        device runs N+1. Drains step N first when a running request needs its last token on the host."""
+        outputs: list[RequestOutput] = []
+        prev = self._in_flight
+        if prev is not None and self._sync_ids:
+            self._in_flight = None
+            outputs += self._process(prev.sched, self.runner.fetch(prev.step))
+            prev = None
+        sched = self.scheduler.schedule()
+        flight = None
+        if sched.scheduled:
+            pending = None
+            if prev is not None:
+                pairs = [(i, prev.rows[s.request_id]) for i, s in enumerate(sched.scheduled) if s.request.num_output_placeholders]
+                pending = PrevTokens(pairs, prev.step.tokens) if pairs else None
+            try:
+                inputs, sampling = self.runner.prepare(sched.scheduled, self._sampling_rows(sched), sched.num_batched_tokens, pending)
+                step = self.runner.dispatch(inputs, sampling)
+            except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
+                self._in_flight = None
+                if prev is not None:
+                    outputs += self._process(prev.sched, self.runner.fetch(prev.step))
+                return outputs + self._fail_unrunnable(sched.scheduled, error)
+            self.scheduler.mark_dispatched(sched)
+            flight = _Flight(sched, step, {s.request_id: i for i, s in enumerate(sched.scheduled) if s.samples})
+        self._in_flight = flight
+        if prev is not None:  # the device runs step N+1 meanwhile
+            outputs += self._process(prev.sched, self.runner.fetch(prev.step))
+        if sched.scheduled:
+            return outputs
+        return outputs + self._process(sched, None)  # nothing dispatched: report what schedule() ended
 
     def _fail_unrunnable(self, scheduled: Sequence[Any], error: Exception) -> list[RequestOutput]:
         """The step's host inputs could not be built: finds the requests whose own inputs fail (each

@@ -95,6 +95,24 @@ class StepOutputs:
     prompt_topk_logprobs: Optional[np.ndarray]  # [T, max_logprobs]
 
 
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step whose outputs are still on the device (asynchronous scheduling)."""
+
+    out: SamplerOutput
+    prompt: Any  # prompt logprobs (4 arrays) or None
+    tokens: jax.Array  # i32[max_logit_rows]: the sampled tokens, padded (the next step's `prev_tokens`)
+
+
+@dataclasses.dataclass
+class PrevTokens:
+    """What a step needs of the previous, still running one: `rows` are (this step's row, the previous
+    step's row that samples its last token) pairs, `tokens` that step's padded sampled tokens."""
+
+    rows: list[tuple[int, int]]
+    tokens: jax.Array
+
+
 def _dtype_bytes(dtype: Any) -> int:
     return jnp.dtype(dtype).itemsize
 
@@ -167,6 +185,15 @@ class ModelRunner:
             from jengine.sharding import pin_runner_shardings
 
             pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
+        # `prev_tokens` of a step with nothing to read from the previous one. On the devices, placed like the
+        # sampler's padded tokens, so warm-up and every step (synchronous or not) use one executable per bucket
+        # (with a mesh, a numpy argument and a replicated array lowered apart); several processes publish
+        # numpy inputs (and never schedule asynchronously).
+        zeros = np.zeros(self.max_logit_rows, np.int32)
+        if config.parallel.num_processes > 1:
+            self._no_prev_tokens: Any = zeros
+        else:
+            self._no_prev_tokens = jax.device_put(zeros, plan.replicated) if plan is not None else jax.device_put(zeros)
         self.warmup_seconds = 0.0
         self._compiler: Optional[PieceCompiler] = None
         self.bucket_waits = 0  # steps that waited for a piece still compiling in the background
@@ -244,7 +271,9 @@ class ModelRunner:
             interpret=self.interpret,
             **self._group_metadata(inputs),
         )
-        kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
+        # Asynchronous scheduling: tokens the host does not know yet come from the previous step's samples.
+        token_ids = jnp.where(inputs.prev_token_index >= 0, inputs.prev_tokens[jnp.maximum(inputs.prev_token_index, 0)], inputs.token_ids)
+        kv_cache, hidden = model(kv_cache, token_ids, inputs.positions, md)
         logits = model.compute_logits(hidden[inputs.logits_indices])
         return kv_cache, logits, hidden
 
@@ -257,8 +286,12 @@ class ModelRunner:
             group_windows=self.kv_layout.group_windows, layer_page_offsets=self.kv_layout.layer_offsets(),
         )
 
-    def _sample_fn(self, logits, sampling) -> SamplerOutput:
-        return sample(logits, sampling, max_logprobs=self.max_logprobs)
+    def _sample_fn(self, logits, sampling) -> tuple[SamplerOutput, jax.Array]:
+        """The sampler's output, and its tokens padded to `max_logit_rows` (the next step's `prev_tokens`,
+        one shape for every bucket so the forward compiles once per bucket)."""
+        out = sample(logits, sampling, max_logprobs=self.max_logprobs)
+        padded = jnp.zeros(self.max_logit_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids.astype(jnp.int32))
+        return out, padded
 
     def _prompt_logprobs_fn(self, params, hidden, next_ids):
         model = nnx.merge(self.graphdef, params)
@@ -310,7 +343,11 @@ class ModelRunner:
         lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
 
         def forward(t: int, s: int) -> Any:
-            return lambda: self._forward.lower(params, kv0, empty_step_inputs(t, s, maxp, self.num_kv_groups), lora0)
+            def lower() -> Any:
+                inputs = empty_step_inputs(t, s, maxp, self.num_kv_groups)
+                inputs.prev_tokens = self._no_prev_tokens
+                return self._forward.lower(params, kv0, inputs, lora0)
+            return lower
 
         def sampler(s: int) -> Any:
             return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
@@ -355,8 +392,12 @@ class ModelRunner:
     def compilations_after_warmup(self) -> int:
         return self._compilations
 
-    def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> tuple[StepInputs, Any]:
-        """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts)."""
+    def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int,
+                prev: Optional["PrevTokens"] = None) -> tuple[StepInputs, Any]:
+        """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts).
+
+        `prev` (asynchronous scheduling): the rows whose last token the previous, still running step
+        samples, and that step's padded sampled tokens on the device."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
         s = pick_seq_bucket(t, max(len(sampling_rows), len(scheduled), 1), self.min_seq_bucket, self.max_logit_rows)
         slots: list[int] = []
@@ -364,6 +405,12 @@ class ModelRunner:
             with _CompileCounter.watching(self):  # a slot write must never compile either
                 slots = self.lora.activate([seq.request.lora_request for seq in scheduled])
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, slots, self.num_kv_groups)
+        inputs.prev_tokens = self._no_prev_tokens
+        if prev is not None:  # rows whose last token is still on the device: read it from the previous step
+            rows = np.fromiter((r for r, _ in prev.rows), np.int32, len(prev.rows))
+            srcs = np.fromiter((i for _, i in prev.rows), np.int32, len(prev.rows))
+            inputs.prev_token_index[inputs.query_start_loc[rows + 1] - 1] = srcs
+            inputs.prev_tokens = prev.tokens
         return inputs, self._sampling_tensors(sampling_rows, s)
 
     def _await_pieces(self, inputs: StepInputs) -> None:
@@ -382,16 +429,22 @@ class ModelRunner:
         self.bucket_wait_seconds += waited
         logger.info("a step waited %.2f s for step bucket (%d tokens, %d rows) to finish compiling", waited, t, s)
 
-    def run(self, inputs: StepInputs, sampling: Any) -> StepOutputs:
-        """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
+    def dispatch(self, inputs: StepInputs, sampling: Any) -> "InFlightStep":
+        """Enqueues forward, sample and optional prompt logprobs on the device and returns at once;
+        the results stay on the device until `fetch`."""
         self._await_pieces(inputs)
         with _CompileCounter.watching(self):
             self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs, self._lora_stacks())
-            out = self._sample(logits, sampling)
+            out, padded = self._sample(logits, sampling)
             prompt = None
             if inputs.want_prompt_logprobs:
                 prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
-            out, prompt = jax.device_get((out, prompt))
+        return InFlightStep(out, prompt, padded)
+
+    def fetch(self, step: "InFlightStep") -> StepOutputs:
+        """Waits for a dispatched step and copies its outputs to the host (numpy)."""
+        with _CompileCounter.watching(self):
+            out, prompt = jax.device_get((step.out, step.prompt))
         return StepOutputs(
             token_ids=out.token_ids, logprobs=out.logprobs, ranks=out.ranks, topk_ids=out.topk_ids,
             topk_logprobs=out.topk_logprobs,
@@ -400,6 +453,10 @@ class ModelRunner:
             prompt_topk_ids=None if prompt is None else prompt[2],
             prompt_topk_logprobs=None if prompt is None else prompt[3],
         )
+
+    def run(self, inputs: StepInputs, sampling: Any) -> StepOutputs:
+        """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
+        return self.fetch(self.dispatch(inputs, sampling))
 
     def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
         """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""

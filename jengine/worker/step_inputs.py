@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -66,9 +66,12 @@ class StepInputs:
     token_ids, positions, slot_mapping: [T]; seq_lens, logits_indices: [S]; query_start_loc: [S + 1];
     block_tables: [S, max_pages_per_seq]; num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
     after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool;
-    lora_slots: [T] (the LoRA device slot of each token's adapter, -1 for none or padding).
+    lora_slots: [T] (the LoRA device slot of each token's adapter, -1 for none or padding);
     group_slot_mapping [G - 1, T], group_block_tables [G - 1, S, max_pages_per_seq]: the same for layer
-    groups 1.. of a model with several (sliding-window layers); None with one group.
+    groups 1.. of a model with several (sliding-window layers); None with one group;
+    prev_token_index: [T] (asynchronous scheduling: where >= 0, the token is not known on the host yet and
+    the step reads it from `prev_tokens`, the previous step's sampled tokens, at that row; -1 elsewhere);
+    prev_tokens: [P] (the previous step's sampled tokens, padded; a device array in asynchronous steps).
     """
 
     token_ids: np.ndarray
@@ -82,11 +85,13 @@ class StepInputs:
     prompt_next_ids: np.ndarray
     want_prompt_logprobs: np.ndarray
     lora_slots: np.ndarray
+    prev_token_index: np.ndarray
+    prev_tokens: Any
     group_slot_mapping: np.ndarray | None = None
     group_block_tables: np.ndarray | None = None
 
 
-def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, num_groups: int = 1) -> StepInputs:
+def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, num_groups: int = 1, num_prev_tokens: int = 1) -> StepInputs:
     """All-padding inputs of one bucket (warm-up, and the base every step fills in)."""
     i32 = np.int32
     extra = num_groups - 1
@@ -102,6 +107,8 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, nu
         prompt_next_ids=np.full(num_tokens, -1, i32),
         want_prompt_logprobs=np.zeros((), np.bool_),
         lora_slots=np.full(num_tokens, -1, i32),
+        prev_token_index=np.full(num_tokens, -1, i32),
+        prev_tokens=np.zeros(num_prev_tokens, i32),
         group_slot_mapping=np.zeros((extra, num_tokens), i32) if extra else None,
         group_block_tables=np.zeros((extra, num_seqs, max_pages_per_seq), i32) if extra else None,
     )
@@ -135,7 +142,10 @@ def build_step_inputs(
         num_prompt = len(prompt)
         drafts = getattr(seq, "spec_token_ids", ())
         known = n - len(drafts)
-        x.token_ids[cursor:cursor + known] = _token_slice(prompt, request.output_token_ids, start, start + known)
+        # Under asynchronous scheduling the last known token may still be on the device (a placeholder):
+        # the slice is then one short and the runner fills that position from `prev_tokens`.
+        known_ids = _token_slice(prompt, request.output_token_ids, start, start + known)
+        x.token_ids[cursor:cursor + len(known_ids)] = known_ids
         x.token_ids[cursor + known:cursor + n] = drafts
         pos = np.arange(start, end, dtype=np.int32)
         x.positions[cursor:cursor + n] = pos
