@@ -228,8 +228,10 @@ class LeaderRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def execute(self, scheduled: Any, sampling_rows: Any, num_batched_tokens: int) -> Any:
+    def execute(self, scheduled: Any, sampling_rows: Any, num_batched_tokens: int, fill_masks: Any = None) -> Any:
         inputs, sampling = prepare_step(self._runner, scheduled, sampling_rows, num_batched_tokens)
+        if fill_masks is not None:  # the workers need the masks in the message: filled before it is sent
+            fill_masks(sampling.token_bitmask)
         self._channel.publish(self._n, (inputs, sampling), self._ready_timeout_s)
         self._watchdog.arm(f"step {self._n}")
         try:

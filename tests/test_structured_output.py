@@ -299,3 +299,38 @@ def test_smollm2_regex_choice_grammar(smol):
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[0])
     assert texts[1] in ("Paris", "London", "Berlin")
     assert texts[2] in ("yes.", "no.")
+
+
+def test_masks_are_computed_while_the_forward_runs(tiny_llm):
+    """Each step's grammar masks are filled after its forward is enqueued on the device and before its
+    sampler reads them (the runner calls the engine's filler between the two), in a batch that mixes
+    constrained and unconstrained rows; outputs still obey the constraint."""
+    engine = tiny_llm.engine
+    runner, so = engine.runner, engine.structured_output
+    events: list[str] = []
+    forward, sample, fill = runner._forward, runner._sample, so.fill_bitmask
+
+    def forward_(*a, **k):
+        events.append("forward")
+        return forward(*a, **k)
+
+    def sample_(*a, **k):
+        events.append("sample")
+        return sample(*a, **k)
+
+    def fill_(*a, **k):
+        events.append("mask")
+        return fill(*a, **k)
+
+    runner._forward, runner._sample, so.fill_bitmask = forward_, sample_, fill_
+    try:
+        outs = tiny_llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}],
+                                 [SamplingParams(temperature=0.0, max_tokens=6, structured_outputs=StructuredOutputsParams(regex="[0-9]{6}")),
+                                  SamplingParams(temperature=0.0, max_tokens=6)], use_tqdm=False)
+    finally:
+        runner._forward, runner._sample = forward, sample
+        del so.fill_bitmask  # back to the method
+    assert re.fullmatch(r"[0-9]{1,6}", outs[0].outputs[0].text)
+    masked = [i for i, e in enumerate(events) if e == "mask"]
+    assert len(masked) == 6  # one per sampled token of the constrained request
+    assert all(events[i - 1] == "forward" and events[i + 1] == "sample" for i in masked), events

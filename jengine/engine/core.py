@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -121,6 +121,7 @@ class EngineCore:
         self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
         reasoning = get_reasoning_markers(config.reasoning_parser) if config.reasoning_parser else None
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids, reasoning)
+        self._all_allowed_mask = np.full(self.structured_output.num_words, -1, np.int32)  # a constrained row until filled
         self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
         # Multi-host steps run under a watchdog: there every piece compiles before serving.
@@ -271,17 +272,29 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.forget(child_id)
 
-    def _fill_token_bitmasks(self, scheduled: Sequence, rows: list) -> None:
-        """Gives each sampling row with structured outputs its allowed-token mask for this step."""
+    def _mask_filler(self, scheduled: Sequence, rows: list) -> Optional[Callable[[np.ndarray], None]]:
+        """For a step with structured-output rows: marks those rows constrained (a placeholder mask, so the
+        sampling tensors get a writable bitmask) and returns the callable that writes their real masks
+        into it. The runner calls it once the forward is on the device, so the grammar work overlaps the
+        forward; None when no row is constrained."""
         so = self.structured_output
         if not len(so):
-            return
+            return None
         idx = [i for i, s in enumerate(scheduled) if s.samples and s.request.request_id in so]
-        if idx:
+        if not idx:
+            return None
+        for i in idx:
+            rows[i].token_bitmask = self._all_allowed_mask
+        starts = np.concatenate([[0], np.cumsum(logit_rows(scheduled))])  # sampling row of each scheduled row
+        request_ids = [scheduled[i].request.request_id for i in idx]
+        targets = starts[idx]
+
+        def fill(bitmask: np.ndarray) -> None:
             masks = np.empty((len(idx), so.num_words), np.int32)
-            so.fill_bitmask([scheduled[i].request.request_id for i in idx], masks)
-            for j, i in enumerate(idx):
-                rows[i].token_bitmask = masks[j]
+            so.fill_bitmask(request_ids, masks)
+            bitmask[targets] = masks
+
+        return fill
 
     def _accept_structured(self, scheduled: Sequence, sampled: Sequence[Optional[list[int]]]) -> None:
         """Advances the matchers of constrained sequences that are still running by their new token."""
@@ -303,17 +316,19 @@ class EngineCore:
         step_out = None
         if sched.scheduled:
             try:
-                step_out = self.runner.execute(sched.scheduled, self._sampling_rows(sched), sched.num_batched_tokens)
+                rows, fill_masks = self._sampling_rows(sched)
+                step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens, fill_masks)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 return self._fail_unrunnable(sched.scheduled, error)
         return self._process(sched, step_out)
 
-    def _sampling_rows(self, sched: SchedulerOutput) -> list:
+    def _sampling_rows(self, sched: SchedulerOutput) -> tuple[list, Optional[Callable[[np.ndarray], None]]]:
+        """The step's sampling rows (one per logits row), and the filler of its structured-output masks."""
         rows = [self._row_state(s.request) if s.samples else None for s in sched.scheduled]
-        self._fill_token_bitmasks(sched.scheduled, rows)
+        fill_masks = self._mask_filler(sched.scheduled, rows)
         if self.speculator is not None:
             rows = self.speculator.expand(sched.scheduled, rows)
-        return rows
+        return rows, fill_masks
 
     def _process(self, sched: SchedulerOutput, step_out: Any) -> list[RequestOutput]:
         """Applies a step's sampled tokens (`step_out`, None when nothing ran) and builds the outputs."""
@@ -363,8 +378,9 @@ class EngineCore:
                 pairs = [(i, prev.rows[s.request_id]) for i, s in enumerate(sched.scheduled) if s.request.num_output_placeholders]
                 pending = PrevTokens(pairs, prev.step.tokens) if pairs else None
             try:
-                inputs, sampling = self.runner.prepare(sched.scheduled, self._sampling_rows(sched), sched.num_batched_tokens, pending)
-                step = self.runner.dispatch(inputs, sampling)
+                rows, fill_masks = self._sampling_rows(sched)
+                inputs, sampling = self.runner.prepare(sched.scheduled, rows, sched.num_batched_tokens, pending)
+                step = self.runner.dispatch(inputs, sampling, fill_masks)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
                 self._in_flight = None
                 if prev is not None:

@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,9 @@ class StepOutputs:
     prompt_ranks: Optional[np.ndarray]  # [T]
     prompt_topk_ids: Optional[np.ndarray]  # [T, max_logprobs]
     prompt_topk_logprobs: Optional[np.ndarray]  # [T, max_logprobs]
+
+
+MaskFiller = Callable[[np.ndarray], None]  # writes structured-output masks into a step's host bitmask
 
 
 @dataclasses.dataclass
@@ -429,12 +432,18 @@ class ModelRunner:
         self.bucket_wait_seconds += waited
         logger.info("a step waited %.2f s for step bucket (%d tokens, %d rows) to finish compiling", waited, t, s)
 
-    def dispatch(self, inputs: StepInputs, sampling: Any) -> "InFlightStep":
+    def dispatch(self, inputs: StepInputs, sampling: Any, fill_masks: Optional[MaskFiller] = None) -> "InFlightStep":
         """Enqueues forward, sample and optional prompt logprobs on the device and returns at once;
-        the results stay on the device until `fetch`."""
+        the results stay on the device until `fetch`.
+
+        `fill_masks(sampling.token_bitmask)` (structured outputs) writes the rows' allowed-token masks
+        into the host array after the forward is enqueued and before the sampler reads it: the
+        grammar work runs while the device computes the logits."""
         self._await_pieces(inputs)
         with _CompileCounter.watching(self):
             self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs, self._lora_stacks())
+            if fill_masks is not None:
+                fill_masks(sampling.token_bitmask)
             out, padded = self._sample(logits, sampling)
             prompt = None
             if inputs.want_prompt_logprobs:
@@ -454,10 +463,11 @@ class ModelRunner:
             prompt_topk_logprobs=None if prompt is None else prompt[3],
         )
 
-    def run(self, inputs: StepInputs, sampling: Any) -> StepOutputs:
+    def run(self, inputs: StepInputs, sampling: Any, fill_masks: Optional[MaskFiller] = None) -> StepOutputs:
         """Device half of a step: forward, sample, optional prompt logprobs; numpy outputs."""
-        return self.fetch(self.dispatch(inputs, sampling))
+        return self.fetch(self.dispatch(inputs, sampling, fill_masks))
 
-    def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int) -> StepOutputs:
+    def execute(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int,
+                fill_masks: Optional[MaskFiller] = None) -> StepOutputs:
         """Runs one step over `scheduled` (decode rows first); returns host-side numpy outputs."""
-        return self.run(*self.prepare(scheduled, sampling_rows, num_batched_tokens))
+        return self.run(*self.prepare(scheduled, sampling_rows, num_batched_tokens), fill_masks)
