@@ -2,7 +2,8 @@
 
 `params` (no dependencies): `StructuredOutputsParams`. `backend`: llguidance compilation and the
 tokenizer bridge. `manager`: per-sequence matchers and the step's packed token bitmasks, which
-`jengine.sampler` applies on the device.
+`jengine.sampler` applies on the device. `reasoning`: the thinking markers of reasoning models, so a
+constraint covers only the answer.
 """
 from jengine.structured_output.params import StructuredOutputsParams
 
