@@ -119,3 +119,17 @@ def test_missing_expert_keys_are_named(tmp_path):
         MoeForCausalLM.config_from_gguf({**meta, "qwen2moe.expert_used_count": 9}, **kw)
     with pytest.raises(NotImplementedError, match=r"qwen2moe\.expert_gating_func"):
         MoeForCausalLM.config_from_gguf({**meta, "qwen2moe.expert_gating_func": 2}, **kw)
+
+
+def test_engine_serves_mixtral_gguf(tmp_path, xla_cache_dir):
+    """`LLM("x.gguf")` on a Mixtral GGUF (tokenizer from the file's metadata, batched prompts of several
+    lengths): greedy tokens equal transformers' on the HF checkpoint; nothing compiles after warm-up."""
+    from jengine import LLM
+    from test_quantization import GREEDY, LIMITS, PROMPTS
+
+    path = make_tiny_gguf(tmp_path, "mixtral")
+    llm = LLM(path, dtype="float32", compilation_cache_dir=xla_cache_dir, **LIMITS)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    hf = hf_model(os.path.join(tmp_path, "tiny-mixtral-0"))
+    assert [list(o.outputs[0].token_ids) for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS]
+    assert llm.engine.compilations_after_warmup == 0
