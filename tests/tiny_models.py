@@ -3,7 +3,7 @@
     make_tiny_checkpoint(tmp_path, arch="llama", *, seed=0, sharded=False, tokenizer=True, **overrides) -> str
     make_tiny_tokenizer() -> PreTrainedTokenizerFast
     to_transformers4_config(path) -> None     # rewrites config.json in the transformers-4 spelling
-    make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", **overrides) -> str   # path of a .gguf
+    make_tiny_gguf(tmp_path, arch="llama", *, quant="F32", edit=None, **overrides) -> str   # path of a .gguf
     PagedRunner(model, page_size=4, ...).step([(seq_id, new_token_ids), ...]) -> [logits[n, V], ...]
     ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -21,6 +21,9 @@ import os
 from typing import Any
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+# what make_tiny_gguf writes: our arch name -> llama.cpp's `general.architecture`
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "mixtral": "llama",
+              "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 VOCAB_SIZE = 320
 BOS, EOS = "<|bos|>", "<|eos|>"
 CHAT_TEMPLATE = (
@@ -155,19 +158,23 @@ def _llama_cpp_permute(w: Any, n_heads: int) -> Any:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", seed: int = 0, **overrides: Any) -> str:
+def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", seed: int = 0, edit: Any = None,
+                   **overrides: Any) -> str:
     """A GGUF of the same tiny model `make_tiny_checkpoint` builds (its directory sits next to it).
 
     Written the way llama.cpp's converter does for these architectures (Q/K rows permuted for
     `llama`, byte-level BPE vocabulary, merges and chat template in the metadata), so the GGUF path can
-    be checked against transformers' GGUF loader in seconds. `quant`: "F32", "F16" or "Q8_0".
+    be checked against transformers' GGUF loader in seconds. `quant`: "F32", "F16" or "Q8_0". Mixture-of-
+    experts models (`mixtral` as llama.cpp's `llama` with experts, `qwen2_moe`, `qwen3_moe`) get the expert
+    keys and each layer's experts stacked in one tensor, as llama.cpp's converter writes them.
     """
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
 
-    if arch not in ("llama", "qwen2", "qwen3", "phi3"):
-        raise ValueError("make_tiny_gguf supports llama, qwen2, qwen3 and phi3")
+    garch = GGUF_ARCHS.get(arch)
+    if garch is None:
+        raise ValueError(f"make_tiny_gguf supports {', '.join(GGUF_ARCHS)}")
     src = make_tiny_checkpoint(tmp_path, arch, seed=seed, **overrides)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
@@ -179,13 +186,20 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
 
     path = os.path.join(str(tmp_path), f"tiny-{arch}-{quant}-{seed}.gguf")
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, garch)
     L, H, heads, kv_heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or H // heads
     w.add_block_count(L)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(H)
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])  # Mixtral: each expert's; Qwen MoE: the (unused) dense width
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):  # what llama.cpp's converter writes for them
+        w.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if arch != "mixtral":
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if arch == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     rope = cfg.get("rope_parameters") or cfg
@@ -223,20 +237,34 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
         "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
         "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
         "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",  # Phi-3's fused ones
+        # mixture of experts: the router, each layer's experts stacked [E, out, in], Qwen2-MoE's shared expert
+        "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+        "experts.gate": "ffn_gate_exps.weight", "experts.up": "ffn_up_exps.weight", "experts.down": "ffn_down_exps.weight",
+        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight", "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     }
-    for name, arr in weights.items():
+    tensors = _stack_experts(weights, L, cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    out: dict[str, Any] = {}
+    for name, arr in tensors.items():
         arr = arr.astype(np.float32)
         if name.startswith("model.layers."):
             i, rest = name.removeprefix("model.layers.").split(".", 1)
             gname = f"blk.{i}.{names[rest]}"
-            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+            if garch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
                 arr = _llama_cpp_permute(arr, heads)
-            elif arch == "llama" and rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
+            elif garch == "llama" and rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
                 arr = _llama_cpp_permute(arr, kv_heads)
+            elif rest == "mlp.shared_expert_gate.weight":  # llama.cpp keeps it as a vector [H]
+                arr = arr.reshape(-1)
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
-        if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        out[gname] = arr
+    if edit is not None:  # tests of bad files: edit(tensors by GGUF name) changes them in place
+        edit(out)
+    for gname, arr in out.items():
+        # rows that are not whole blocks stay F32 (llama.cpp's converter falls back to a float type too)
+        if arr.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32 and arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, arr)
@@ -245,6 +273,23 @@ def make_tiny_gguf(tmp_path: Any, arch: str = "llama", *, quant: str = "F32", se
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _stack_experts(weights: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    """HF's per-expert tensors -> one `model.layers.{i}.experts.{gate,up,down}` [E, out, in] per layer (llama.cpp's form)."""
+    import numpy as np
+
+    if not num_experts:
+        return weights
+    out = dict(weights)
+    for i in range(num_layers):
+        for kind, hf_names in (("gate", ("mlp", "gate_proj", "block_sparse_moe", "w1")), ("up", ("mlp", "up_proj", "block_sparse_moe", "w3")),
+                               ("down", ("mlp", "down_proj", "block_sparse_moe", "w2"))):
+            qwen, mixtral = (f"model.layers.{i}.{hf_names[0]}.experts.{{e}}.{hf_names[1]}.weight",
+                             f"model.layers.{i}.{hf_names[2]}.experts.{{e}}.{hf_names[3]}.weight")
+            template = qwen if qwen.format(e=0) in weights else mixtral
+            out[f"model.layers.{i}.experts.{kind}"] = np.stack([out.pop(template.format(e=e)) for e in range(num_experts)])
+    return out
 
 
 class PagedRunner:

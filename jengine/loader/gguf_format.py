@@ -114,7 +114,7 @@ class GGUFCheckpoint:
         # Phi-3's LongRoPE factors are tensors too; only families that read them are given them.
         longrope = {k: tuple(self.get(f"rope_factors_{k}.weight").tolist()) for k in ("short", "long")
                     if f"rope_factors_{k}.weight" in self.tensors}
-        return get_gguf_model_class(self.metadata.get("general.architecture")).config_from_gguf(
+        return get_gguf_model_class(self.metadata.get("general.architecture"), self.metadata).config_from_gguf(
             self.metadata,
             tie_word_embeddings="output.weight" not in self.tensors,
             freq_factors=None if freq is None else tuple(freq.tolist()),
@@ -123,7 +123,10 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32 in numpy's (PyTorch's) [out, in] order."""
-        t = self.tensors[name]
+        t = self.tensors.get(name)
+        if t is None:
+            arch = self.metadata.get("general.architecture")
+            raise KeyError(f"GGUF file {self.path} ({arch}) has no tensor {name!r}")
         fast = _DEQUANTIZE.get(t.tensor_type)
         if fast is not None:
             return fast(t.data.reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])).reshape(t.shape)
@@ -132,12 +135,20 @@ class GGUFCheckpoint:
     def fetch_for(self, cfg: ModelConfig):
         """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights), by the family's name map."""
         family = get_model_class(cfg.architecture)
-        names = family.gguf_names(cfg)
+        names, shapes = family.gguf_names(cfg), family.param_shapes(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
             src = Source(*names[name])
             w = family.from_gguf_tensor(name, src._replace(transpose=False).read(self.get, layer), cfg, self.metadata)
-            return w.T if src.transpose else w
+            # a stacked-expert tensor [E, out, in] transposes per expert: swap the last two axes
+            w = np.swapaxes(w, -1, -2) if src.transpose and w.ndim >= 2 else w
+            expected = shapes[name][1:] if layer is not None else shapes[name]
+            if tuple(w.shape) != tuple(expected):
+                tensor = src.template.format(i=layer if src.layers is None or layer is None else src.layers[layer])
+                stored = self.tensors[tensor].shape
+                raise ValueError(f"GGUF tensor {tensor!r} of shape {stored} does not fit {name}: {cfg.architecture} "
+                                 f"expects {tuple(expected)} (in [in, out] order), the tensor gives {tuple(w.shape)}")
+            return w
 
         return fetch
 

@@ -1,7 +1,7 @@
 """The model layer: one file per architecture family, built from shared blocks.
 
     get_model_class(architecture) -> CausalLM subclass       # HF `architectures[0]`
-    get_gguf_model_class(general_architecture) -> CausalLM subclass
+    get_gguf_model_class(general_architecture, metadata) -> CausalLM subclass   # `llama` + experts: MoE
     SUPPORTED_ARCHITECTURES, SUPPORTED_GGUF_ARCHITECTURES
     ModelConfig, RopeScaling                                  (jengine.models.config)
 
@@ -12,6 +12,8 @@ implements: config parsing, weight-name maps, partition kinds, forward), and a f
 the loader and `jengine.sharding` ask the family class for everything architecture-specific.
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 from jengine.models.base import CausalLM
 from jengine.models.config import ModelConfig, RopeScaling
@@ -41,7 +43,12 @@ _GGUF_REGISTRY: dict[str, type[CausalLM]] = {
     "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "phi3": Phi3ForCausalLM,
+    "qwen2moe": MoeForCausalLM,
+    "qwen3moe": MoeForCausalLM,
 }
+# GGUF architectures whose files with experts (`{arch}.expert_count` > 0) belong to another family:
+# llama.cpp writes Mixtral as `llama` with experts.
+_GGUF_WITH_EXPERTS: dict[str, type[CausalLM]] = {"llama": MoeForCausalLM}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_GGUF_REGISTRY)
 
@@ -56,8 +63,12 @@ def get_model_class(architecture: str) -> type[CausalLM]:
         ) from None
 
 
-def get_gguf_model_class(architecture: str | None) -> type[CausalLM]:
-    """The family class for a GGUF `general.architecture`; a clear error for unsupported ones."""
+def get_gguf_model_class(architecture: str | None, metadata: Mapping[str, Any] | None = None) -> type[CausalLM]:
+    """The family class for a GGUF `general.architecture`; a clear error for unsupported ones.
+
+    `metadata` (the file's key/values) tells a `llama` file with experts (Mixtral) from a dense one."""
+    if architecture in _GGUF_WITH_EXPERTS and metadata is not None and int(metadata.get(f"{architecture}.expert_count") or 0) > 0:
+        return _GGUF_WITH_EXPERTS[architecture]
     try:
         return _GGUF_REGISTRY[architecture]  # type: ignore[index]
     except KeyError:

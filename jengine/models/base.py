@@ -71,7 +71,9 @@ class Source(NamedTuple):
 
 
 NameMap = dict[str, "Source | tuple[str, bool]"]
-GGUFNameMap = dict[str, "Source | tuple[str, bool]"]  # `rows` of fused tensors as in HF maps; no `experts`
+# GGUF maps: `rows` of fused tensors as in HF maps; no `experts`: llama.cpp stacks a layer's experts in one
+# tensor [E, out, in], and `transpose` swaps its last two axes (per expert)
+GGUFNameMap = dict[str, "Source | tuple[str, bool]"]
 
 
 class StackedLayers(nnx.Module):

@@ -79,7 +79,7 @@ class ModelConfig:
         """
         from jengine.models import get_gguf_model_class
 
-        return get_gguf_model_class(meta.get("general.architecture")).config_from_gguf(
+        return get_gguf_model_class(meta.get("general.architecture"), meta).config_from_gguf(
             meta, tie_word_embeddings=tie_word_embeddings, freq_factors=freq_factors
         )
 

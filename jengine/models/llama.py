@@ -120,19 +120,10 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
 
     @classmethod
     def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None) -> LlamaConfig:
-        garch = meta["general.architecture"]
-        arch = GGUF_ARCHITECTURES[garch]
-        scaling = None
-        stype = meta.get(f"{garch}.rope.scaling.type")
-        if freq_factors is not None:
-            scaling = RopeScaling("freq_factors", freq_factors=tuple(float(f) for f in freq_factors))
-        elif stype not in (None, "none"):
-            if stype != "linear":
-                raise NotImplementedError(f"GGUF rope scaling {stype!r} is not supported (supported: linear)")
-            scaling = RopeScaling("linear", factor=float(meta.get(f"{garch}.rope.scaling.factor", 1.0)))
+        arch = GGUF_ARCHITECTURES[meta["general.architecture"]]
         return LlamaConfig(
             **gguf_base_fields(meta, arch, tie_word_embeddings=tie_word_embeddings),
-            rope_scaling=scaling,
+            rope_scaling=gguf_rope_scaling(meta, freq_factors),
             attention_bias=arch == ARCH_QWEN2,
             qk_norm=arch == ARCH_QWEN3,
             sliding_window=None,  # Mistral GGUFs say `llama`: nothing marks a window as in use
@@ -215,6 +206,19 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
         x = nn.embed(self.embed[...], token_ids)
         x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers)
         return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+
+def gguf_rope_scaling(meta: Mapping[str, Any], freq_factors: Any = None) -> RopeScaling | None:
+    """RoPE scaling of a Llama-block GGUF: a `rope_freqs` tensor (Llama 3), else `rope.scaling.type` linear."""
+    garch = meta["general.architecture"]
+    stype = meta.get(f"{garch}.rope.scaling.type")
+    if freq_factors is not None:
+        return RopeScaling("freq_factors", freq_factors=tuple(float(f) for f in freq_factors))
+    if stype in (None, "none"):
+        return None
+    if stype != "linear":
+        raise NotImplementedError(f"GGUF rope scaling {stype!r} is not supported (supported: linear)")
+    return RopeScaling("linear", factor=float(meta.get(f"{garch}.rope.scaling.factor", 1.0)))
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

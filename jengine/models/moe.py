@@ -28,6 +28,16 @@ layer is sparse or `decoder_sparse_step` repeats (units of `step` layers), a lon
 before a scan of the rest for `mlp_only_layers=[0]`. Expert weights are plain arrays (the grouped
 matmul indexes them by expert); under expert parallelism (`enable_expert_parallel`) they are split
 over the model axis by expert (partition kind EXPERT), else replicated.
+
+GGUF: llama.cpp's `qwen2moe` and `qwen3moe`, and Mixtral, which llama.cpp writes as `llama` with
+`llama.expert_count` > 0 (the registry sends those here). Keys `{arch}.expert_count`,
+`expert_used_count`, `expert_feed_forward_length` (Mixtral: `feed_forward_length`) and Qwen2-MoE's
+`expert_shared_feed_forward_length`; the top-k rule is llama.cpp's per architecture (renormalised for
+Mixtral and Qwen3-MoE, not for Qwen2-MoE). Each layer's experts are one tensor `[E, out, in]`
+(`ffn_{gate,up,down}_exps`), transposed per expert; Mixtral's Q/K rows are un-permuted as for `llama`.
+The metadata has no dense layers (`decoder_sparse_step`, `mlp_only_layers`): llama.cpp runs every layer
+of these files sparse, and so does jengine. Kept-quantized (`quantization="gguf"`) applies to the
+`linear` projections (attention, shared expert); the experts and router load dequantized.
 """
 from __future__ import annotations
 
@@ -37,17 +47,21 @@ import math
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
 from jengine.attention import AttentionMetadata
 from jengine.models import layers as nn
-from jengine.models.base import COLUMN, EXPERT, REPLICATED, ROW, NameMap, Source
-from jengine.models.config import base_fields, parse_rope, unsupported_field
-from jengine.models.llama import _PARTITION, LlamaConfig, LlamaForCausalLM
+from jengine.models.base import COLUMN, EXPERT, REPLICATED, ROW, GGUFNameMap, NameMap, Source
+from jengine.models.config import base_fields, gguf_base_fields, parse_rope, unsupported_field
+from jengine.models.llama import _PARTITION, LlamaConfig, LlamaForCausalLM, gguf_rope_scaling
 
 ARCH_MIXTRAL = "MixtralForCausalLM"
 ARCH_QWEN2_MOE = "Qwen2MoeForCausalLM"
 ARCH_QWEN3_MOE = "Qwen3MoeForCausalLM"
 ARCHITECTURES = (ARCH_MIXTRAL, ARCH_QWEN2_MOE, ARCH_QWEN3_MOE)
+# GGUF `general.architecture` -> HF architecture (llama.cpp writes Mixtral as `llama` with experts)
+GGUF_ARCHITECTURES = {"llama": ARCH_MIXTRAL, "qwen2moe": ARCH_QWEN2_MOE, "qwen3moe": ARCH_QWEN3_MOE}
+GATING_SOFTMAX = 1  # llama.cpp's `expert_gating_func` value for a softmax router (gguf.ExpertGatingFuncType)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +156,71 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
 
     @classmethod
     def config_from_gguf(cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool, freq_factors: Any = None) -> MoeConfig:
-        raise NotImplementedError(f"{cls.__name__} cannot be read from GGUF files yet")
+        """llama.cpp's `qwen2moe`, `qwen3moe` and `llama`-with-experts (Mixtral) metadata (see the module docstring)."""
+        garch = meta["general.architecture"]
+        arch = GGUF_ARCHITECTURES.get(garch)
+        if arch is None:
+            raise NotImplementedError(f"GGUF architecture {garch!r} is not a mixture-of-experts family ({', '.join(GGUF_ARCHITECTURES)})")
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{garch}.{key}", default)
+
+        experts, top_k = int(get("expert_count") or 0), int(get("expert_used_count") or 0)
+        if experts < 1:
+            raise ValueError(f"GGUF {garch}: {garch}.expert_count is {get('expert_count')!r}, a mixture of experts needs >= 1")
+        if not 1 <= top_k <= experts:
+            raise unsupported_field(arch, f"{garch}.expert_used_count", get("expert_used_count"))
+        gating = get("expert_gating_func")
+        if gating not in (None, GATING_SOFTMAX):
+            raise unsupported_field(arch, f"{garch}.expert_gating_func", gating)
+        ffn = get("feed_forward_length")
+        expert_ffn = get("expert_feed_forward_length") or ffn
+        if expert_ffn is None:
+            raise ValueError(f"GGUF {garch}: neither {garch}.expert_feed_forward_length nor {garch}.feed_forward_length is set")
+        shared = 0
+        if arch == ARCH_QWEN2_MOE:
+            shared = int(get("expert_shared_feed_forward_length") or ffn or 0)
+        # the experts' width is the family's `intermediate_size`; every layer is sparse (llama.cpp's rule)
+        base = gguf_base_fields({**meta, f"{garch}.feed_forward_length": expert_ffn}, arch, tie_word_embeddings=tie_word_embeddings)
+        return MoeConfig(
+            **base,
+            rope_scaling=gguf_rope_scaling(meta, freq_factors),
+            attention_bias=arch == ARCH_QWEN2_MOE,
+            qk_norm=arch == ARCH_QWEN3_MOE,
+            sliding_window=None,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=arch != ARCH_QWEN2_MOE,
+            shared_expert_intermediate_size=shared,
+        )
+
+    @classmethod
+    def gguf_names(cls, cfg: MoeConfig) -> GGUFNameMap:
+        """Attention and norms as the Llama family's; each layer's experts are one stacked tensor."""
+        if cfg.dense_layers:
+            raise NotImplementedError("GGUF names for MoE layers with dense MLPs: llama.cpp's MoE files have none")
+        names = super().gguf_names(cfg)
+        for k in _DENSE:
+            del names[k]
+        names.update({
+            "layers.router": ("blk.{i}.ffn_gate_inp.weight", True),
+            # [E, out, in] as stored: the loader swaps the last two axes -> [E, in, out]
+            "layers.experts_gate": ("blk.{i}.ffn_gate_exps.weight", True),
+            "layers.experts_up": ("blk.{i}.ffn_up_exps.weight", True),
+            "layers.experts_down": ("blk.{i}.ffn_down_exps.weight", True),
+            "layers.shared_w_gate": ("blk.{i}.ffn_gate_shexp.weight", True),
+            "layers.shared_w_up": ("blk.{i}.ffn_up_shexp.weight", True),
+            "layers.shared_w_down": ("blk.{i}.ffn_down_shexp.weight", True),
+            "layers.shared_gate": ("blk.{i}.ffn_gate_inp_shexp.weight", True),
+        })
+        return names
+
+    @classmethod
+    def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: MoeConfig, meta: Mapping[str, Any]) -> np.ndarray:
+        """Mixtral's Q/K rows as the Llama family's; the shared-expert gate may be stored as a vector [H]."""
+        if name == "layers.shared_gate" and w.ndim == 1:
+            return w.reshape(1, -1)
+        return super().from_gguf_tensor(name, w, cfg, meta)
 
     @classmethod
     def param_shapes(cls, cfg: MoeConfig) -> dict[str, tuple[int, ...]]:
