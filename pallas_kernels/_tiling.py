@@ -123,11 +123,19 @@ def scatter_out(out: jax.Array, tiles: jax.Array, token_idx: jax.Array, num_q_he
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+CACHE_DTYPES = SUPPORTED_DTYPES + (jnp.float8_e4m3fn,)  # fp8: dequantized in the kernel, math in q's dtype
 
 
 def check_dtype(backend: str, dtype: Any) -> None:
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise ValueError(f"{backend} attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, float16")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CACHE_DTYPES]:
+        raise ValueError(f"{backend} attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, "
+                         "float16, float8_e4m3fn")
+
+
+def compute_dtype(q_dtype: Any, cache_dtype: Any) -> Any:
+    """The dtype of the kernels' dots: the cache's, except that an fp8 cache is upcast to q's dtype
+    (float32 models keep float32 attention; no fp8 x fp8 dot, which would need q quantized too)."""
+    return jnp.dtype(q_dtype) if jnp.dtype(cache_dtype) == jnp.dtype(jnp.float8_e4m3fn) else jnp.dtype(cache_dtype)
 
 
 def new_checked_kv_cache(backend: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:

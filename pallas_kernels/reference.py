@@ -15,7 +15,9 @@ prefill-sized work:
 - rows with several new tokens (prefill and chunked prefill) are visited one at a time, tiled into
   query blocks, and each block walks only the KV chunks its causal (and sliding-window) span covers.
 
-Everything is computed in float32 and cast back to the query dtype.
+Everything is computed in float32 and cast back to the query dtype. An fp8 cache (float8 e4m3,
+`KV_FP8`) holds `x / scale` with one scale for all K and one for all V (`k_scale`, `v_scale`):
+`write_kv` quantizes (saturating at +-448) and the attention dequantizes each gathered block.
 """
 from __future__ import annotations
 
@@ -31,6 +33,34 @@ _DECODE_TRIPS_PER_MERGE = 16  # decode loop trips whose items' partial softmaxes
 # Prefill tilings (min new tokens, query rows per block, KV tokens per inner iteration), by length.
 _PREFILL_TILES = ((2, 32, 128), (96, 128, 128), (256, 256, 256))
 _MASKED = -1e30
+KV_FP8 = jnp.float8_e4m3fn  # the fp8 KV cache's element type (e4m3, no infinities: saturate before casting)
+FP8_MAX = 448.0  # the largest finite e4m3fn value
+
+
+def is_fp8(dtype: Any) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(KV_FP8)
+
+
+def kv_scales(cache_dtype: Any, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The (k, v) scales that apply to a cache of `cache_dtype`: float caches store K/V as they are."""
+    return (float(k_scale), float(v_scale)) if is_fp8(cache_dtype) else (1.0, 1.0)
+
+
+def quantize_kv(x: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    """K or V as the cache stores it: cast, or for fp8 divide by the scale, saturate to +-448 and round
+    to nearest (e4m3fn has no infinity: an unclipped overflow would become NaN)."""
+    if not is_fp8(dtype):
+        return x.astype(dtype)
+    y = x.astype(jnp.float32)
+    if scale != 1.0:
+        y = y / scale
+    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(dtype)
+
+
+def dequantize_kv(x: jax.Array, scale: float) -> jax.Array:
+    """Cache values -> float32 K or V (times the scale for fp8)."""
+    y = x.astype(jnp.float32)
+    return y * scale if is_fp8(x.dtype) and scale != 1.0 else y
 
 
 def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
@@ -38,12 +68,15 @@ def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: in
     return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
 
 
-def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """Scatters k/v[T, Hkv, D] into slots `page * page_size + offset` (in place when donated)."""
+def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> jax.Array:
+    """Scatters k/v[T, Hkv, D] into slots `page * page_size + offset` (in place when donated); an fp8
+    cache stores them quantized with the per-tensor scales."""
     del interpret
     _, hkv, num_pages, page_size, d = cache.shape
     flat = cache.reshape(2, hkv, num_pages * page_size, d)
-    kv = jnp.stack([k, v]).astype(cache.dtype).transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
+    kq, vq = quantize_kv(k, k_scale, cache.dtype), quantize_kv(v, v_scale, cache.dtype)
+    kv = jnp.stack([kq, vq]).transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
     flat = flat.at[:, :, slot_mapping].set(kv, mode="drop")
     return flat.reshape(cache.shape)
 
@@ -80,7 +113,8 @@ def _pad_pages(block_tables: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
 
 
-def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):
+def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap,
+                      k_scale=1.0, v_scale=1.0):
     """Attention for every row with exactly one new token; other rows come back as zeros. -> [S, Hq, D].
 
     Ragged over work items: item = (decode row, one chunk of `_DECODE_KV_TOKENS` of its context), laid
@@ -125,8 +159,8 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
         row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), S - 1)
         c = first_chunk[row] + item - (ends[row] - num_chunks[row])
         pages = jnp.take_along_axis(tables[row], c[:, None] * chunk_pages + jnp.arange(chunk_pages)[None, :], axis=1)
-        k = cache[0][:, pages].reshape(Hkv, B, chunk, D).astype(jnp.float32)
-        v = cache[1][:, pages].reshape(Hkv, B, chunk, D).astype(jnp.float32)
+        k = dequantize_kv(cache[0][:, pages].reshape(Hkv, B, chunk, D), k_scale)
+        v = dequantize_kv(cache[1][:, pages].reshape(Hkv, B, chunk, D), v_scale)
         s = _scores(_per_group("hbd,hbkd->hbk", dq[:, row], k, G), sm_scale, soft_cap)  # [Hkv, B, G, chunk]
         kpos = c[:, None] * chunk + jnp.arange(chunk)[None, :]
         mask = (kpos < lens[row][:, None]) & (kpos >= lo[row][:, None]) & valid[:, None]
@@ -171,7 +205,8 @@ def _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc,
     return out.reshape(S, Hq, D)
 
 
-def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap):
+def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, *, sm_scale, sliding_window, soft_cap,
+                       k_scale=1.0, v_scale=1.0):
     """Attention for every row with two or more new tokens, one sequence at a time. -> [T, Hq, D].
 
     Each sequence picks its tiling at run time: `_PREFILL_TILES` small query blocks for short rows
@@ -212,13 +247,14 @@ def _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc
                 def kv_chunk(c, carry):
                     m, l, acc = carry
                     pages = lax.dynamic_slice_in_dim(row_pages, c * chunk_pages, chunk_pages)
-                    kv = cache[:, :, pages].reshape(2, Hkv, chunk, D).astype(jnp.float32)
-                    sc = _scores(jnp.einsum("hmd,hkd->hmk", qb, kv[0]), sm_scale, soft_cap)
+                    kv = cache[:, :, pages].reshape(2, Hkv, chunk, D)
+                    kc, vc = dequantize_kv(kv[0], k_scale), dequantize_kv(kv[1], v_scale)
+                    sc = _scores(jnp.einsum("hmd,hkd->hmk", qb, kc), sm_scale, soft_cap)
                     kpos = c * chunk + jnp.arange(chunk)
                     mask = kpos[None, :] <= qpos[:, None]
                     if sliding_window is not None:
                         mask &= kpos[None, :] > qpos[:, None] - sliding_window
-                    return _online_update(m, l, acc, sc, mask[None], kv[1], "hmk,hkd->hmd")
+                    return _online_update(m, l, acc, sc, mask[None], vc, "hmk,hkd->hmd")
 
                 init = (
                     jnp.full((Hkv, G * BQ), _MASKED, jnp.float32),
@@ -277,6 +313,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     del interpret
@@ -284,7 +322,8 @@ def ragged_paged_attention(
     S = block_tables.shape[0]
     check_inputs("reference", q, cache)
     q_lens, seq_lens = real_rows(seq_lens, query_start_loc, num_seqs)
-    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    k_scale, v_scale = kv_scales(cache.dtype, k_scale, v_scale)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
 
     out = _prefill_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
     dec = _decode_attention(q, cache, q_lens, seq_lens, block_tables, query_start_loc, **kw)
