@@ -49,6 +49,9 @@ class AttentionMetadata:
     mesh: Any = dataclasses.field(metadata=dict(static=True), default=None)
     shard_kv: bool = dataclasses.field(metadata=dict(static=True), default=False)
     interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)  # Pallas interpret mode
+    # An fp8 KV cache's per-tensor scales (stored value = x / scale); float caches ignore them.
+    k_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    v_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
 
 
 def paged_attention(
@@ -69,10 +72,12 @@ def paged_attention(
     """
     page_offset = jnp.asarray(layer, jnp.int32) * md.pages_per_layer
     slots = md.slot_mapping + page_offset * md.page_size
-    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret)
+    scales = dict(k_scale=md.k_scale, v_scale=md.v_scale)
+    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret, **scales)
     attend = functools.partial(
         pallas_kernels.ragged_paged_attention,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, backend=md.backend, interpret=md.interpret,
+        **scales,
     )
     args = (q, kv_cache, md.seq_lens, md.block_tables + page_offset, md.query_start_loc, md.num_seqs)
     if md.mesh is None:
