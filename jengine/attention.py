@@ -72,12 +72,12 @@ def paged_attention(
     """
     page_offset = jnp.asarray(layer, jnp.int32) * md.pages_per_layer
     slots = md.slot_mapping + page_offset * md.page_size
-    scales = dict(k_scale=md.k_scale, v_scale=md.v_scale)
-    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret, **scales)
+    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret,
+                                       k_scale=md.k_scale, v_scale=md.v_scale)
     attend = functools.partial(
         pallas_kernels.ragged_paged_attention,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, backend=md.backend, interpret=md.interpret,
-        **scales,
+        k_scale=md.k_scale, v_scale=md.v_scale,
     )
     args = (q, kv_cache, md.seq_lens, md.block_tables + page_offset, md.query_start_loc, md.num_seqs)
     if md.mesh is None:

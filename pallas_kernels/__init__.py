@@ -15,7 +15,8 @@ outputs are unspecified. Page 0 is the null page that padding tokens write to.
 
 Cache dtypes: float32, bfloat16, float16, or `KV_FP8` (float8 e4m3fn). An fp8 cache stores
 `clip(x / scale, -448, 448)` with one scale for all of K (`k_scale`) and one for all of V (`v_scale`),
-vLLM's per-tensor scales; every backend dequantizes while it reads. Float caches ignore the scales.
+vLLM's per-tensor scales, as uint8 e4m3 bytes (`storage_dtype`: XLA's CPU backend moves no f8 data in
+place); every backend decodes while it reads. Float caches ignore the scales.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .reference import KV_FP8, is_fp8  # noqa: F401  (re-exported: the fp8 cache's dtype)
+from .reference import KV_FP8, is_fp8, storage_dtype  # noqa: F401  (re-exported: the fp8 cache's dtype)
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ write_kv = reference.write_kv
 TARGET = "jengine_cpu_ragged_paged_attention"
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
-_CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn)
+_CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn, jnp.uint8)  # uint8: an fp8 cache's e4m3 bytes
 
 
 def _cache_dir() -> Path:

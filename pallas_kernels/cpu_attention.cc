@@ -14,8 +14,8 @@
 // long decode row still spreads over the threads. Items run on XLA's intra-op thread pool.
 // Tokens past the last row's come out as zeros.
 //
-// Cache element types: float32, bfloat16 and float8 e4m3fn (the fp8 KV cache: one byte per value,
-// decoded here through a 256-entry table; its per-tensor scales are applied by the caller, folded
+// Cache element types: float32, bfloat16 and float8 e4m3fn (the fp8 KV cache, stored as its uint8
+// bytes or as F8E4M3FN: one byte per value, decoded here through a 256-entry table; its per-tensor scales are applied by the caller, folded
 // into sm_scale for K and into the output for V). All math is float32.
 #include <algorithm>
 #include <array>
@@ -395,12 +395,13 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
     return ffi::Error::InvalidArgument("paged attention: q must be [T, Hq, D] and cache [2, Hkv, pages, page_size, D]");
   }
   const auto type = cache.element_type();
-  if (type != ffi::F32 && type != ffi::BF16 && type != ffi::F8E4M3FN) {
-    return ffi::Error::InvalidArgument("paged attention: the cache must be float32, bfloat16 or float8_e4m3fn");
+  const bool fp8 = type == ffi::F8E4M3FN || type == ffi::U8;  // U8: the e4m3 bytes of an fp8 cache
+  if (type != ffi::F32 && type != ffi::BF16 && !fp8) {
+    return ffi::Error::InvalidArgument("paged attention: the cache must be float32, bfloat16 or float8_e4m3fn (bytes)");
   }
   const int S = static_cast<int>(bd[0]);
   auto work = std::make_shared<Work>();
-  work->elem = type == ffi::BF16 ? Work::Elem::kBF16 : type == ffi::F8E4M3FN ? Work::Elem::kF8E4M3FN : Work::Elem::kF32;
+  work->elem = type == ffi::BF16 ? Work::Elem::kBF16 : fp8 ? Work::Elem::kF8E4M3FN : Work::Elem::kF32;
   Problem& pb = work->pb;
   pb.q = q.typed_data();
   pb.cache = cache.untyped_data();

@@ -103,8 +103,7 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
         pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, -1)
         v = v_ref[pages].reshape(block_k, -1)
-        if k.dtype != q.dtype:  # an fp8 cache: upcast after the (one byte per value) load
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        k, v = tiling.load_kv(k, q.dtype), tiling.load_kv(v, q.dtype)  # fp8 bytes: decoded after the one-byte load
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

@@ -16,8 +16,9 @@ prefill-sized work:
   query blocks, and each block walks only the KV chunks its causal (and sliding-window) span covers.
 
 Everything is computed in float32 and cast back to the query dtype. An fp8 cache (float8 e4m3,
-`KV_FP8`) holds `x / scale` with one scale for all K and one for all V (`k_scale`, `v_scale`):
-`write_kv` quantizes (saturating at +-448) and the attention dequantizes each gathered block.
+`KV_FP8`, stored as its uint8 bytes: `storage_dtype`) holds `x / scale` with one scale for all K and
+one for all V (`k_scale`, `v_scale`): `write_kv` quantizes (saturating at +-448) and the attention
+dequantizes each gathered block.
 """
 from __future__ import annotations
 
@@ -37,8 +38,24 @@ KV_FP8 = jnp.float8_e4m3fn  # the fp8 KV cache's element type (e4m3, no infiniti
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 
 
+FP8_BYTES = jnp.uint8  # how every backend stores an fp8 cache: the e4m3 bit patterns (see `new_kv_cache`)
+
+
 def is_fp8(dtype: Any) -> bool:
-    return jnp.dtype(dtype) == jnp.dtype(KV_FP8)
+    """Whether a cache of `dtype` holds e4m3 values: `KV_FP8` itself, or its bytes (`FP8_BYTES`)."""
+    return jnp.dtype(dtype) in (jnp.dtype(KV_FP8), jnp.dtype(FP8_BYTES))
+
+
+def storage_dtype(dtype: Any) -> Any:
+    """The element type of a cache asked for as `dtype`: an fp8 cache is stored as its bytes.
+
+    XLA's CPU backend has no f8 data movement: it rewrote a scatter into a float8 cache as a convert
+    of the whole cache to float16 and back, every layer of every step (0.74 s for a 184 MB cache
+    against 0.1 ms for the same scatter into float32), and a bitcast of the whole cache to bytes
+    around the scatter still copied it (0.33 s). Stored as uint8 from the start, writes and page
+    gathers move bytes in place; only the gathered blocks are bitcast to e4m3 and upcast.
+    """
+    return jnp.dtype(FP8_BYTES) if is_fp8(dtype) else jnp.dtype(dtype)
 
 
 def kv_scales(cache_dtype: Any, k_scale: float, v_scale: float) -> tuple[float, float]:
@@ -47,25 +64,30 @@ def kv_scales(cache_dtype: Any, k_scale: float, v_scale: float) -> tuple[float, 
 
 
 def quantize_kv(x: jax.Array, scale: float, dtype: Any) -> jax.Array:
-    """K or V as the cache stores it: cast, or for fp8 divide by the scale, saturate to +-448 and round
-    to nearest (e4m3fn has no infinity: an unclipped overflow would become NaN)."""
+    """K or V as a cache of element type `dtype` stores it: cast, or for fp8 divide by the scale,
+    saturate to +-448, round to nearest e4m3 (e4m3fn has no infinity: an unclipped overflow would
+    become NaN) and keep the bytes."""
     if not is_fp8(dtype):
         return x.astype(dtype)
     y = x.astype(jnp.float32)
     if scale != 1.0:
         y = y / scale
-    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(dtype)
+    return lax.bitcast_convert_type(jnp.clip(y, -FP8_MAX, FP8_MAX).astype(KV_FP8), FP8_BYTES)
 
 
 def dequantize_kv(x: jax.Array, scale: float) -> jax.Array:
-    """Cache values -> float32 K or V (times the scale for fp8)."""
+    """Cache values -> float32 K or V (an fp8 cache's bytes decoded and multiplied by the scale)."""
+    if not is_fp8(x.dtype):
+        return x.astype(jnp.float32)
+    if x.dtype != KV_FP8:
+        x = lax.bitcast_convert_type(x, KV_FP8)
     y = x.astype(jnp.float32)
-    return y * scale if is_fp8(x.dtype) and scale != 1.0 else y
+    return y * scale if scale != 1.0 else y
 
 
 def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
-    """A zeroed cache `[2, num_kv_heads, num_pages, page_size, head_dim]`."""
-    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+    """A zeroed cache `[2, num_kv_heads, num_pages, page_size, head_dim]` (fp8: uint8 e4m3 bytes, 0 = +0.0)."""
+    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), storage_dtype(dtype))
 
 
 def write_kv(cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, interpret: bool = False,

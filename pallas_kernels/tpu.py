@@ -83,8 +83,7 @@ def _kernel(meta_ref, tables_ref, q_ref, *refs, sm_scale: float, soft_cap: float
         for i in range(pages_per_block):
             k = k_refs[i][...]
             v = v_refs[i][...]
-            if k.dtype != q.dtype:  # an fp8 cache: upcast after the one-byte-per-value DMA
-                k, v = k.astype(q.dtype), v.astype(q.dtype)
+            k, v = tiling.load_kv(k, q.dtype), tiling.load_kv(v, q.dtype)  # fp8 bytes: decoded after the one-byte load
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:

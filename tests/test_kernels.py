@@ -432,11 +432,13 @@ def test_fp8_write_kv_stores_the_numpy_quantization(backend):
     k[0, 0, :4] = [1e5, -1e5, 447.9 * 0.25, 1e-7]  # saturates, saturates, rounds to 448, rounds to 0
     ks, vs = 0.25, 0.125
     cache = pk.new_kv_cache(8, 16, 2, 64, FP8, backend=backend)
-    assert cache.dtype == FP8 and cache.nbytes == 2 * 2 * 8 * 16 * 64  # one byte per value
+    assert cache.dtype == jnp.uint8 and cache.nbytes == 2 * 2 * 8 * 16 * 64  # e4m3 bytes, one per value
     slots = rng.permutation(np.arange(16, 8 * 16))[:40].astype(np.int32)
     cache = pk.write_kv(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots), backend=backend,
                         interpret=pk.runs_interpreted(backend), k_scale=ks, v_scale=vs)
-    flat = np.asarray(cache.astype(jnp.float32)).reshape(2, 2, -1, 64)[:, :, slots].transpose(0, 2, 1, 3)
+    assert cache.dtype == jnp.uint8
+    values = jax.lax.bitcast_convert_type(cache, FP8).astype(jnp.float32)
+    flat = np.asarray(values).reshape(2, 2, -1, 64)[:, :, slots].transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(flat[0], np_e4m3(k / ks))
     np.testing.assert_array_equal(flat[1], np_e4m3(v / vs))
     assert np.isfinite(flat).all() and flat[0, 0, 0, 0] == 448.0 and flat[0, 0, 0, 1] == -448.0

@@ -156,7 +156,7 @@ def _child_llm(model: str, tp: int, backend: str = "reference", kv_cache_dtype: 
               kv_cache_dtype=kv_cache_dtype)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": _specs(llm.engine.runner),
-            "compiles_after_warmup": llm.engine.compilations_after_warmup, "kv_dtype": str(llm.engine.runner.kv_cache.dtype)}
+            "compiles_after_warmup": llm.engine.compilations_after_warmup, "kv_dtype": str(llm.engine.runner.cache_dtype)}
 
 
 def _child_llm_moe(model: str, tp: int, expert_parallel: str) -> dict[str, Any]:
