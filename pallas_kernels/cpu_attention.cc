@@ -15,10 +15,10 @@
 // Tokens past the last row's come out as zeros.
 //
 // Cache element types: float32, bfloat16 and float8 e4m3fn (the fp8 KV cache, stored as its uint8
-// bytes or as F8E4M3FN: one byte per value, decoded here with integer arithmetic; its per-tensor scales are applied by the caller, folded
+// bytes or as F8E4M3FN: one byte per value, decoded here through a 256-entry table; its per-tensor scales are applied by the caller, folded
 // into sm_scale for K and into the output for V). All math is float32.
 #include <algorithm>
-#include <limits>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -48,18 +48,18 @@ inline float load(uint16_t bf16) {
 
 // float8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal
 // (m / 8 * 2^-6), S.1111.111 is NaN and there is no infinity (the largest finite value is 448).
-// Decoded in plain integer and float arithmetic, so the dot loops over a page stay vectorized (a
-// 256-entry table lookup is a gather per value): a normal value's exponent and mantissa move into
-// float32's fields with the bias raised by 120; a subnormal is its 3-bit mantissa times 2^-9.
-inline float load(uint8_t e4m3) {
-  const uint32_t em = e4m3 & 0x7Fu;
-  const uint32_t normal_bits = (em << 20) + (120u << 23);
-  float normal;
-  std::memcpy(&normal, &normal_bits, sizeof normal);
-  float v = em >= 8u ? normal : static_cast<float>(em) * (1.f / 512.f);
-  v = em == 0x7Fu ? std::numeric_limits<float>::quiet_NaN() : v;
-  return (e4m3 & 0x80u) ? -v : v;
+std::array<float, 256> e4m3fn_table() {
+  std::array<float, 256> t{};
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> 3) & 0xF, m = b & 0x7;
+    float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.f + m / 8.f, e - 7);
+    if (e == 0xF && m == 0x7) v = std::nanf("");
+    t[b] = (b & 0x80) ? -v : v;
+  }
+  return t;
 }
+const std::array<float, 256> kE4M3 = e4m3fn_table();
+inline float load(uint8_t e4m3) { return kE4M3[e4m3]; }
 
 // exp(x) for x <= 0 (softmax arguments), to about 1 ulp, in plain arithmetic so loops over it
 // vectorize (std::exp stays a scalar libm call and was most of a prefill tile's time): Cody-Waite

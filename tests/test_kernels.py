@@ -467,7 +467,7 @@ def test_reference_fp8_matches_quantize_dequantize_oracle():
     (MIXED + [(300, 1)], 2, 2, 128, 32, True, None, None),
 ], ids=["fast-split-window-cap", "generic-all-codes"])
 def test_cpu_fp8_matches_reference(seqs, hq, hkv, d, ps, codes, window, cap):
-    # The C++ kernel decodes e4m3 bytes itself (bit arithmetic on the format): against the reference,
+    # The C++ kernel decodes e4m3 bytes itself (a table built from the format): against the reference,
     # which reads the same cache through XLA's converts, to float32 rounding.
     _native_cpu()
     b = Batch(seqs, hq=hq, hkv=hkv, d=d, page_size=ps, cache_dtype=FP8, k_scale=0.05, v_scale=0.5, kv_codes=codes).build()
