@@ -147,11 +147,26 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
   }
   std::fill(acc, acc + static_cast<size_t>(R) * D, 0.f);
 
+  // bfloat16 / fp8 pages are decoded to float32 once per page, not once per query head that reads them
+  thread_local std::vector<float> k_buf, v_buf;
+  if constexpr (!std::is_same<T, float>::value) {
+    k_buf.resize(static_cast<size_t>(ps) * D);
+    v_buf.resize(static_cast<size_t>(ps) * D);
+  }
   for (int p = lo / ps; p * ps < hi; ++p) {
     const int page = std::min(std::max(pages[p], 0), pb.num_pages - 1);  // clamped like an XLA gather
     const size_t base = static_cast<size_t>(page) * ps * D;
-    const T* k = k_head + base;
-    const T* v = v_head + base;
+    const float* k;
+    const float* v;
+    if constexpr (std::is_same<T, float>::value) {
+      k = k_head + base;
+      v = v_head + base;
+    } else {
+      for (int x = 0; x < ps * D; ++x) k_buf[x] = load(k_head[base + x]);
+      for (int x = 0; x < ps * D; ++x) v_buf[x] = load(v_head[base + x]);
+      k = k_buf.data();
+      v = v_buf.data();
+    }
     const int page_lo = std::max(lo - p * ps, 0), page_hi = std::min(hi - p * ps, ps);
     for (int i = 0; i < it.nq; ++i) {
       const int pos = first_pos + i;
@@ -165,10 +180,10 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
         float* s = scores + static_cast<size_t>(r) * ps;
         float mx = m[r];
         for (int j = ja; j < jb; ++j) {
-          const T* kj = k + static_cast<size_t>(j) * D;
+          const float* kj = k + static_cast<size_t>(j) * D;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int x = 0; x < D; ++x) dot += qr[x] * load(kj[x]);
+          for (int x = 0; x < D; ++x) dot += qr[x] * kj[x];
           float sc = dot * pb.sm_scale;
           if (pb.soft_cap > 0.f) sc = pb.soft_cap * std::tanh(sc / pb.soft_cap);
           s[j] = sc;
@@ -189,10 +204,10 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
           for (int x = 0; x < D; ++x) ar[x] *= alpha;
         }
         for (int j = ja; j < jb; ++j) {
-          const T* vj = v + static_cast<size_t>(j) * D;
+          const float* vj = v + static_cast<size_t>(j) * D;
           const float pj = s[j];
 #pragma omp simd
-          for (int x = 0; x < D; ++x) ar[x] += pj * load(vj[x]);
+          for (int x = 0; x < D; ++x) ar[x] += pj * vj[x];
         }
       }
     }
