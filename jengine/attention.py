@@ -64,6 +64,9 @@ class AttentionMetadata:
     # Several layer groups: each group's sliding window (None: full attention) and each layer's first page.
     group_windows: tuple[int | None, ...] = dataclasses.field(metadata=dict(static=True), default=())
     layer_page_offsets: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    # An fp8 KV cache's per-tensor scales (stored value = x / scale); float caches ignore them.
+    k_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    v_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
 
     def layer_pages(self, layer: jax.Array | int, sliding_window: int | None) -> tuple[Any, Any, Any]:
         """(first page of `layer`, slot mapping, block tables) of the layer's group (per-layer page ids)."""
@@ -100,10 +103,12 @@ def paged_attention(
     """
     page_offset, slot_mapping, block_tables = md.layer_pages(layer, sliding_window)
     slots = slot_mapping + page_offset * md.page_size
-    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret)
+    kv_cache = pallas_kernels.write_kv(kv_cache, k, v, slots, backend=md.backend, interpret=md.interpret,
+                                       k_scale=md.k_scale, v_scale=md.v_scale)
     attend = functools.partial(
         pallas_kernels.ragged_paged_attention,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, backend=md.backend, interpret=md.interpret,
+        k_scale=md.k_scale, v_scale=md.v_scale,
     )
     args = (q, kv_cache, md.seq_lens, block_tables + page_offset, md.query_start_loc, md.num_seqs)
     if md.mesh is None:

@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 import jengine
-from jengine.config import EngineArgs
+from jengine.config import KV_CACHE_DTYPES, EngineArgs
 from jengine.server.reasoning_parsers import REASONING_PARSERS
 from jengine.server.tool_parsers import TOOL_PARSERS
 from jengine.quantization import QUANTIZATION_METHODS
@@ -62,6 +62,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None, help="KV-cache budget in bytes, overriding --gpu-memory-utilization; default: from the device's memory (4 GiB on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of accelerator memory for weights, activations and KV cache")
     parser.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, help="exact KV-cache pages per layer (sliding-window layers take fewer when their window needs fewer); default: sized from the memory budget")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="KV-cache element type: auto = the model's dtype; fp8 / fp8_e4m3 = float8 e4m3 (half the bytes of "
+                             "bfloat16, so twice the pages for the same budget; per-tensor scale 1.0)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse the KV pages of shared prompt prefixes")
     parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                         help="give sliding-window layers as many KV pages as full-attention ones (no pages freed behind the window)")
@@ -111,7 +114,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         block_size=ns.block_size, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
         gpu_memory_utilization=ns.gpu_memory_utilization, num_gpu_blocks_override=ns.num_gpu_blocks_override,
         enable_prefix_caching=ns.enable_prefix_caching, disable_hybrid_kv_cache_manager=ns.disable_hybrid_kv_cache_manager,
-        tensor_parallel_size=ns.tensor_parallel_size,
+        kv_cache_dtype=ns.kv_cache_dtype, tensor_parallel_size=ns.tensor_parallel_size,
         enable_expert_parallel=ns.enable_expert_parallel,
         load_format=ns.load_format, quantization=ns.quantization, attention_backend=ns.attention_backend, scheduling_policy=ns.scheduling_policy,
         max_logprobs=ns.max_logprobs, compilation_cache_dir=ns.compilation_cache_dir,

@@ -14,6 +14,7 @@ from typing import Optional
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 = fp8_e4m3 (float8 e4m3fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + activations + cache
     num_gpu_blocks_override: Optional[int] = None  # exact page count per layer (tests, benchmarks); sliding-window layers: at most this
     enable_prefix_caching: bool = True
-    cache_dtype: str = "auto"  # "auto" = the model's dtype
+    cache_dtype: str = "auto"  # "auto" = the model's dtype; "fp8" / "fp8_e4m3": float8 e4m3fn (KV_CACHE_DTYPES)
+    # The fp8 cache's per-tensor scales (stored value = x / scale), one for all K and one for all V.
+    # 1.0, as vLLM uses when a checkpoint has none (docs/architecture.md, Quantization: KV cache).
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +145,7 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
     disable_hybrid_kv_cache_manager: bool = False
+    kv_cache_dtype: str = "auto"  # "fp8" / "fp8_e4m3": float8 e4m3 KV cache, half the bytes of bfloat16
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     load_format: str = "auto"
@@ -181,6 +187,7 @@ class EngineArgs:
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
         _require(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2, "num_gpu_blocks_override", "must be >= 2")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         check_quantization(self.quantization)
@@ -210,6 +217,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 enable_prefix_caching=self.enable_prefix_caching,
+                cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -1,10 +1,10 @@
 """Paged-attention backends behind one contract (imported as `jengine.pallas_kernels`).
 
     new_kv_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, backend=None) -> cache
-    write_kv(cache, k[T, Hkv, D], v[T, Hkv, D], slot_mapping[T], backend=None) -> cache
+    write_kv(cache, k[T, Hkv, D], v[T, Hkv, D], slot_mapping[T], backend=None, k_scale=1.0, v_scale=1.0) -> cache
     ragged_paged_attention(q[T, Hq, D], cache, seq_lens[S], block_tables[S, P], query_start_loc[S + 1],
                            num_seqs[1], *, sm_scale, sliding_window=None, soft_cap=None,
-                           backend=None, interpret=False) -> out[T, Hq, D]
+                           backend=None, interpret=False, k_scale=1.0, v_scale=1.0) -> out[T, Hq, D]
 
 Backends: `reference` (pure jax.numpy: the test oracle, and the CPU path where no C++ compiler is
 found), `cpu` (a native C++ kernel called through XLA's FFI: the CPU default), `gpu` (Pallas on
@@ -12,6 +12,11 @@ NVIDIA GPUs) and `tpu` (Pallas Mosaic TPU). `backend=None` picks from `jax.defau
 cache's layout belongs to its backend: callers only pass it back to these functions. Sequences come
 decode-first; rows past `num_seqs` and tokens past `query_start_loc[num_seqs]` are padding whose
 outputs are unspecified. Page 0 is the null page that padding tokens write to.
+
+Cache dtypes: float32, bfloat16, float16, or `KV_FP8` (float8 e4m3fn). An fp8 cache stores
+`clip(x / scale, -448, 448)` with one scale for all of K (`k_scale`) and one for all of V (`v_scale`),
+vLLM's per-tensor scales, as uint8 e4m3 bytes (`storage_dtype`: XLA's CPU backend moves no f8 data in
+place); every backend decodes while it reads. Float caches ignore the scales.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from .reference import KV_FP8, is_fp8, storage_dtype  # noqa: F401  (re-exported: the fp8 cache's dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +86,10 @@ def new_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: in
     return _module(backend).new_kv_cache(num_pages, page_size, num_kv_heads, head_dim, dtype)
 
 
-def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array | np.ndarray, backend: str | None = None, interpret: bool = False) -> Any:
-    """Stores the new tokens' K/V at `slot_mapping` (`page * page_size + offset`)."""
-    return _module(backend).write_kv(cache, k, v, slot_mapping, interpret=interpret)
+def write_kv(cache: Any, k: jax.Array, v: jax.Array, slot_mapping: jax.Array | np.ndarray, backend: str | None = None,
+             interpret: bool = False, k_scale: float = 1.0, v_scale: float = 1.0) -> Any:
+    """Stores the new tokens' K/V at `slot_mapping` (`page * page_size + offset`), quantized for an fp8 cache."""
+    return _module(backend).write_kv(cache, k, v, slot_mapping, interpret=interpret, k_scale=k_scale, v_scale=v_scale)
 
 
 def ragged_paged_attention(
@@ -97,9 +105,12 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     backend: str | None = None,
     interpret: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context (see module docstring)."""
     return _module(backend).ragged_paged_attention(
         q, cache, seq_lens, block_tables, query_start_loc, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+        k_scale=k_scale, v_scale=v_scale,
     )

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import reference
+
 # Columns of the per-tile `meta` table.
 SEQ, KV_LO, KV_END, POS0, QN = 0, 1, 2, 3, 4
 META_COLS = 8
@@ -123,11 +125,27 @@ def scatter_out(out: jax.Array, tiles: jax.Array, token_idx: jax.Array, num_q_he
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# fp8 (e4m3fn, stored as its uint8 bytes): decoded in the kernel, math in q's dtype
+CACHE_DTYPES = SUPPORTED_DTYPES + (jnp.float8_e4m3fn, jnp.uint8)
 
 
 def check_dtype(backend: str, dtype: Any) -> None:
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise ValueError(f"{backend} attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, float16")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CACHE_DTYPES]:
+        raise ValueError(f"{backend} attention: unsupported dtype {jnp.dtype(dtype)}; use one of float32, bfloat16, "
+                         "float16, float8_e4m3fn")
+
+
+def compute_dtype(q_dtype: Any, cache_dtype: Any) -> Any:
+    """The dtype of the kernels' dots: the cache's, except that an fp8 cache is upcast to q's dtype
+    (float32 models keep float32 attention; no fp8 x fp8 dot, which would need q quantized too)."""
+    return jnp.dtype(q_dtype) if reference.is_fp8(cache_dtype) else jnp.dtype(cache_dtype)
+
+
+def load_kv(x: jax.Array, dtype: Any) -> jax.Array:
+    """A K or V block loaded in a kernel, in the dots' dtype: an fp8 cache's bytes become e4m3, then `dtype`."""
+    if x.dtype == jnp.uint8:
+        x = jax.lax.bitcast_convert_type(x, jnp.float8_e4m3fn)
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def new_checked_kv_cache(backend: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: Any) -> jax.Array:
@@ -137,7 +155,7 @@ def new_checked_kv_cache(backend: str, num_pages: int, page_size: int, num_kv_he
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{backend} attention: unsupported head_dim {head_dim}; use one of {SUPPORTED_HEAD_DIMS}")
     check_dtype(backend, dtype)
-    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), reference.storage_dtype(dtype))
 
 
 def check_attention_inputs(backend: str, q: jax.Array, cache: jax.Array, sliding_window: int | None, soft_cap: float | None) -> tuple[int, int]:

@@ -13,7 +13,12 @@
 // context, kSplitTokens per item, and its items' partial softmaxes are merged at the end, so one
 // long decode row still spreads over the threads. Items run on XLA's intra-op thread pool.
 // Tokens past the last row's come out as zeros.
+//
+// Cache element types: float32, bfloat16 and float8 e4m3fn (the fp8 KV cache, stored as its uint8
+// bytes or as F8E4M3FN: one byte per value, decoded here through a 256-entry table; its per-tensor scales are applied by the caller, folded
+// into sm_scale for K and into the output for V). All math is float32.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +45,21 @@ inline float load(uint16_t bf16) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+
+// float8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal
+// (m / 8 * 2^-6), S.1111.111 is NaN and there is no infinity (the largest finite value is 448).
+std::array<float, 256> e4m3fn_table() {
+  std::array<float, 256> t{};
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> 3) & 0xF, m = b & 0x7;
+    float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.f + m / 8.f, e - 7);
+    if (e == 0xF && m == 0x7) v = std::nanf("");
+    t[b] = (b & 0x80) ? -v : v;
+  }
+  return t;
+}
+const std::array<float, 256> kE4M3 = e4m3fn_table();
+inline float load(uint8_t e4m3) { return kE4M3[e4m3]; }
 
 // exp(x) for x <= 0 (softmax arguments), to about 1 ulp, in plain arithmetic so loops over it
 // vectorize (std::exp stays a scalar libm call and was most of a prefill tile's time): Cody-Waite
@@ -127,11 +147,26 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
   }
   std::fill(acc, acc + static_cast<size_t>(R) * D, 0.f);
 
+  // bfloat16 / fp8 pages are decoded to float32 once per page, not once per query head that reads them
+  thread_local std::vector<float> k_buf, v_buf;
+  if constexpr (!std::is_same<T, float>::value) {
+    k_buf.resize(static_cast<size_t>(ps) * D);
+    v_buf.resize(static_cast<size_t>(ps) * D);
+  }
   for (int p = lo / ps; p * ps < hi; ++p) {
     const int page = std::min(std::max(pages[p], 0), pb.num_pages - 1);  // clamped like an XLA gather
     const size_t base = static_cast<size_t>(page) * ps * D;
-    const T* k = k_head + base;
-    const T* v = v_head + base;
+    const float* k;
+    const float* v;
+    if constexpr (std::is_same<T, float>::value) {
+      k = k_head + base;
+      v = v_head + base;
+    } else {
+      for (int x = 0; x < ps * D; ++x) k_buf[x] = load(k_head[base + x]);
+      for (int x = 0; x < ps * D; ++x) v_buf[x] = load(v_head[base + x]);
+      k = k_buf.data();
+      v = v_buf.data();
+    }
     const int page_lo = std::max(lo - p * ps, 0), page_hi = std::min(hi - p * ps, ps);
     for (int i = 0; i < it.nq; ++i) {
       const int pos = first_pos + i;
@@ -145,10 +180,10 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
         float* s = scores + static_cast<size_t>(r) * ps;
         float mx = m[r];
         for (int j = ja; j < jb; ++j) {
-          const T* kj = k + static_cast<size_t>(j) * D;
+          const float* kj = k + static_cast<size_t>(j) * D;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int x = 0; x < D; ++x) dot += qr[x] * load(kj[x]);
+          for (int x = 0; x < D; ++x) dot += qr[x] * kj[x];
           float sc = dot * pb.sm_scale;
           if (pb.soft_cap > 0.f) sc = pb.soft_cap * std::tanh(sc / pb.soft_cap);
           s[j] = sc;
@@ -169,10 +204,10 @@ void run_item(const Problem& pb, const Item& it, float* m, float* l, float* acc,
           for (int x = 0; x < D; ++x) ar[x] *= alpha;
         }
         for (int j = ja; j < jb; ++j) {
-          const T* vj = v + static_cast<size_t>(j) * D;
+          const float* vj = v + static_cast<size_t>(j) * D;
           const float pj = s[j];
 #pragma omp simd
-          for (int x = 0; x < D; ++x) ar[x] += pj * load(vj[x]);
+          for (int x = 0; x < D; ++x) ar[x] += pj * vj[x];
         }
       }
     }
@@ -298,14 +333,16 @@ struct Work {
   std::vector<Item> items;
   std::vector<float> partial;  // per decode split item: G maxima, G sums, G x D accumulators
   std::atomic<int> next{0}, done{0};
-  bool bf16 = false;
+  enum class Elem { kF32, kBF16, kF8E4M3FN } elem = Elem::kF32;
 
   size_t stride() const { return static_cast<size_t>(pb.group) * (pb.d + 2); }
 
   template <int kD>
   void run(const Item& it, float* m, float* l, float* acc, float* scores) {
-    if (bf16) {
+    if (elem == Elem::kBF16) {
       run_item<uint16_t, kD>(pb, it, m, l, acc, scores);
+    } else if (elem == Elem::kF8E4M3FN) {
+      run_item<uint8_t, kD>(pb, it, m, l, acc, scores);
     } else {
       run_item<float, kD>(pb, it, m, l, acc, scores);
     }
@@ -313,8 +350,10 @@ struct Work {
 
   template <int kD>
   void tile(const Item& it, float* m, float* l, float* acc, float* scores) {
-    if (bf16) {
+    if (elem == Elem::kBF16) {
       run_tile<uint16_t, kD, 16>(pb, it, m, l, acc, scores);
+    } else if (elem == Elem::kF8E4M3FN) {
+      run_tile<uint8_t, kD, 16>(pb, it, m, l, acc, scores);
     } else {
       run_tile<float, kD, 16>(pb, it, m, l, acc, scores);
     }
@@ -370,13 +409,14 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   if (qd.size() != 3 || cd.size() != 5 || bd.size() != 2 || cd[0] != 2 || cd[4] != qd[2] || qd[1] % cd[1] != 0) {
     return ffi::Error::InvalidArgument("paged attention: q must be [T, Hq, D] and cache [2, Hkv, pages, page_size, D]");
   }
-  const bool bf16 = cache.element_type() == ffi::BF16;
-  if (!bf16 && cache.element_type() != ffi::F32) {
-    return ffi::Error::InvalidArgument("paged attention: the cache must be float32 or bfloat16");
+  const auto type = cache.element_type();
+  const bool fp8 = type == ffi::F8E4M3FN || type == ffi::U8;  // U8: the e4m3 bytes of an fp8 cache
+  if (type != ffi::F32 && type != ffi::BF16 && !fp8) {
+    return ffi::Error::InvalidArgument("paged attention: the cache must be float32, bfloat16 or float8_e4m3fn (bytes)");
   }
   const int S = static_cast<int>(bd[0]);
   auto work = std::make_shared<Work>();
-  work->bf16 = bf16;
+  work->elem = type == ffi::BF16 ? Work::Elem::kBF16 : fp8 ? Work::Elem::kF8E4M3FN : Work::Elem::kF32;
   Problem& pb = work->pb;
   pb.q = q.typed_data();
   pb.cache = cache.untyped_data();

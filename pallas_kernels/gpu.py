@@ -11,7 +11,9 @@ the group is padded to a power of two and the rows to at least 16, as Triton's `
 `pages_per_block` pages at a time through a gather on the block table.
 
 Supports head_dim 64/128/256, page sizes 16/32/64/128, float32/bfloat16/float16 caches, sliding
-window and logit soft cap. `interpret=True` runs it on any backend (slowly) for tests.
+window and logit soft cap. An fp8 (e4m3fn) cache is loaded as fp8 (half the bytes of bfloat16) and
+upcast to q's dtype inside the kernel; its per-tensor scales are folded into `sm_scale` (K) and the
+output (V). Triton casts from e4m3fn on compute capability 8.9 and later only. `interpret=True` runs it on any backend (slowly) for tests.
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
         pages = tables_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, -1)
         v = v_ref[pages].reshape(block_k, -1)
+        k, v = tiling.load_kv(k, q.dtype), tiling.load_kv(v, q.dtype)  # fp8 bytes: decoded after the one-byte load
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -144,7 +147,7 @@ def _launch(q_tiles, meta, tables, cache, *, num_splits: int, blocks_per_split: 
     """Runs the kernel over (tiles, kv heads, splits); returns normalized f32 outputs [NT, Hkv, rows, D]."""
     NT, hkv, rows, d = q_tiles.shape
     _, _, num_pages, page_size, _ = cache.shape
-    precision = lax.Precision.HIGHEST if cache.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if q_tiles.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, group_pad=group_pad,
         pages_per_block=pages_per_block, blocks_per_split=blocks_per_split, precision=precision,
@@ -194,6 +197,8 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     interpret: bool = False,
     tuning: GpuTuning = DEFAULT_TUNING,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     T, hq, d = q.shape
@@ -202,7 +207,10 @@ def ragged_paged_attention(
     group = hq // hkv
     group_pad = tiling.next_pow2(group)
     out_dtype = q.dtype
-    q = q.astype(cache.dtype)
+    q = q.astype(tiling.compute_dtype(q.dtype, cache.dtype))
+    # fp8 scales: (q . k_scale k) = k_scale (q . k) joins sm_scale; the output is linear in V.
+    k_scale, v_scale = reference.kv_scales(cache.dtype, k_scale, v_scale)
+    sm_scale = sm_scale * k_scale
     q_lens, lens = tiling.seq_info(seq_lens, query_start_loc, num_seqs, S)
 
     pages_per_block = max(1, tuning.kv_block_tokens // page_size)
@@ -235,4 +243,6 @@ def ragged_paged_attention(
         o = _launch(qt, pre.meta, tables, cache, num_splits=1, blocks_per_split=num_splits * blocks_per_split,
                     num_warps=tuning.prefill_warps or warps, **kw)
         out = tiling.scatter_out(out, o, pre.token_idx, hq, group_pad)
+    if v_scale != 1.0:
+        out = out * v_scale
     return out.astype(out_dtype)

@@ -12,7 +12,9 @@ clamp to an already-fetched block (no DMA) and skip compute. The decode group (`
 prefill group (`bq` tokens per tile) are two launches with their own tile sizes (see `_tiling`).
 
 Page sizes 16/32/64/128 (16 is the minimum: a bfloat16 page then fills whole (16, 128) tiles), head
-dims 64/128/256, float32/bfloat16/float16 caches. With `interpret=True` it runs in the TPU interpreter
+dims 64/128/256, float32/bfloat16/float16 caches, and fp8 (e4m3fn) caches: each page is fetched as fp8
+and upcast to q's dtype in the kernel, the per-tensor scales folded into `sm_scale` and the output
+(untested on a TPU: Mosaic tiles 8-bit arrays by (32, 128), so page_size 16 may not lower there). With `interpret=True` it runs in the TPU interpreter
 (`pltpu.InterpretParams`, what `pltpu.force_tpu_interpret_mode()` switches on) on any backend (very slowly; tests use tiny shapes).
 """
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _kernel(meta_ref, tables_ref, q_ref, *refs, sm_scale: float, soft_cap: float
         for i in range(pages_per_block):
             k = k_refs[i][...]
             v = v_refs[i][...]
+            k, v = tiling.load_kv(k, q.dtype), tiling.load_kv(v, q.dtype)  # fp8 bytes: decoded after the one-byte load
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
@@ -113,7 +116,7 @@ def _launch(q_tiles, meta, tables, cache, *, num_blocks: int, pages_per_block: i
     _, _, _, page_size, _ = cache.shape
     cols = tables.shape[1]
     block_k = pages_per_block * page_size
-    precision = lax.Precision.HIGHEST if cache.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if q_tiles.dtype == jnp.float32 else None
 
     def page_spec(kv: int, i: int) -> pl.BlockSpec:
         def index_map(t, h, j, meta_ref, tables_ref):
@@ -163,6 +166,8 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:
     """Causal attention of each sequence's new tokens over its paged context. -> [T, Hq, D]."""
     T, hq, d = q.shape
@@ -170,7 +175,9 @@ def ragged_paged_attention(
     S, P = block_tables.shape
     group_pad = tiling.next_pow2(hq // hkv)
     out_dtype = q.dtype
-    q = q.astype(cache.dtype)
+    q = q.astype(tiling.compute_dtype(q.dtype, cache.dtype))
+    k_scale, v_scale = reference.kv_scales(cache.dtype, k_scale, v_scale)
+    sm_scale = sm_scale * k_scale  # fp8 scales: K's joins sm_scale, V's scales the output
     q_lens, lens = tiling.seq_info(seq_lens, query_start_loc, num_seqs, S)
 
     pages_per_block = max(1, min(_KV_BLOCK_TOKENS // page_size, P))
@@ -188,4 +195,6 @@ def ragged_paged_attention(
         pre = tiling.plan_prefill(q_lens, lens, query_start_loc, T, bq, sliding_window)
         qt = tiling.gather_q(q, pre.token_idx, hkv, group_pad, max(_DECODE_MIN_ROWS, bq * group_pad))
         out = tiling.scatter_out(out, _launch(qt, pre.meta, tables, cache, **kw), pre.token_idx, hq, group_pad)
+    if v_scale != 1.0:
+        out = out * v_scale
     return out.astype(out_dtype)

@@ -19,6 +19,7 @@ import pytest
 from jengine import pallas_kernels as pk
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
+FP8 = jnp.float8_e4m3fn
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Batch:
     pad_tokens: int = 3  # extra tokens past query_start_loc[num_seqs]
     layers: int = 3  # the page space is split per layer; the batch lives in a middle layer's pages
     seed: int = 0
+    cache_dtype: type | None = None  # None: `dtype`; FP8: an fp8 cache under float `dtype` queries
+    k_scale: float = 1.0  # the fp8 cache's per-tensor scales
+    v_scale: float = 1.0
+    kv_codes: bool = False  # K/V drawn from the finite e4m3 values themselves (every code, exactly stored)
     arrays: dict = field(default_factory=dict)
 
     def build(self) -> "Batch":
@@ -55,6 +60,9 @@ class Batch:
             slots.append(tables[s, pos // ps] * ps + pos % ps)
             kd.append(rng.standard_normal((n, self.hkv, self.d)).astype(np.float32))
             vd.append(rng.standard_normal((n, self.hkv, self.d)).astype(np.float32))
+            if self.kv_codes:  # K within +-4 (keeps the softmax soft), V over the whole range
+                kd[-1] = rng.choice(E4M3_VALUES[np.abs(E4M3_VALUES) <= 4], size=kd[-1].shape) * self.k_scale
+                vd[-1] = rng.choice(E4M3_VALUES, size=vd[-1].shape) * self.v_scale
         q_lens = [q for _, q in self.seqs] + [0] * self.pad_rows
         T = sum(q_lens) + self.pad_tokens
         q = rng.standard_normal((T, self.hq, self.d)).astype(np.float32)
@@ -69,14 +77,14 @@ class Batch:
 
     def cache(self, backend: str, interpret: bool = False):
         a = self.arrays
-        c = pk.new_kv_cache(a["num_pages"], self.page_size, self.hkv, self.d, self.dtype, backend=backend)
+        c = pk.new_kv_cache(a["num_pages"], self.page_size, self.hkv, self.d, self.cache_dtype or self.dtype, backend=backend)
         k = jnp.asarray(np.concatenate(a["k"]), self.dtype)
         v = jnp.asarray(np.concatenate(a["v"]), self.dtype)
         # Some padding tokens also write (to the null page), as the engine's padding does.
         junk = jnp.ones((4, self.hkv, self.d), self.dtype) * 7
         k, v = jnp.concatenate([k, junk]), jnp.concatenate([v, junk])
         slots = jnp.asarray(np.concatenate([a["slots"], np.arange(4) % self.page_size]), jnp.int32)
-        return pk.write_kv(c, k, v, slots, backend=backend, interpret=interpret)
+        return pk.write_kv(c, k, v, slots, backend=backend, interpret=interpret, k_scale=self.k_scale, v_scale=self.v_scale)
 
     @property
     def num_real_tokens(self) -> int:
@@ -87,7 +95,8 @@ def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, inter
         tuning=None) -> np.ndarray:
     """`backend`'s output for the batch; with a `GpuTuning`, the GPU kernel called with those settings."""
     a = batch.arrays
-    kw = dict(sm_scale=1 / math.sqrt(batch.d), sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+    kw = dict(sm_scale=1 / math.sqrt(batch.d), sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+              k_scale=batch.k_scale, v_scale=batch.v_scale)
     if tuning is not None:
         from jengine.pallas_kernels import gpu
 
@@ -104,14 +113,34 @@ def run(batch: Batch, backend: str, *, sliding_window=None, soft_cap=None, inter
     return out
 
 
-def dense_oracle(batch: Batch, *, sliding_window=None, soft_cap=None) -> np.ndarray:
-    """Naive per-token attention straight from the generated K/V (no pages, no cache)."""
+def np_e4m3(x: np.ndarray, *, saturate: bool = True) -> np.ndarray:
+    """x rounded to nearest-even on the float8 e4m3fn grid (3 mantissa bits; subnormal step 2^-9),
+    saturating at +-448: plain numpy arithmetic, independent of any fp8 cast."""
+    x = np.asarray(x, np.float64)
+    if saturate:
+        x = np.clip(x, -448.0, 448.0)
+    a = np.abs(x)
+    step = 2.0 ** (np.floor(np.log2(np.maximum(a, 2.0**-6))) - 3)  # below 2^-6 the subnormal step
+    return (np.sign(x) * np.round(a / step) * step).astype(np.float32)  # np.round: half to even
+
+
+# Every finite e4m3fn value (256 codes less the two NaNs), built from the format's definition.
+E4M3_VALUES = np.array(sorted({s * (m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+                               for s in (1, -1) for e in range(16) for m in range(8) if (e, m) != (15, 7)}), np.float32)
+
+
+def dense_oracle(batch: Batch, *, sliding_window=None, soft_cap=None, quantize=None) -> np.ndarray:
+    """Naive per-token attention straight from the generated K/V (no pages, no cache); with
+    `quantize`, K and V are first passed through it as `quantize(x / scale) * scale`."""
     a = batch.arrays
     out = np.zeros_like(a["q"])
     g = batch.hq // batch.hkv
     for s, (n, qn) in enumerate(batch.seqs):
-        k = np.repeat(a["k"][s], g, axis=1)
-        v = np.repeat(a["v"][s], g, axis=1)
+        ks, vs = a["k"][s], a["v"][s]
+        if quantize is not None:
+            ks, vs = quantize(ks / batch.k_scale) * batch.k_scale, quantize(vs / batch.v_scale) * batch.v_scale
+        k = np.repeat(ks, g, axis=1)
+        v = np.repeat(vs, g, axis=1)
         for i in range(qn):
             t, p = a["query_start_loc"][s] + i, n - qn + i
             lo = 0 if sliding_window is None else max(0, p - sliding_window + 1)
@@ -374,3 +403,89 @@ def test_gpu_tuning_rejects_what_triton_cannot_tile():
     with pytest.raises(ValueError, match="num_stages"):
         gpu.GpuTuning(num_stages=0)
     assert gpu.GpuTuning(decode_warps=8, prefill_rows=128).prefill_rows == 128
+
+
+# ---------------------------------------------------------------- fp8 (e4m3fn) KV cache, every backend
+
+
+def test_np_e4m3_rounds_onto_the_e4m3_grid():
+    # The oracle's quantizer: every output is an e4m3 value, the nearest one (ties to even), saturated.
+    x = np.concatenate([np.random.default_rng(0).standard_normal(4000) * 10.0 ** np.random.default_rng(1).uniform(-4, 3, 4000),
+                        [0.0, 448.0, 460.0, 1e6, -1e6, 2.0**-10, 3 * 2.0**-10, 17.0, 19.0]])
+    q = np_e4m3(x)
+    assert np.isin(q, E4M3_VALUES).all()
+    clipped = np.clip(x, -448, 448)
+    dist = np.abs(E4M3_VALUES[None, :] - clipped[:, None]).min(axis=1)
+    np.testing.assert_allclose(np.abs(q - clipped), dist, rtol=0, atol=1e-12)
+    # ties to even mantissa: 17 = 16 + half a step of 2 -> 16; 19 -> 20; 2^-10 (half the subnormal step) -> 0
+    assert q[-4] == 0.0 and q[-3] == 2.0**-8 and q[-2] == 16.0 and q[-1] == 20.0
+    assert q[-8] == q[-7] == q[-6] == 448.0 and q[-5] == -448.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
+def test_fp8_write_kv_stores_the_numpy_quantization(backend):
+    # write_kv divides by the per-tensor scale, saturates at 448 and rounds to nearest even; the stored
+    # bytes equal the independent numpy quantization exactly, for K and V with different scales.
+    rng = np.random.default_rng(5)
+    k = (rng.standard_normal((40, 2, 64)) * 10.0 ** rng.uniform(-3, 2, (40, 2, 64))).astype(np.float32)
+    v = (rng.standard_normal((40, 2, 64)) * 50).astype(np.float32)
+    k[0, 0, :4] = [1e5, -1e5, 447.9 * 0.25, 1e-7]  # saturates, saturates, rounds to 448, rounds to 0
+    ks, vs = 0.25, 0.125
+    cache = pk.new_kv_cache(8, 16, 2, 64, FP8, backend=backend)
+    assert cache.dtype == jnp.uint8 and cache.nbytes == 2 * 2 * 8 * 16 * 64  # e4m3 bytes, one per value
+    slots = rng.permutation(np.arange(16, 8 * 16))[:40].astype(np.int32)
+    cache = pk.write_kv(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots), backend=backend,
+                        interpret=pk.runs_interpreted(backend), k_scale=ks, v_scale=vs)
+    assert cache.dtype == jnp.uint8
+    values = jax.lax.bitcast_convert_type(cache, FP8).astype(jnp.float32)
+    flat = np.asarray(values).reshape(2, 2, -1, 64)[:, :, slots].transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(flat[0], np_e4m3(k / ks))
+    np.testing.assert_array_equal(flat[1], np_e4m3(v / vs))
+    assert np.isfinite(flat).all() and flat[0, 0, 0, 0] == 448.0 and flat[0, 0, 0, 1] == -448.0
+
+
+FP8_MIXED = MIXED + [(130, 1), (70, 66)]
+
+
+def test_reference_fp8_matches_quantize_dequantize_oracle():
+    # The reference's fp8 path = float attention over numpy-quantized K/V. k_scale 0.02 spreads K over
+    # e4m3's binades; v_scale 0.004 saturates the largest V values (|v| > 1.8). Window and cap on.
+    b = Batch(FP8_MIXED, hq=6, hkv=2, cache_dtype=FP8, k_scale=0.02, v_scale=0.004).build()
+    kw = dict(sliding_window=9, soft_cap=5.0)
+    ref = run(b, "reference", **kw)
+    n = b.num_real_tokens
+    assert rel_err(ref, dense_oracle(b, quantize=np_e4m3, **kw), n) < 1e-5
+    # The check can fail: the float (unquantized) oracle and one without saturation are both far off.
+    assert rel_err(ref, dense_oracle(b, **kw), n) > 1e-3
+    assert rel_err(ref, dense_oracle(b, quantize=functools.partial(np_e4m3, saturate=False), **kw), n) > 1e-3
+
+
+@pytest.mark.parametrize("seqs,hq,hkv,d,ps,codes,window,cap", [
+    # page-16 fast path for prefill tiles, split decode rows (1203 tokens: 5 items), window and cap
+    (MIXED + [(1203, 1), (300, 120)], 9, 3, 64, 16, False, 300, 3.0),
+    # head_dim 128, page 32: the generic path for every row; K/V drawn from every e4m3 code
+    (MIXED + [(300, 1)], 2, 2, 128, 32, True, None, None),
+], ids=["fast-split-window-cap", "generic-all-codes"])
+def test_cpu_fp8_matches_reference(seqs, hq, hkv, d, ps, codes, window, cap):
+    # The C++ kernel decodes e4m3 bytes itself (a table built from the format): against the reference,
+    # which reads the same cache through XLA's converts, to float32 rounding.
+    _native_cpu()
+    b = Batch(seqs, hq=hq, hkv=hkv, d=d, page_size=ps, cache_dtype=FP8, k_scale=0.05, v_scale=0.5, kv_codes=codes).build()
+    kw = dict(sliding_window=window, soft_cap=cap)
+    out = run(b, "cpu", **kw)
+    assert rel_err(out, run(b, "reference", **kw), b.num_real_tokens) < 1e-5
+    # and against the independent numpy quantize-dequantize oracle (exact for K/V already on the grid)
+    assert rel_err(out, dense_oracle(b, quantize=np_e4m3, **kw), b.num_real_tokens) < 1e-5
+    if codes:
+        assert rel_err(out, dense_oracle(b, **kw), b.num_real_tokens) < 1e-5
+
+
+def test_gpu_fp8_matches_reference():
+    # SmolLM2's heads (group 3 padded to 4), decode + chunked prefill + prompt, window and soft cap.
+    b = Batch(MIXED, hq=9, hkv=3, page_size=16, cache_dtype=FP8, k_scale=0.05, v_scale=0.5).build()
+    check(b, "gpu", sliding_window=30, soft_cap=4.0)
+
+
+def test_tpu_fp8_matches_reference():
+    check(Batch([(37, 1), (12, 5)], hq=4, hkv=2, page_size=16, cache_dtype=FP8, k_scale=0.05, v_scale=0.5,
+                pad_tokens=1).build(), "tpu")

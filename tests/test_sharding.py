@@ -148,14 +148,15 @@ def _child_dead_worker(model: str, coordinator: str, process_id: int, after_step
     return {"error": None}
 
 
-def _child_llm(model: str, tp: int, backend: str = "reference") -> dict[str, Any]:
+def _child_llm(model: str, tp: int, backend: str = "reference", kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from jengine import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", tensor_parallel_size=tp, max_num_seqs=2, max_num_batched_tokens=32,
-              max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="", attention_backend=backend)
+              max_model_len=64, num_gpu_blocks_override=12, compilation_cache_dir="", attention_backend=backend,
+              kv_cache_dtype=kv_cache_dtype)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "specs": _specs(llm.engine.runner),
-            "compiles_after_warmup": llm.engine.compilations_after_warmup}
+            "compiles_after_warmup": llm.engine.compilations_after_warmup, "kv_dtype": str(llm.engine.runner.cache_dtype)}
 
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -203,7 +204,7 @@ def _child_main(argv: list[str]) -> None:
     if case == "runner":
         result = _child_runner(args[0], int(args[1]))
     elif case == "llm":
-        result = _child_llm(args[0], int(args[1]), *args[2:])
+        result = _child_llm(args[0], int(args[1]), *args[2:])  # [backend [kv_cache_dtype]]
     elif case == "llm_spec":
         result = _child_llm_spec(args[0], int(args[1]), args[2])
     elif case == "llm_moe":
@@ -433,6 +434,18 @@ def test_attention_kernel_under_tensor_parallelism(tmp_path: Any, backend: str) 
         res = _run("llm", 4, path, tp, backend)
         assert res["tokens"] == expected, f"tp={tp}"
         assert res["compiles_after_warmup"] == 0
+
+
+def test_fp8_kv_cache_under_tensor_parallelism(tiny_llama: str) -> None:
+    """An fp8 KV cache split over KV heads (TP 2, native CPU kernel per device under shard_map): greedy
+    tokens equal one device's with the same fp8 cache, and nothing compiles after warm-up."""
+    expected = _run("llm", 1, tiny_llama, 1, "cpu", "fp8")
+    assert expected["kv_dtype"] == "float8_e4m3fn"
+    res = _run("llm", 2, tiny_llama, 2, "cpu", "fp8")
+    assert res["kv_dtype"] == "float8_e4m3fn"
+    assert res["specs"]["kv_cache"] == "(None, 'model', None, None, None)"
+    assert res["tokens"] == expected["tokens"]
+    assert res["compiles_after_warmup"] == 0
 
 
 if __name__ == "__main__":

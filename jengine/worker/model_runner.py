@@ -120,6 +120,16 @@ def _dtype_bytes(dtype: Any) -> int:
     return jnp.dtype(dtype).itemsize
 
 
+def kv_cache_dtype(name: str, model_dtype: Any) -> Any:
+    """The KV cache's element type for CacheConfig.cache_dtype: "auto" is the model's dtype, "fp8" and
+    "fp8_e4m3" vLLM's names for float8 e4m3fn."""
+    if name == "auto":
+        return jnp.dtype(model_dtype)
+    if name in ("fp8", "fp8_e4m3"):
+        return jnp.dtype(pallas_kernels.KV_FP8)
+    return jnp.dtype(name)
+
+
 class ModelRunner:
     """Runs the model over bucketed ragged batches; see the module docstring."""
 
@@ -127,7 +137,7 @@ class ModelRunner:
         self.config = config
         self.model_config = mc = loaded.config
         self.dtype = jnp.dtype(loaded.dtype)
-        self.cache_dtype = self.dtype if config.cache.cache_dtype == "auto" else jnp.dtype(config.cache.cache_dtype)
+        self.cache_dtype = kv_cache_dtype(config.cache.cache_dtype, self.dtype)
         self.backend = pallas_kernels.resolve_backend(config.attention_backend)
         self.interpret = pallas_kernels.runs_interpreted(self.backend)
         if self.interpret:
@@ -273,6 +283,8 @@ class ModelRunner:
             shard_kv=self.plan is not None and self.plan.shard_kv,
             interpret=self.interpret,
             **self._group_metadata(inputs),
+            k_scale=self.config.cache.k_scale,
+            v_scale=self.config.cache.v_scale,
         )
         # Asynchronous scheduling: tokens the host does not know yet come from the previous step's samples.
         token_ids = jnp.where(inputs.prev_token_index >= 0, inputs.prev_tokens[jnp.maximum(inputs.prev_token_index, 0)], inputs.token_ids)
