@@ -323,3 +323,19 @@ def test_logprobs_above_max_rejected(llm):
 def test_max_model_len_that_cannot_fit_the_cache(tiny_llama, xla_cache_dir):
     with pytest.raises(ValueError, match="kv_cache_memory_bytes|gpu_memory_utilization"):
         LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, kv_cache_memory_bytes=4096, **LIMITS)
+
+
+def test_one_validation_point_refuses_before_anything_is_queued(tiny_llama, xla_cache_dir):
+    """The engine's request validation (what every frontend calls) and the scheduler's guard apply one
+    rule: a prompt of max_model_len tokens leaves no room and is refused (the scheduler used to accept
+    it), before any request of the batch is queued; one token shorter runs."""
+    llm = LLM(tiny_llama, compilation_cache_dir=xla_cache_dir, num_gpu_blocks_override=4, **{**LIMITS, "max_model_len": 48})
+    ok = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="prompt is 48 tokens, but max_model_len is 48: the prompt must leave room"):
+        llm.generate([{"prompt_token_ids": [5] * 8}, {"prompt_token_ids": [5] * 48}], [ok, ok], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and len(llm.engine.output_processor._parents) == 0
+    sched = llm.engine.scheduler
+    assert sched.capacity_error(48, None) == llm.engine.scheduler.capacity_error(48, 4) is not None
+    assert sched.capacity_error(47, None) is None
+    (out,) = llm.generate([{"prompt_token_ids": [5] * 47}], SamplingParams(max_tokens=8), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"  # up to max_model_len

@@ -51,6 +51,10 @@ def test_add_request_validation():
         s.add_request(req("e", []))
     with pytest.raises(ValueError, match=r"33.*32"):
         s.add_request(req("long", [5] * 33))
+    # The same rule as the engine's request validation: the prompt must leave room for one token.
+    with pytest.raises(ValueError, match=r"32.*32.*room"):
+        s.add_request(req("full", [5] * 32))
+    assert s.capacity_error(12, 4) is None and "room" in s.capacity_error(32, 1)
     with pytest.raises(ValueError, match="KV pages"):
         s.add_request(req("big", [5] * 10, max_tokens=20))  # 29 KV tokens = 8 pages > 4
     with pytest.raises(ValueError, match="KV pages"):
@@ -150,9 +154,11 @@ def test_stop_conditions():
         assert (r.finish_reason, r.stop_reason, r.output_token_ids) == (reason, stop_reason, output), rid
 
 
-def test_prompt_of_max_model_len_gets_one_token():
+def test_prompt_one_short_of_max_model_len_gets_one_token():
     s = make_sched(max_model_len=8)
-    r = req("a", [3] * 8, max_tokens=None)
+    with pytest.raises(ValueError, match="room"):  # the engine's rule: a prompt must leave room for a token
+        s.add_request(req("full", [3] * 8, max_tokens=None))
+    r = req("a", [3] * 7, max_tokens=None)
     s.add_request(r)
     _, done = run_step(s)
     assert done == [r] and r.finish_reason == "length" and r.num_output_tokens == 1
@@ -460,7 +466,7 @@ def test_random_workloads_keep_invariants_and_finish(w):
             try:
                 s.add_request(r)
             except ValueError:
-                too_long = len(sp["prompt"]) > w["max_model_len"]
+                too_long = len(sp["prompt"]) >= w["max_model_len"]  # a prompt must leave room for one token
                 assert too_long or kv.pages_needed(s.max_kv_tokens(r)) > kv.num_usable_pages
                 continue
             admitted[r.request_id] = r

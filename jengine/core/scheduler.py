@@ -33,7 +33,7 @@ import collections
 import dataclasses
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Union
+from typing import Optional, Union
 
 from jengine.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from jengine.core.kv_cache_manager import KVCacheManager
@@ -154,6 +154,14 @@ class _PriorityQueue:
         return (e[3] for e in sorted(self._heap, key=lambda e: e[:3]))
 
 
+def max_kv_tokens(prompt_len: int, max_tokens: Optional[int], max_model_len: int) -> int:
+    """The most tokens whose KV a request can ever need: its final sampled token is never computed."""
+    final = max(max_model_len, prompt_len + 1)
+    if max_tokens is not None:
+        final = min(final, prompt_len + max_tokens)
+    return final - 1
+
+
 class Scheduler:
     """Decides each step's batch and owns the waiting/running queues (see module doc)."""
 
@@ -220,33 +228,29 @@ class Scheduler:
 
     def max_kv_tokens(self, req: Request) -> int:
         """The most tokens whose KV this request can ever need (its final sampled token is never computed)."""
-        prompt_len = req.num_prompt_tokens
-        final = max(self.max_model_len, prompt_len + 1)
-        max_tokens = req.sampling_params.max_tokens
-        if max_tokens is not None:
-            final = min(final, prompt_len + max_tokens)
-        return final - 1
+        return max_kv_tokens(req.num_prompt_tokens, req.sampling_params.max_tokens, self.max_model_len)
+
+    def capacity_error(self, prompt_len: int, max_tokens: Optional[int]) -> Optional[str]:
+        """Why a request of this size can never run here (None: it can): the rules the engine's request
+        validation applies (`jengine.engine.validation`) and `add_request` guards."""
+        if prompt_len >= self.max_model_len:
+            return (f"prompt is {prompt_len} tokens, but max_model_len is {self.max_model_len}: the prompt must leave "
+                    f"room for at least one generated token")
+        kv = self.kv_cache_manager
+        need = kv.pages_needed(max_kv_tokens(prompt_len, max_tokens, self.max_model_len))
+        if need > kv.num_usable_pages:
+            return (f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) can need {need} KV pages of "
+                    f"{kv.page_size} tokens, but the cache has only {kv.num_usable_pages}; lower max_tokens or enlarge the KV cache")
+        return None
 
     def add_request(self, req: Request) -> None:
-        """Queues a new request; ValueError if it is empty, too long, a duplicate, or can never fit."""
-        prompt_len = req.num_prompt_tokens
-        if prompt_len == 0:
-            raise ValueError(f"request {req.request_id!r}: the prompt is empty")
-        if prompt_len > self.max_model_len:
-            raise ValueError(
-                f"request {req.request_id!r}: the prompt has {prompt_len} tokens, longer than "
-                f"max_model_len={self.max_model_len}"
-            )
+        """Queues a new, validated request. ValueError for a duplicate id, and (a guard: the engine's
+        validation refuses these first, with the same rule) an empty prompt or one that can never fit."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        kv = self.kv_cache_manager
-        need = kv.pages_needed(self.max_kv_tokens(req))
-        if need > kv.num_usable_pages:
-            raise ValueError(
-                f"request {req.request_id!r}: prompt ({prompt_len} tokens) plus max_tokens "
-                f"({req.sampling_params.max_tokens}) can need {need} KV pages of {kv.page_size} tokens, but the "
-                f"cache has only {kv.num_usable_pages}; lower max_tokens or enlarge the KV cache"
-            )
+        why = "the prompt is empty" if req.num_prompt_tokens == 0 else self.capacity_error(req.num_prompt_tokens, req.sampling_params.max_tokens)
+        if why is not None:
+            raise ValueError(f"request {req.request_id!r}: {why}")
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.add(req)

@@ -35,6 +35,7 @@ from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors, ha
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.spec_decode.speculator import Speculator
+from jengine.engine.validation import RequestValidator
 from jengine.structured_output.manager import StructuredOutputManager
 from jengine.structured_output.reasoning import get_reasoning_markers
 from jengine.tokenizer import load_tokenizer
@@ -122,6 +123,11 @@ class EngineCore:
         reasoning = get_reasoning_markers(config.reasoning_parser) if config.reasoning_parser else None
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids, reasoning)
         self._all_allowed_mask = np.full(self.structured_output.num_words, -1, np.int32)  # a constrained row until filled
+        self.validator = RequestValidator(
+            vocab_size=mc.vocab_size, max_model_len=self.max_model_len, max_logprobs=config.max_logprobs,
+            eos_token_ids=self.eos_token_ids, capacity_error=self.scheduler.capacity_error,
+            compile_constraint=self.structured_output.validate,  # compiles once; later requests hit the cache
+        )
         self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
         # Multi-host steps run under a watchdog: there every piece compiles before serving.
@@ -150,31 +156,9 @@ class EngineCore:
         return self.model_config.vocab_size
 
     def validate_prompt(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raises ValueError naming the field for a prompt or parameters the engine cannot serve."""
-        params.verify(self.config.max_logprobs)
-        outside = next((t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
-        if outside is not None:
-            raise ValueError(f"SamplingParams.stop_token_ids has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
-        if params.top_k > self.vocab_size:
-            raise ValueError(f"SamplingParams.top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}")
-        if params.min_tokens and len(set(params.stop_token_ids or ()) | set(self.eos_token_ids)) > MAX_STOP_TOKENS:
-            raise ValueError(f"SamplingParams.stop_token_ids: at most {MAX_STOP_TOKENS} stop and EOS token ids are supported together with min_tokens")
-        if params.logit_bias:
-            if len(params.logit_bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"SamplingParams.logit_bias: at most {MAX_LOGIT_BIAS} entries are supported, got {len(params.logit_bias)}")
-            outside = next((t for t in params.logit_bias if not 0 <= t < self.vocab_size), None)
-            if outside is not None:
-                raise ValueError(f"SamplingParams.logit_bias has token id {outside}, outside the vocabulary [0, {self.vocab_size})")
-        if params.structured_outputs is not None:
-            self.structured_output.validate(params.structured_outputs)  # compiles once; later requests hit the cache
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt must not be empty")
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt is {n} tokens, but max_model_len is {self.max_model_len}: the prompt must leave room for at least one generated token")
-        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        """Raises ValueError naming the field for a prompt or parameters the engine cannot serve (the one
+        validation point: `jengine.engine.validation`)."""
+        self.validator.validate(prompt_token_ids, params)
 
     # ----- LoRA adapters ------------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
