@@ -1,3 +1,4 @@
-"""The engine proper: `EngineCore` (one synchronous step at a time: schedule, run, process outputs),
-`AsyncEngine` (its asyncio face, shared by the HTTP and gRPC servers) and the output processor
-(detokenization, stop strings, logprobs)."""
+"""The engine proper: `EngineCore` (a step: schedule, run, process outputs; with asynchronous
+scheduling step N+1 is dispatched before step N's outputs are processed), `AsyncEngine` (its asyncio
+face, shared by the HTTP and gRPC servers), the output processor (detokenization, stop strings,
+logprobs) and `validation` (the one place a request is checked before anything is queued)."""
