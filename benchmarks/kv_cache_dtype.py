@@ -18,11 +18,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
+from decode_steps import median_decode_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIDES = {"float32": dict(dtype="float32", kv_cache_dtype="auto"), "fp8": dict(dtype="float32", kv_cache_dtype="fp8")}
@@ -48,28 +47,13 @@ def kv_sizing(budget: int) -> dict:
 
 
 def child_decode(side: str, batches: list[int], steps: int, context: int) -> dict:
-    from jengine import LLM, SamplingParams
+    from jengine import LLM
 
     llm = LLM(max_model_len=context + steps + 16, max_num_seqs=max(batches), max_num_batched_tokens=512,
               compilation_cache_dir="", **SIDES[side])
     core = llm.engine
-    result: dict = {"cache_dtype": str(core.runner.cache_dtype), "backend": core.runner.backend}
-    for b in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-        for i in range(b):
-            core.add_request(f"{b}-{i}", [1 + (7 * i + j) % 4000 for j in range(context)], params)
-        while len(core.scheduler.waiting) or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in core.scheduler.running):
-            core.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - t0)
-        while core.has_unfinished_requests():
-            core.step()
-        result[str(b)] = statistics.median(times)
-    result["compilations_after_warmup"] = core.compilations_after_warmup
-    return result
+    return {"cache_dtype": str(core.runner.cache_dtype), "backend": core.runner.backend,
+            **median_decode_steps(core, batches, steps, context)}
 
 
 def main() -> None:

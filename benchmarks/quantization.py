@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
+from decode_steps import median_decode_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORMATS = ("float32", "int8", "gguf")
@@ -77,29 +76,12 @@ def weight_bytes_smollm2() -> dict:
 
 
 def child_decode(fmt: str, batches: list[int], steps: int) -> dict:
-    from jengine import LLM, SamplingParams
+    from jengine import LLM
 
     quant = None if fmt == "float32" else fmt
     llm = LLM(dtype="float32", quantization=quant, max_model_len=256, max_num_seqs=max(batches),
               max_num_batched_tokens=128, compilation_cache_dir="")
-    core = llm.engine
-    result = {}
-    for b in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-        for i in range(b):
-            core.add_request(f"{b}-{i}", [1 + (7 * i + j) % 4000 for j in range(32)], params)
-        while len(core.scheduler.waiting) or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in core.scheduler.running):
-            core.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - t0)
-        while core.has_unfinished_requests():
-            core.step()
-        result[str(b)] = statistics.median(times)
-    result["compilations_after_warmup"] = core.compilations_after_warmup
-    return result
+    return median_decode_steps(llm.engine, batches, steps, 32)
 
 
 def main() -> None:
