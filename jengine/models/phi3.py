@@ -88,6 +88,18 @@ def _longrope(spec: Mapping[str, Any], cfg: Mapping[str, Any], rotary_dim: int) 
     return LongRope(factors["short_factor"], factors["long_factor"], orig, float(attn))
 
 
+def _fused_sources(cfg: Phi3Config, qkv: str, gate_up: str) -> dict[str, Source]:
+    """The Llama parameters read as row slices of the fused `[out, in]` tensors (q, k, v rows; gate, up rows)."""
+    q, kv, F = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "layers.wq": Source(qkv, True, rows=(0, q)),
+        "layers.wk": Source(qkv, True, rows=(q, q + kv)),
+        "layers.wv": Source(qkv, True, rows=(q + kv, q + 2 * kv)),
+        "layers.w_gate": Source(gate_up, True, rows=(0, F)),
+        "layers.w_up": Source(gate_up, True, rows=(F, 2 * F)),
+    }
+
+
 class Phi3ForCausalLM(LlamaForCausalLM[Phi3Config]):
     """Phi-3 / Phi-4-mini over a paged KV cache (see the module docstring)."""
 
@@ -127,15 +139,7 @@ class Phi3ForCausalLM(LlamaForCausalLM[Phi3Config]):
         names: NameMap = {k: (hf, False) for k, (hf, _) in _GLOBAL_NAMES.items()}
         for k, (hf, _, t) in _LAYER_NAMES.items():
             names[f"layers.{k}"] = (f"model.layers.{{i}}.{hf}", t)
-        q, kv, F = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        qkv, gate_up = "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"
-        names.update({
-            "layers.wq": Source(qkv, True, rows=(0, q)),
-            "layers.wk": Source(qkv, True, rows=(q, q + kv)),
-            "layers.wv": Source(qkv, True, rows=(q + kv, q + 2 * kv)),
-            "layers.w_gate": Source(gate_up, True, rows=(0, F)),
-            "layers.w_up": Source(gate_up, True, rows=(F, 2 * F)),
-        })
+        names.update(_fused_sources(cfg, "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"))
         return names
 
     @classmethod
@@ -168,15 +172,7 @@ class Phi3ForCausalLM(LlamaForCausalLM[Phi3Config]):
         """llama.cpp keeps the fused tensors (`attn_qkv`, and `ffn_up` holding gate then up): split by rows."""
         names: GGUFNameMap = {k: (g, False) for k, (_, g) in _GLOBAL_NAMES.items()}
         names.update({f"layers.{k}": (f"blk.{{i}}.{g}", t) for k, (_, g, t) in _LAYER_NAMES.items()})
-        q, kv, F = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        qkv, gate_up = "blk.{i}.attn_qkv.weight", "blk.{i}.ffn_up.weight"
-        names.update({
-            "layers.wq": Source(qkv, True, rows=(0, q)),
-            "layers.wk": Source(qkv, True, rows=(q, q + kv)),
-            "layers.wv": Source(qkv, True, rows=(q + kv, q + 2 * kv)),
-            "layers.w_gate": Source(gate_up, True, rows=(0, F)),
-            "layers.w_up": Source(gate_up, True, rows=(F, 2 * F)),
-        })
+        names.update(_fused_sources(cfg, "blk.{i}.attn_qkv.weight", "blk.{i}.ffn_up.weight"))
         return names
 
     def rope(self, positions: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
