@@ -9,23 +9,13 @@ layout and `write_kv` are the reference's. float16 caches go to the reference. A
 is read one byte per value and decoded in C++; its per-tensor scales are folded in here (K's into
 `sm_scale`, V's into the output), so the kernel itself only decodes.
 
-The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) for this
-CPU (`-march=native`), against the FFI headers jaxlib ships, into `$JENGINE_CACHE_DIR/cpu_kernels`
-(default `${XDG_CACHE_HOME:-~/.cache}/jengine`); the file name hashes the source, the flags, the
-compiler, jaxlib's version and the CPU, so a change of any rebuilds it. `available()` says whether
-that worked; without a compiler the CPU platform falls back to `reference` (with one warning).
+The kernel is compiled on first use for this CPU (`_native.py`); `available()` says whether that
+worked; without a compiler the CPU platform falls back to `reference` (with one warning).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import reference
+from . import _native, reference
 
 logger = logging.getLogger(__name__)
 
@@ -42,72 +32,15 @@ write_kv = reference.write_kv
 
 TARGET = "jengine_cpu_ragged_paged_attention"
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
 _CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn, jnp.uint8)  # uint8: an fp8 cache's e4m3 bytes
-
-
-def _cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    base = os.environ.get("JENGINE_CACHE_DIR") or os.path.join(xdg, "jengine")
-    return Path(base) / "cpu_kernels"
-
-
-def _cpu_signature() -> str:
-    """What `-march=native` compiles for: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compiler() -> Optional[str]:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
-def _build(compiler: str) -> Path:
-    """The kernel's shared library, compiled unless a matching one is cached."""
-    import jaxlib
-
-    include = jax.ffi.include_dir()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 @functools.cache
 def _load() -> Optional[str]:
     """Builds and registers the kernel; None if it is ready, else why not."""
-    compiler = _compiler()
-    if compiler is None:
-        reason = f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
-    else:
-        try:
-            library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        except (OSError, RuntimeError) as e:
-            reason = f"building the native CPU attention kernel failed: {e}"
-        else:
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JengineRaggedPagedAttention), platform="cpu")
-            return None
-    logger.warning("native CPU attention unavailable (%s); the CPU uses the reference backend", reason)
+    reason = _native.load(_SOURCE, "JengineRaggedPagedAttention", TARGET)
+    if reason is not None:
+        logger.warning("native CPU attention unavailable (%s); the CPU uses the reference backend", reason)
     return reason
 
 

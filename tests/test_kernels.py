@@ -270,9 +270,9 @@ def test_gpu_long_context_decode():
 
 
 def _native_cpu():
-    from jengine.pallas_kernels import cpu
+    from jengine.pallas_kernels import _native, cpu
 
-    if cpu._compiler() is None:  # a compiler that is there but fails to build the kernel fails the tests
+    if _native.compiler() is None:  # a compiler that is there but fails to build the kernel fails the tests
         pytest.skip("no C++ compiler on PATH: the CPU platform uses the reference backend")
     assert cpu._load() is None, cpu._load()
     return cpu
@@ -313,7 +313,9 @@ def test_cpu_is_the_cpu_default_and_falls_back_without_a_compiler(monkeypatch, c
     cpu = _native_cpu()
     assert pk.resolve_backend(None) == "cpu"
     assert not pk.runs_interpreted("cpu")
-    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    from jengine.pallas_kernels import _native
+
+    monkeypatch.setattr(_native, "compiler", lambda: None)
     with caplog.at_level("WARNING"):
         assert "no C++ compiler" in cpu._load.__wrapped__()
     assert "native CPU attention unavailable" in caplog.text
@@ -344,17 +346,74 @@ def test_gpu_backend_falls_back_to_reference_with_one_warning_when_pallas_triton
 
 
 def test_cpu_kernel_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
+    from jengine.pallas_kernels import _native
+
     cpu = _native_cpu()
     monkeypatch.setenv("JENGINE_CACHE_DIR", str(tmp_path))
-    first = cpu._build(cpu._compiler())
+    cxx = _native.compiler()
+    first = _native.build(cpu._SOURCE, cxx)
     assert first.parent == tmp_path / "cpu_kernels" and first.stat().st_size > 0
     stamp = first.stat().st_mtime_ns
-    assert cpu._build(cpu._compiler()) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    monkeypatch.setattr(cpu, "_FLAGS", cpu._FLAGS + ("-DJENGINE_TEST_FLAG=1",))
-    assert cpu._build(cpu._compiler()) != first  # other flags: another library
-    monkeypatch.setattr(cpu, "_FLAGS", cpu._FLAGS + ("-DNOT_CXX(",))
+    assert _native.build(cpu._SOURCE, cxx) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    from jengine.pallas_kernels import cpu_linear
+
+    assert _native.build(cpu_linear._SOURCE, cxx) != first  # another source: another library
+    monkeypatch.setattr(_native, "FLAGS", _native.FLAGS + ("-DJENGINE_TEST_FLAG=1",))
+    assert _native.build(cpu._SOURCE, cxx) != first  # other flags: another library
+    monkeypatch.setattr(_native, "FLAGS", _native.FLAGS + ("-DNOT_CXX(",))
     with pytest.raises(RuntimeError, match="failed"):
-        cpu._build(cpu._compiler())
+        _native.build(cpu._SOURCE, cxx)
+
+
+# ---------------------------------------------------------------- native CPU projection (stacked weights)
+
+
+def _native_linear():
+    from jengine.pallas_kernels import _native, cpu_linear
+
+    if _native.compiler() is None:
+        pytest.skip("no C++ compiler on PATH: layers copy their weights out of the stack")
+    assert cpu_linear._load() is None, cpu_linear._load()
+    return cpu_linear
+
+
+@pytest.mark.parametrize("rows,k,n,dtype", [
+    (1, 96, 128, jnp.float32),     # one decode row, whole 64-column blocks
+    (7, 80, 200, jnp.float32),     # 4 + 3 rows; a last block 8 columns wide
+    (32, 64, 64, jnp.bfloat16),    # the widest step it serves, bfloat16 weights widened in C++
+    (3, 40, 24, jnp.bfloat16),     # fewer columns than one block
+])
+def test_cpu_stacked_linear_matches_numpy(rows, k, n, dtype):
+    cl = _native_linear()
+    rng = np.random.default_rng(rows * 1000 + n)
+    stack = jnp.asarray(rng.standard_normal((3, k, n)), dtype)
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    f = jax.jit(cl.native)
+    for layer in range(3):
+        want = np.asarray(x, np.float64) @ np.asarray(stack[layer], np.float64)
+        got = np.asarray(f(x, stack, jnp.int32(layer)), np.float64)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bfloat16: the output is rounded to bfloat16
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), layer
+
+
+def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
+    """Up to MAX_ROWS rows the compiled step calls the kernel and holds no copy of a layer's matrix;
+    wider steps, a leading batch shape and float16 weights take XLA's dot, with the same values."""
+    cl = _native_linear()
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.standard_normal((4, 48, 80)), jnp.float32)
+    f = jax.jit(cl.stacked_linear)
+    for shape in [(cl.MAX_ROWS, 48), (cl.MAX_ROWS + 1, 48), (2, 3, 48)]:
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        hlo = f.lower(x, stack, jnp.int32(2)).compile().as_text()
+        rows = int(np.prod(shape[:-1]))
+        assert (cl.TARGET in hlo) == (rows <= cl.MAX_ROWS)
+        if rows <= cl.MAX_ROWS:
+            assert "f32[48,80]" not in hlo and "f32[1,48,80]" not in hlo  # the layer's matrix is never materialised
+        np.testing.assert_allclose(np.asarray(f(x, stack, jnp.int32(2))), np.asarray(x) @ np.asarray(stack[2]), rtol=1e-5, atol=1e-5)
+    half = stack.astype(jnp.float16)
+    x = jnp.ones((2, 48), jnp.float16)
+    assert cl.TARGET not in f.lower(x, half, jnp.int32(1)).compile().as_text()
 
 
 # ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)

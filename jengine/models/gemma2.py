@@ -193,7 +193,8 @@ class Gemma2ForCausalLM(CausalLM[GemmaConfig]):
             return x, cache
 
         x = nn.embed(self.embed[...], token_ids, scale=cfg.hidden_size**0.5)
-        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers, nn.pattern_period(kinds))
+        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers, nn.pattern_period(kinds),
+                                      in_place=nn.reads_weights_in_place(md))
         return kv_cache, norm(x, self.final_norm[...])
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

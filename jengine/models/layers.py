@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jengine.attention import AttentionMetadata, paged_attention
+from jengine.pallas_kernels.cpu_linear import stacked_linear
 from jengine.models.rope import apply_rope
 
 Params = Mapping[str, Any]
@@ -40,9 +41,16 @@ class Weight:
         raise NotImplementedError
 
 
-def linear(x: jax.Array, w: jax.Array | Weight, bias: jax.Array | None = None) -> jax.Array:
-    """The one projection every model calls: x @ w (+ bias), or `w.apply(x)` for a `Weight`."""
-    y = w.apply(x) if isinstance(w, Weight) else x @ w
+def linear(x: jax.Array, w: "jax.Array | Weight | LayerOf", bias: jax.Array | None = None) -> jax.Array:
+    """The one projection every model calls: x @ w (+ bias), or `w.apply(x)` for a `Weight`. A
+    `LayerOf` (one layer of a stacked matrix, left in its stack by a scan run `in_place`) is read
+    where it lies on the CPU (`cpu_linear.stacked_linear`) instead of being copied out first."""
+    if isinstance(w, Weight):
+        y = w.apply(x)
+    elif isinstance(w, LayerOf):
+        y = stacked_linear(x, w.stack, w.layer)
+    else:
+        y = x @ w
     return y if bias is None else y + bias
 
 
@@ -121,6 +129,12 @@ def attention(
     return cache, linear(o.reshape(T, spec.num_heads * D).astype(h.dtype), p["wo"], p.get("bo"))
 
 
+def reads_weights_in_place(md: AttentionMetadata) -> bool:
+    """Whether the layer scan should leave projection matrices in their stacks for `linear`: on the
+    native CPU backend with unsharded weights (a sharded stack would need the kernel partitioned)."""
+    return md.backend == "cpu" and md.mesh is None
+
+
 def pattern_period(kinds: Sequence[Any]) -> int:
     """The shortest period p with kinds[i] == kinds[i % p] for every layer (1 when all layers are alike)."""
     n = len(kinds)
@@ -128,7 +142,8 @@ def pattern_period(kinds: Sequence[Any]) -> int:
 
 
 def scan_layers(
-    layer_fn: Callable[[int, jax.Array | int, Params, Any], Any], params: Params, carry: Any, num_layers: int, period: int = 1
+    layer_fn: Callable[[int, jax.Array | int, Params, Any], Any], params: Params, carry: Any, num_layers: int, period: int = 1,
+    in_place: bool = False,
 ) -> Any:
     """Runs `carry = layer_fn(slot, layer, p, carry)` for every layer, under `jax.lax.scan`.
 
@@ -139,7 +154,7 @@ def scan_layers(
     weights (arrays or `Weight` pytrees); `p` is one layer's slice. The body is traced once per slot.
     """
     slots = [i % period for i in range(num_layers)]
-    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period)
+    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period, in_place=in_place)
 
 
 class LayerOf(NamedTuple):
@@ -181,6 +196,7 @@ def scan_layer_kinds(
     held_by: Mapping[str, Sequence[int]] | None = None,
     whole: Collection[str] = (),
     max_period: int = 8,
+    in_place: bool = False,
 ) -> Any:
     """Runs `carry = layer_fn(kinds[layer], layer, p, carry)` for every layer, in order.
 
@@ -190,8 +206,11 @@ def scan_layer_kinds(
     layer runs unrolled. `held_by[name]` lists the layers that hold stacked parameter `name` (default:
     all); its leading axis counts only those layers, and `p` has it only at those layers. Names in
     `whole` are not sliced: `p[name]` is a `LayerOf(stack, index into it)`. `p` otherwise holds one layer's
-    slice of every stacked weight (arrays or `Weight` pytrees); the slices are dynamic indexes, the
-    same as scanning over the stacks as `xs`, so no weight is copied.
+    slice of every stacked weight (arrays or `Weight` pytrees), as dynamic indexes.
+
+    A dynamic index of a stack is a copy on the CPU (XLA's dot wants its operand in a buffer of its
+    own); with `in_place` (see `reads_weights_in_place`) every plain stacked matrix (`[L, in, out]`)
+    reaches the body as a `LayerOf`, which `linear` reads where it lies.
     """
     num_layers = len(kinds)
     holders = {n: tuple(held_by.get(n, range(num_layers)) if held_by else range(num_layers)) for n in params}
@@ -208,7 +227,7 @@ def scan_layer_kinds(
                 continue
             stride = sum(1 for i in range(start, start + period) if i in rank[name])
             index = rank[name][first] + u * stride
-            if name in whole:
+            if name in whole or (in_place and isinstance(w, jax.Array) and w.ndim == 3):
                 p[name] = LayerOf(w, index)
             else:
                 p[name] = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), w)  # noqa: B023

@@ -204,7 +204,7 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
             return x, cache
 
         x = nn.embed(self.embed[...], token_ids)
-        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers)
+        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers, in_place=nn.reads_weights_in_place(md))
         return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
 

@@ -310,7 +310,8 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
             return x + (self.sparse_mlp(h, p, md) if kind == SPARSE else nn.swiglu(h, p)), cache
 
         x = nn.embed(self.embed[...], token_ids)
-        x, kv_cache = nn.scan_layer_kinds(layer, arrays, (x, kv_cache), kinds, held_by, whole=_EXPERTS)
+        x, kv_cache = nn.scan_layer_kinds(layer, arrays, (x, kv_cache), kinds, held_by, whole=_EXPERTS,
+                                          in_place=nn.reads_weights_in_place(md))
         return kv_cache, norm(x, self.final_norm[...])
 
 

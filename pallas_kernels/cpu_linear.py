@@ -1,0 +1,70 @@
+"""One layer's projection read in place from stacked weights, native on the CPU.
+
+The models scan their layers over weights stacked `[L, in, out]`. XLA's CPU dot takes its operand
+from a buffer of its own, so `x @ w[layer]` inside the scan copies the layer's matrix out of the
+stack every step (a dynamic slice is a fresh buffer there): for a decode step, which is bound by
+reading the weights, that is two extra passes over every matrix. `stacked_linear` instead calls
+`cpu_linear.cc`, which reads `w[layer]` where it lies, for steps of up to `MAX_ROWS` rows (decode
+and small batches, where the weight bytes dominate); wider steps, other dtypes, and platforms other
+than the CPU take `x @ w[layer]`, where the copy is small next to the matmul (or, on GPU, XLA reads
+the slice in place itself).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import _native
+
+logger = logging.getLogger(__name__)
+
+TARGET = "jengine_cpu_stacked_linear"
+_SOURCE = Path(__file__).with_name("cpu_linear.cc")
+MAX_ROWS = 32  # above this the matmul's own cost hides the copy, and XLA's dot is the faster one
+_WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@functools.cache
+def _load() -> Optional[str]:
+    reason = _native.load(_SOURCE, "JengineStackedLinear", TARGET)
+    if reason is not None:
+        logger.warning("native CPU projection unavailable (%s); layers copy their weights out of the stack", reason)
+    return reason
+
+
+def available() -> bool:
+    """Whether the native kernel is built and registered (building it on the first call)."""
+    return _load() is None
+
+
+def reference(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """x @ stack[layer] in `jax.numpy` (the kernel's oracle and fallback)."""
+    return x @ jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
+
+
+def native(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """The kernel itself: x[T, in] float32 or bfloat16, stack[L, in, out] float32 or bfloat16."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], stack.shape[2]), jnp.float32))
+    out = call(x.astype(jnp.float32), stack, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
+    return out.astype(jnp.result_type(x.dtype, stack.dtype))
+
+
+def stacked_linear(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """x[..., in] @ stack[layer] without copying the layer's matrix out of `stack` where the kernel
+    serves the shapes (on the CPU: up to `MAX_ROWS` rows, float32 / bfloat16 weights)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = 1
+    for d in lead:
+        rows *= int(d)
+    if stack.ndim != 3 or rows > MAX_ROWS or jnp.dtype(stack.dtype) not in _WEIGHT_DTYPES or not available():
+        return reference(x, stack, layer)
+    flat = x.reshape(rows, k)
+    out = jax.lax.platform_dependent(
+        flat, stack, layer, cpu=native, default=lambda a, w, i: reference(a, w, i).astype(jnp.result_type(a.dtype, w.dtype))
+    )
+    return out.reshape(*lead, stack.shape[2])
