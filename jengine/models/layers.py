@@ -191,7 +191,8 @@ def scan_layer_kinds(
     all); its leading axis counts only those layers, and `p` has it only at those layers. Names in
     `whole` are not sliced: `p[name]` is a `LayerOf(stack, index into it)`. `p` otherwise holds one layer's
     slice of every stacked weight (arrays or `Weight` pytrees); the slices are dynamic indexes, the
-    same as scanning over the stacks as `xs`, so no weight is copied.
+    same as scanning over the stacks as `xs`, so no stack is copied (XLA's CPU dot still copies its
+    one layer's slice into a buffer of its own; see docs/architecture.md).
     """
     num_layers = len(kinds)
     holders = {n: tuple(held_by.get(n, range(num_layers)) if held_by else range(num_layers)) for n in params}
