@@ -133,3 +133,72 @@ def test_engine_serves_mixtral_gguf(tmp_path, xla_cache_dir):
     hf = hf_model(os.path.join(tmp_path, "tiny-mixtral-0"))
     assert [list(o.outputs[0].token_ids) for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS]
     assert llm.engine.compilations_after_warmup == 0
+
+
+def split_experts(tensors):
+    """Rewrites a file's stacked experts as llama.cpp's first Mixtral files had them: one tensor per expert."""
+    for name in [n for n in tensors if n.endswith("_exps.weight")]:
+        stacked = tensors.pop(name)
+        for e in range(stacked.shape[0]):
+            tensors[name.replace("_exps.weight", f".{e}.weight")] = stacked[e]
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_old_mixtral_gguf_with_one_tensor_per_expert(tmp_path, quant):
+    """`blk.{i}.ffn_gate.{e}.weight` instead of `ffn_gate_exps`: read as the stacked form; the same weights
+    as the newer file (same blocks, so equal logits for Q8_0 too), and F32 equals transformers on the HF checkpoint."""
+    old = make_tiny_gguf(tmp_path / "old", "mixtral", quant=quant, edit=split_experts)
+    new = make_tiny_gguf(tmp_path / "new", "mixtral", quant=quant)
+    ckpt = GGUFCheckpoint(old)
+    assert "blk.1.ffn_down.7.weight" in ckpt.tensors and "blk.1.ffn_down_exps.weight" not in ckpt.tensors
+    assert ckpt.expert_parts["blk.1.ffn_down_exps.weight"] == tuple(f"blk.1.ffn_down.{e}.weight" for e in range(8))
+    assert ckpt.shape("blk.1.ffn_gate_exps.weight") == GGUFCheckpoint(new).tensors["blk.1.ffn_gate_exps.weight"].shape
+    loaded = load_model(old)
+    logits, tokens = greedy(loaded.model, PROMPT, 4)
+    ref_logits, ref_tokens = greedy(load_model(new).model, PROMPT, 4)
+    np.testing.assert_array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
+    if quant == "F32":
+        hf = hf_model(os.path.join(tmp_path / "old", "tiny-mixtral-0"))
+        np.testing.assert_allclose(logits, hf_logits(hf, PROMPT), atol=1e-4, rtol=1e-4)
+        assert tokens == hf_greedy(hf, PROMPT, 4)
+
+
+def test_per_expert_tensors_that_do_not_stack_are_named(tmp_path):
+    def lose_expert_3(t):
+        split_experts(t)
+        t.pop("blk.0.ffn_up.3.weight")
+
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_up_exps\.weight' lack expert\(s\) \[3\]"):
+        GGUFCheckpoint(make_tiny_gguf(tmp_path, "mixtral", edit=lose_expert_3))
+
+    def narrow_expert_5(t):
+        split_experts(t)
+        t["blk.1.ffn_gate.5.weight"] = t["blk.1.ffn_gate.5.weight"][:16]
+
+    with pytest.raises(ValueError, match=r"'blk\.1\.ffn_gate\.0\.weight'\.\. differ in shape"):
+        GGUFCheckpoint(make_tiny_gguf(tmp_path / "b", "mixtral", edit=narrow_expert_5))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_moe_gguf_with_a_dense_layer_is_refused_saying_why(tmp_path, arch):
+    """A Qwen MoE model with dense layers (`mlp_only_layers`) has no llama.cpp form: its converter cannot map
+    a dense `mlp.gate_proj` for qwen2moe/qwen3moe and its loader needs every layer's router. A file that has
+    one anyway (layer 0 as `ffn_gate/up/down`, no router or experts) is refused naming the layer, not loaded wrong."""
+    import gguf
+
+    qwen = gguf.MODEL_ARCH.QWEN2MOE if arch == "qwen2_moe" else gguf.MODEL_ARCH.QWEN3MOE
+    assert gguf.MODEL_TENSOR.FFN_GATE not in gguf.MODEL_TENSORS[qwen]  # what the converter's tensor map allows
+
+    def dense_layer_0(t):
+        for k in [k for k in t if k.startswith("blk.0.ffn_") and k != "blk.0.ffn_norm.weight"]:
+            del t[k]
+        rng = np.random.default_rng(0)
+        t["blk.0.ffn_gate.weight"] = rng.standard_normal((96, 64), np.float32)
+        t["blk.0.ffn_up.weight"] = rng.standard_normal((96, 64), np.float32)
+        t["blk.0.ffn_down.weight"] = rng.standard_normal((64, 96), np.float32)
+
+    path = make_tiny_gguf(tmp_path, arch, edit=dense_layer_0)
+    with pytest.raises(NotImplementedError, match=r"layer\(s\) \[0\] hold a dense MLP .*load the HF checkpoint"):
+        load_model(path)
+    assert load_model(make_tiny_gguf(tmp_path / "sparse", arch)).config.dense_layers == ()

@@ -7,11 +7,18 @@ the reader builds numpy views for every element of the ~100k-entry tokenizer arr
 
 Tensor names and any layout fixes (llama.cpp permutes the Q/K rows of `llama` files for its
 interleaved RoPE) belong to the model family (`gguf_names`, `from_gguf_tensor` in `jengine.models`).
+
+One file-format fix lives here: llama.cpp first wrote Mixtral's experts one tensor per expert,
+`blk.{i}.ffn_{gate,up,down}.{e}.weight`, where newer files stack a layer's experts in one
+`blk.{i}.ffn_{gate,up,down}_exps.weight` [E, out, in]. Which form a file has shows in its tensor
+names; an old file's per-expert tensors answer for the stacked name (stacked at read time, as
+llama.cpp's own loader merged them), so the families see one layout.
 """
 from __future__ import annotations
 
 import dataclasses
 import mmap
+import re
 import struct
 from typing import Any
 
@@ -102,12 +109,49 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     return meta, tensors
 
 
+# llama.cpp's first MoE files: one tensor per expert (`LLM_TENSOR_FFN_*_EXP` "blk.%d.ffn_gate.%d")
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
+
+
+def per_expert_tensors(path: str, tensors: dict[str, GGUFTensor]) -> dict[str, tuple[str, ...]]:
+    """Stacked expert name (`blk.{i}.ffn_gate_exps.weight`) -> the per-expert tensors that make it, in
+    expert order, for a file written one tensor per expert; {} for a file with stacked experts.
+
+    Raises ValueError naming the tensors when a layer's experts are not numbered 0..E-1 or differ in
+    shape or type (they could not be stacked)."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in tensors:
+        m = _PER_EXPERT.fullmatch(name)
+        if m:
+            groups.setdefault(f"blk.{m[1]}.ffn_{m[2]}_exps.weight", {})[int(m[3])] = name
+    out = {}
+    for stacked, parts in groups.items():
+        if stacked in tensors:
+            raise ValueError(f"GGUF file {path} has both {stacked!r} and per-expert tensors such as {parts[min(parts)]!r}")
+        if sorted(parts) != list(range(len(parts))):
+            missing = sorted(set(range(max(parts) + 1)) - set(parts))
+            raise ValueError(f"GGUF file {path}: per-expert tensors for {stacked!r} lack expert(s) {missing}")
+        names = tuple(parts[e] for e in range(len(parts)))
+        kinds = {(tensors[n].shape, tensors[n].tensor_type) for n in names}
+        if len(kinds) > 1:
+            raise ValueError(f"GGUF file {path}: the per-expert tensors {names[0]!r}.. differ in shape or type "
+                             f"({', '.join(f'{s} {t.name}' for s, t in sorted(kinds, key=str))})")
+        out[stacked] = names
+    return out
+
+
 class GGUFCheckpoint:
-    """Metadata and tensors of one GGUF file."""
+    """Metadata and tensors of one GGUF file (an old file's per-expert tensors read as stacked ones)."""
 
     def __init__(self, path: str):
         self.path = path
         self.metadata, self.tensors = read_gguf(path)
+        self.expert_parts = per_expert_tensors(path, self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in numpy order (a stacked one made of per-expert tensors: [E, *part])."""
+        parts = self.expert_parts.get(name)
+        return (len(parts), *self.tensors[parts[0]].shape) if parts else self.tensors[name].shape
 
     def config(self) -> ModelConfig:
         freq = self.get("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
@@ -123,6 +167,8 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32 in numpy's (PyTorch's) [out, in] order."""
+        if name in self.expert_parts:
+            return np.stack([self.get(part) for part in self.expert_parts[name]])
         t = self.tensors.get(name)
         if t is None:
             arch = self.metadata.get("general.architecture")
@@ -135,6 +181,7 @@ class GGUFCheckpoint:
     def fetch_for(self, cfg: ModelConfig):
         """A `fetch(name, layer)` in the model's layout (see jengine.loader.weights), by the family's name map."""
         family = get_model_class(cfg.architecture)
+        family.check_gguf_tensors(cfg, self.tensors.keys() | self.expert_parts.keys())
         names, shapes = family.gguf_names(cfg), family.param_shapes(cfg)
 
         def fetch(name: str, layer: int | None) -> np.ndarray:
@@ -145,7 +192,7 @@ class GGUFCheckpoint:
             expected = shapes[name][1:] if layer is not None else shapes[name]
             if tuple(w.shape) != tuple(expected):
                 tensor = src.template.format(i=layer if src.layers is None or layer is None else src.layers[layer])
-                stored = self.tensors[tensor].shape
+                stored = self.shape(tensor)
                 raise ValueError(f"GGUF tensor {tensor!r} of shape {stored} does not fit {name}: {cfg.architecture} "
                                  f"expects {tuple(expected)} (in [in, out] order), the tensor gives {tuple(w.shape)}")
             return w

@@ -8,6 +8,7 @@ model the runner calls:
     param_shapes(cfg) -> {name: shape}                     partition_kinds(cfg) -> {name: COLUMN | ROW | ...}
     hf_names(cfg) -> {name: Source | (template, transpose)} gguf_names(cfg) -> {name: Source | (template, transpose)}
     from_gguf_tensor(name, array, cfg, metadata) -> array  (llama.cpp layout fixes; default: none)
+    check_gguf_tensors(cfg, tensor_names)                  (a file the family cannot read, said why; default: none)
     model(kv_cache, token_ids[T], positions[T], md) -> (kv_cache, hidden[T, H])
     model.compute_logits(hidden[S, H]) -> logits[S, V] (float32)
 
@@ -19,7 +20,7 @@ use `{i}` for the layer index; `transpose` says the checkpoint stores the matrix
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Generic, Mapping, NamedTuple, TypeVar
+from typing import Any, Callable, ClassVar, Collection, Generic, Mapping, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,11 @@ class CausalLM(nnx.Module, Generic[ConfigT]):
     def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: ConfigT, meta: Mapping[str, Any]) -> np.ndarray:
         """A GGUF tensor (after dequantization, before transposing) in the HF checkpoint's convention."""
         return w
+
+    @classmethod
+    def check_gguf_tensors(cls, cfg: ConfigT, tensor_names: Collection[str]) -> None:
+        """Raises, saying why, for a GGUF file whose tensors do not make the model `cfg` describes,
+        before any is read. The default checks nothing: a missing tensor is named when it is read."""
 
     @classmethod
     def partition_kinds(cls, cfg: ConfigT) -> dict[str, str]:

@@ -34,17 +34,25 @@ GGUF: llama.cpp's `qwen2moe` and `qwen3moe`, and Mixtral, which llama.cpp writes
 `expert_used_count`, `expert_feed_forward_length` (Mixtral: `feed_forward_length`) and Qwen2-MoE's
 `expert_shared_feed_forward_length`; the top-k rule is llama.cpp's per architecture (renormalised for
 Mixtral and Qwen3-MoE, not for Qwen2-MoE). Each layer's experts are one tensor `[E, out, in]`
-(`ffn_{gate,up,down}_exps`), transposed per expert; Mixtral's Q/K rows are un-permuted as for `llama`.
-The metadata has no dense layers (`decoder_sparse_step`, `mlp_only_layers`): llama.cpp runs every layer
-of these files sparse, and so does jengine. Kept-quantized (`quantization="gguf"`) applies to the
-`linear` projections (attention, shared expert); the experts and router load dequantized.
+(`ffn_{gate,up,down}_exps`), transposed per expert (an old Mixtral file's one tensor per expert,
+`ffn_gate.{e}`, is stacked by the GGUF reader); Mixtral's Q/K rows are un-permuted as for `llama`.
+Kept-quantized (`quantization="gguf"`) applies to the `linear` projections (attention, shared
+expert); the experts and router load dequantized.
+
+Dense layers and GGUF: llama.cpp's format has none. Its metadata has no `decoder_sparse_step` or
+`mlp_only_layers`; its converter cannot write a Qwen MoE checkpoint that has dense layers (the
+`qwen2moe`/`qwen3moe` tensor lists hold no `ffn_gate`/`ffn_up`/`ffn_down`, so a dense layer's
+`mlp.gate_proj` fails with "Can not map tensor"), and its loader requires every layer's router and
+experts. So jengine runs every layer of these files sparse, and a file whose layer holds a dense MLP
+(`blk.{i}.ffn_gate.weight`, no `ffn_gate_inp`) is refused by `check_gguf_tensors`, naming the layers;
+such models load from their HF checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import jax
 import numpy as np
@@ -214,6 +222,19 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
             "layers.shared_gate": ("blk.{i}.ffn_gate_inp_shexp.weight", True),
         })
         return names
+
+    @classmethod
+    def check_gguf_tensors(cls, cfg: MoeConfig, tensor_names: Collection[str]) -> None:
+        """A layer with a dense MLP and no router: not llama.cpp's format (see the module docstring)."""
+        names = set(tensor_names)
+        dense = [i for i in range(cfg.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names
+                 and any(f"blk.{i}.ffn_{w}.weight" in names for w in ("gate", "up", "down"))]
+        if dense:
+            raise NotImplementedError(
+                f"GGUF {cfg.architecture} file: layer(s) {dense} hold a dense MLP (blk.{dense[0]}.ffn_gate/up/down) "
+                f"and no router (ffn_gate_inp). llama.cpp's MoE format has no dense layers (its converter cannot write "
+                f"them and its loader needs every layer's experts), so jengine does not read such files; load the "
+                f"HF checkpoint instead (`mlp_only_layers` and `decoder_sparse_step` are supported there)")
 
     @classmethod
     def from_gguf_tensor(cls, name: str, w: np.ndarray, cfg: MoeConfig, meta: Mapping[str, Any]) -> np.ndarray:
