@@ -325,6 +325,10 @@ class PagedRunner:
 
         self._step, self._state = step, state
 
+    def compiled_text(self) -> str:
+        """The optimized HLO of the step, as compiled for the last `step` call's inputs."""
+        return self._step.lower(self._state, self.cache, *self.last_inputs).compile().as_text()
+
     def step(self, batch: list[tuple[int, list[int]]]) -> list[Any]:
         """Runs the new tokens of each (seq_id, tokens) in one ragged call; returns each one's logits[n, V]."""
         import jax.numpy as jnp
@@ -362,8 +366,7 @@ class PagedRunner:
             pages_per_layer=self.pages_per_layer,
             page_size=self.page_size,
         )
-        self.cache, logits = self._step(
-            self._state, self.cache, jnp.asarray(ids + [0] * pad, jnp.int32), jnp.asarray(pos + [0] * pad, jnp.int32), md
-        )
+        self.last_inputs = (jnp.asarray(ids + [0] * pad, jnp.int32), jnp.asarray(pos + [0] * pad, jnp.int32), md)
+        self.cache, logits = self._step(self._state, self.cache, *self.last_inputs)
         logits = np.asarray(logits)
         return [logits[qsl[i] : qsl[i + 1]] for i in range(len(batch))]

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jengine.attention import AttentionMetadata, paged_attention
+from jengine.pallas_kernels import resolve_backend
+from jengine.pallas_kernels.cpu_linear import MAX_ROWS as MAX_NATIVE_ROWS
 from jengine.pallas_kernels.cpu_linear import stacked_linear
 from jengine.models.rope import apply_rope
 
@@ -131,8 +133,9 @@ def attention(
 
 def reads_weights_in_place(md: AttentionMetadata) -> bool:
     """Whether the layer scan should leave projection matrices in their stacks for `linear`: on the
-    native CPU backend with unsharded weights (a sharded stack would need the kernel partitioned)."""
-    return md.backend == "cpu" and md.mesh is None
+    native CPU backend (asked for, or the default one resolves to it) with unsharded weights (a
+    sharded stack would need the kernel partitioned)."""
+    return md.mesh is None and resolve_backend(md.backend) == "cpu"
 
 
 def pattern_period(kinds: Sequence[Any]) -> int:
@@ -321,7 +324,7 @@ def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
 
 def blocked_expert_ffn(
     x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None,
-    max_group: int | None = None,
+    max_group: int | None = None, in_place: bool = False,
 ) -> jax.Array:
     """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over the experts that have rows.
 
@@ -336,6 +339,8 @@ def blocked_expert_ffn(
     arrays still carry the stacked layer axis ([L, E, ...]): slicing a layer out first would copy
     every expert of the layer on every step. `max_group`: no group has more rows (the step's tokens,
     as a token picks distinct experts); when one block holds it, there is no loop over blocks.
+    `in_place` (the native CPU kernel serves blocks this small): each block multiplies the expert's
+    matrices where they lie in the stack (`cpu_linear.stacked_linear`), so nothing is copied at all.
     """
     M, H = x.shape
     C = block_rows
@@ -346,14 +351,24 @@ def blocked_expert_ffn(
     used = jnp.nonzero(sizes > 0, size=E, fill_value=0)[0].astype(jnp.int32)  # experts with rows, in order
     xp = jnp.concatenate([x, jnp.zeros((C, H), x.dtype)])
 
+    names = ("experts_gate", "experts_up", "experts_down")
+    in_place = in_place and max(sizes_c) <= MAX_NATIVE_ROWS
+    # in place: the expert stacks as [L * E, in, out] (a free reshape), indexed by layer * E + expert
+    flat = {k: p[k].reshape(-1, *p[k].shape[-2:]) for k in names} if in_place else {}
+
     def expert(i: jax.Array, out: jax.Array) -> jax.Array:
         e = used[i]
-        w = {k: _expert(p[k], layer, e) for k in ("experts_gate", "experts_up", "experts_down")}
+        if in_place:
+            index = e if layer is None else layer * p[names[0]].shape[1] + e
+            mm = lambda xb, k: stacked_linear(xb, flat[k], index)  # noqa: E731
+        else:
+            w = {k: _expert(p[k], layer, e) for k in names}
+            mm = lambda xb, k: xb @ w[k]  # noqa: E731
 
         def block(rows: int, row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
             """Rows [row0, row0 + n) of this expert, computed as a block of `rows` (>= n) rows."""
             xb = jax.lax.dynamic_slice_in_dim(xp, row0, rows)
-            y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
+            y = mm(_expert_act(mm(xb, "experts_gate"), mm(xb, "experts_up")).astype(x.dtype), "experts_down")
             y = jnp.where((jnp.arange(rows) < n)[:, None], y, 0)
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
 
@@ -375,7 +390,7 @@ def blocked_expert_ffn(
 
 def moe_mlp(
     h: jax.Array, p: Params, spec: MoeSpec, *, layer: jax.Array | int | None = None, num_tokens: jax.Array | None = None,
-    mesh: Any = None, axis: str = "model",
+    mesh: Any = None, axis: str = "model", in_place: bool = False,
 ) -> jax.Array:
     """Sparse MLP: route each token to its top-k experts, run them as one grouped matmul, combine.
 
@@ -385,6 +400,7 @@ def moe_mlp(
     experts run over their rows only, and each token sums its experts' outputs times the router weights.
     `layer` given: the expert arrays are the whole stacks [L, E, ...] and this is layer `layer`.
     `num_tokens` given: rows from there on are the step's padding; they go to no expert (output 0).
+    `in_place`: the CPU's blocked experts read their matrices in place (`blocked_expert_ffn`).
 
     Expert parallelism (`mesh` given): the experts are split over `mesh`'s `axis`; every device holds
     all tokens (attention is tensor-parallel, so they are replicated already), runs its own experts
@@ -415,7 +431,7 @@ def moe_mlp(
             y = ragged_expert_ffn(x, sizes, one)
         else:
             rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
-            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T)
+            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T, in_place=in_place)
         # back to (token, k) order with a gather (the inverse permutation) rather than a scatter-add,
         # which the CPU runs row by row; each token then sums its k outputs times their weights
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))

@@ -304,7 +304,8 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
         num_tokens = md.query_start_loc[md.num_seqs[0]]  # the step's real tokens; the rest is bucket padding
         experts = {k: p[k].stack for k in _EXPERTS}  # whole [Ls, E, ...] stacks: each block reads one expert
         layer = p[_EXPERTS[0]].layer
-        out = nn.moe_mlp(h, {"router": p["router"], **experts}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh)
+        out = nn.moe_mlp(h, {"router": p["router"], **experts}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh,
+                         in_place=nn.reads_weights_in_place(md))
         if cfg.shared_expert_intermediate_size:
             shared = {"w_gate": p["shared_w_gate"], "w_up": p["shared_w_up"], "w_down": p["shared_w_down"]}
             out = out + jax.nn.sigmoid(nn.linear(h, p["shared_gate"])) * nn.swiglu(h, shared)
