@@ -3,9 +3,10 @@
 One `_ParentState` per user request holds its `n` children (the scheduler sees children as separate
 requests that share the prompt's cached pages). Each child's `_ChildState` sits on its request record
 (`Request.output_state`) and points at the parent's; the processor indexes parents by id (for aborts)
-and drops a parent when the registry frees its last child (`release`, an `on_free` callback). Outputs are cumulative, as vLLM's default: each one
-carries all text so far, minus a tail that could still turn into a stop string, so a streaming
-frontend diffs consecutive outputs to get deltas.
+and drops a parent when the registry frees its last child (`release`, an `on_free` callback).
+
+Outputs are cumulative, as vLLM's default: each one carries all text so far, minus a tail that could
+still turn into a stop string, so a streaming frontend diffs consecutive outputs to get deltas.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from jengine.request import Request, RequestStatus
 from jengine.sampling_params import SamplingParams
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # (eq=False: parent and children refer to each other; identity is what matters)
 class _ParentState:
     request_id: str
     prompt: Optional[str]
@@ -32,7 +33,7 @@ class _ParentState:
     num_live: int = 0  # children not freed yet; the parent leaves the index when it reaches 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _ChildState:
     parent: _ParentState
     index: int
