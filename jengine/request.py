@@ -1,5 +1,11 @@
 """Host-side state of one generation request, shared by the scheduler, the KV cache manager and the engine.
 
+A `Request` is the one record of a sequence: besides its tokens and status it holds what each part of the
+engine keeps for it (its seed, penalty history, grammar matcher, speculative-decoding state, its KV pages
+in every layer group, whether its rows need host tokens, and its output state, which points at its parent
+request's). Managers index requests by id only where they look them up by id; a request ends in one place,
+`jengine.core.registry.RequestRegistry.free`, which drops it from every index and clears that state.
+
 The scheduler's model is vLLM v1's: a request has `num_tokens` known tokens (prompt plus outputs so far)
 and `num_computed_tokens` of them have their KV in the cache; each step lets the computed count catch up
 with the known count, and a step that makes them equal samples one more token.
@@ -9,11 +15,12 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from jengine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from jengine.core.kv_cache_manager import PageHold
     from jengine.lora.request import LoRARequest
 
 
@@ -67,6 +74,14 @@ class Request:
         "spec_backoff",
         "num_output_placeholders",
         "lora_request",
+        "seed",
+        "penalty_history",
+        "structured_output",
+        "spec_misses",
+        "needs_host_tokens",
+        "kv_pages",
+        "output_state",
+        "freed",
         "_all_token_ids",
     )
 
@@ -112,6 +127,17 @@ class Request:
         # Asynchronous scheduling: tokens sampled by a step still on the device (0 or 1); the scheduler
         # counts them as known, and the step that follows reads them on the device.
         self.num_output_placeholders = 0
+        # ---- per-request state of the engine's parts (cleared by `release_state` when the request ends) ----
+        self.seed: Optional[int] = None  # the sampling seed (the engine draws one for unseeded requests)
+        self.penalty_history: Any = None  # `jengine.sampler.PenaltyHistory`, built on first use with penalties
+        self.structured_output: Any = None  # its grammar matcher (`structured_output.manager.ConstrainedSequence`)
+        self.spec_misses = 0  # consecutive verified drafts that were all rejected (sets spec_backoff)
+        # Its rows need its last token on the host (penalties, structured outputs): no asynchronous steps.
+        self.needs_host_tokens = False
+        # Its pages in each KV cache manager (one per layer group) that gave it any, keyed by that manager.
+        self.kv_pages: dict[Any, "PageHold"] = {}
+        self.output_state: Any = None  # the output processor's state of this child; it points at its parent's
+        self.freed = False  # ended and released (`RequestRegistry.free`)
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     # ---- tokens -------------------------------------------------------------------------------------
@@ -147,6 +173,14 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def release_state(self) -> None:
+        """Drops the engine parts' per-request state (the request has ended; pages are freed separately).
+        Its seed, tokens and output state stay: the output of its last step is built after this."""
+        self.penalty_history = None
+        self.structured_output = None
+        self.spec_token_ids = []
+        self.spec_misses = self.spec_backoff = 0
 
     # ---- status -------------------------------------------------------------------------------------
 

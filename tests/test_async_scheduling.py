@@ -197,7 +197,7 @@ def test_rows_that_need_host_tokens_fall_back_to_synchronous_steps(engines):
         drained = []
 
         def checked_schedule(core=core, schedule=schedule, drained=drained):
-            if core._sync_ids:
+            if core.registry.num_needing_host_tokens:
                 drained.append(all(r.num_output_placeholders == 0 for r in core.scheduler.running))
             return schedule()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine_state import assert_no_request_state
 from jengine import LLM, SamplingParams
 from tiny_models import ARCHS, make_tiny_checkpoint
 
@@ -144,7 +145,7 @@ def test_parity_under_preemption(tiny_llama, hf_llama, xla_cache_dir):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions_total > 0
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf_llama, p, 24) for p in prompts]
-    assert llm.engine.kv_cache_manager.num_free_pages == llm.engine.kv_cache_manager.num_usable_pages
+    assert_no_request_state(llm.engine)  # preemption freed pages only; the end freed the rest
 
 
 def test_no_compilation_after_warmup_mixed_lengths(llm):
@@ -241,7 +242,7 @@ def test_penalties_match_hf_logits_penalised_by_hand(llm, hf_llama, pen):
             out.append(int(x.argmax()))
     got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, **pen), use_tqdm=False)
     assert got[0].outputs[0].token_ids == out
-    assert not llm.engine._penalties  # per-request penalty state is dropped when the request ends
+    assert not llm.engine.registry.requests  # per-request penalty state ends with the request (it lives on the record)
 
 
 def test_prompt_logprobs_match_hf(llm, hf_llama):

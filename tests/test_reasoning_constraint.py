@@ -26,37 +26,36 @@ def _think_tokenizer():
     return tok
 
 
-def _allowed(manager: StructuredOutputManager, request_id: str) -> set[int]:
+def _allowed(manager: StructuredOutputManager, seq) -> set[int]:
     out = np.zeros((1, bitmask_words(VOCAB_SIZE)), np.int32)
-    manager.fill_bitmask([request_id], out)
+    manager.fill_bitmask([seq], out)
     bits = np.unpackbits(out[0].view(np.uint8), bitorder="little")[:VOCAB_SIZE]
     return set(np.nonzero(bits)[0].tolist())
 
 
 def _grammar_start(tok) -> set[int]:
     plain = StructuredOutputManager(tok, VOCAB_SIZE, [EOS])
-    plain.add("g", CHOICE)
-    return _allowed(plain, "g")
+    return _allowed(plain, plain.start(CHOICE, "g"))
 
 
 @pytest.mark.parametrize("single_token_marker", [True, False])
 def test_deepseek_r1_thinking_is_unmasked_until_the_end_marker(single_token_marker):
     tok = _think_tokenizer() if single_token_marker else make_tiny_tokenizer()
     m = StructuredOutputManager(tok, VOCAB_SIZE, [EOS], get_reasoning_markers("deepseek_r1"))
-    m.add("r", CHOICE)
-    assert _allowed(m, "r") == set(range(VOCAB_SIZE))  # thinking: every token
-    m.accept("r", tok.encode("ok so", add_special_tokens=False))
-    assert _allowed(m, "r") == set(range(VOCAB_SIZE)) and not m.is_terminated("r")
+    r = m.start(CHOICE, "r")
+    assert _allowed(m, r) == set(range(VOCAB_SIZE))  # thinking: every token
+    m.accept(r, tok.encode("ok so", add_special_tokens=False))
+    assert _allowed(m, r) == set(range(VOCAB_SIZE)) and not m.is_terminated(r)
     end = tok.encode("</think>", add_special_tokens=False)
     assert (len(end) == 1) == single_token_marker
-    m.accept("r", end)
-    assert _allowed(m, "r") == _grammar_start(tok)  # the answer starts under the grammar
-    assert m.accept("r", tok.encode("hello", add_special_tokens=False)) and m.is_terminated("r")
-    assert _allowed(m, "r") == {EOS}
+    m.accept(r, end)
+    assert _allowed(m, r) == _grammar_start(tok)  # the answer starts under the grammar
+    assert m.accept(r, tok.encode("hello", add_special_tokens=False)) and m.is_terminated(r)
+    assert _allowed(m, r) == {EOS}
     # Thinking, its end and the answer can also arrive in one accepted run (speculative decoding).
-    m.add("s", CHOICE)
-    assert m.accept("s", tok.encode("hm", add_special_tokens=False) + end + tok.encode("world", add_special_tokens=False))
-    assert m.is_terminated("s")
+    s = m.start(CHOICE, "s")
+    assert m.accept(s, tok.encode("hm", add_special_tokens=False) + end + tok.encode("world", add_special_tokens=False))
+    assert m.is_terminated(s)
 
 
 @pytest.mark.parametrize("single_token_marker", [True, False])
@@ -67,18 +66,18 @@ def test_qwen3_answer_starts_at_once_unless_the_output_opens_thinking(single_tok
     assert (len(start) == 1) == single_token_marker
     grammar = _grammar_start(tok)
     assert start[0] not in grammar
-    m.add("a", CHOICE)
-    assert _allowed(m, "a") == grammar | {start[0]}  # the grammar, or opening the thinking
-    m.accept("a", tok.encode("he", add_special_tokens=False)[:1])
-    assert start[0] not in _allowed(m, "a")  # committed to the answer
-    m.add("t", CHOICE)
-    m.accept("t", start[:1])
+    a = m.start(CHOICE, "a")
+    assert _allowed(m, a) == grammar | {start[0]}  # the grammar, or opening the thinking
+    m.accept(a, tok.encode("he", add_special_tokens=False)[:1])
+    assert start[0] not in _allowed(m, a)  # committed to the answer
+    t = m.start(CHOICE, "t")
+    m.accept(t, start[:1])
     for forced in start[1:]:  # the rest of a multi-token start marker
-        assert _allowed(m, "t") == {forced}
-        m.accept("t", [forced])
-    assert _allowed(m, "t") == set(range(VOCAB_SIZE))
-    m.accept("t", tok.encode("x y", add_special_tokens=False) + tok.encode("</think>", add_special_tokens=False))
-    assert _allowed(m, "t") == grammar
+        assert _allowed(m, t) == {forced}
+        m.accept(t, [forced])
+    assert _allowed(m, t) == set(range(VOCAB_SIZE))
+    m.accept(t, tok.encode("x y", add_special_tokens=False) + tok.encode("</think>", add_special_tokens=False))
+    assert _allowed(m, t) == grammar
 
 
 def test_unknown_reasoning_parser_is_rejected():
@@ -114,7 +113,7 @@ def test_engine_constrains_only_the_answer(think_model, xla_cache_dir):
     cut = ids.index(end) + 1 if end in ids else len(ids)
     assert list(held.outputs[0].token_ids[:cut]) == ids[:cut]
     assert start != end and llm.engine.compilations_after_warmup == 0
-    assert len(llm.engine.structured_output) == 0
+    assert not llm.engine.registry.requests and llm.engine.registry.num_needing_host_tokens == 0
 
 
 def test_engine_qwen3_constrains_from_the_start_unless_thinking(think_model, xla_cache_dir):

@@ -84,27 +84,25 @@ def _allowed(mask_row: np.ndarray, vocab: int) -> set[int]:
 
 def test_manager_masks_follow_the_grammar(manager):
     tok = make_tiny_tokenizer()
-    manager.add("r", StructuredOutputsParams(choice=["hello", "world"]))
+    r = manager.start(StructuredOutputsParams(choice=["hello", "world"]), "r")
     out = np.zeros((1, bitmask_words(VOCAB_SIZE)), np.int32)
     out[:] = -1
-    manager.fill_bitmask(["r"], out)
+    manager.fill_bitmask([r], out)
     first = _allowed(out[0], VOCAB_SIZE)
     assert first and max(first) < len(tok)  # nothing past the tokenizer's vocabulary
     assert all("hello".startswith(tok.decode([t])) or "world".startswith(tok.decode([t])) for t in first)
     ids = tok.encode("hello", add_special_tokens=False)
-    assert manager.accept("r", ids) and manager.is_terminated("r")
-    manager.fill_bitmask(["r"], out)
+    assert manager.accept(r, ids) and manager.is_terminated(r)
+    manager.fill_bitmask([r], out)
     assert _allowed(out[0], VOCAB_SIZE) == {1}  # complete: only EOS
     # A second request with the same constraint comes from the cache, in its start state.
     hits = manager.compiler.hits
-    manager.add("r2", StructuredOutputsParams(choice=["hello", "world"]))
-    assert manager.compiler.hits == hits + 1 and not manager.is_terminated("r2")
-    assert not manager.accept("r2", tok.encode("nope", add_special_tokens=False))
-    manager.fill_bitmask(["r2"], out)
+    r2 = manager.start(StructuredOutputsParams(choice=["hello", "world"]), "r2")
+    assert manager.compiler.hits == hits + 1 and not manager.is_terminated(r2)
+    assert not manager.accept(r2, tok.encode("nope", add_special_tokens=False))
+    manager.fill_bitmask([r2], out)
     assert _allowed(out[0], VOCAB_SIZE) == {1}  # a broken matcher only lets the sequence end
-    manager.remove("r")
-    manager.remove("r2")
-    assert len(manager) == 0
+    assert manager.is_terminated(None) is None  # an unconstrained sequence
 
 
 def test_masked_tokens_are_never_sampled():
@@ -196,7 +194,7 @@ def test_tiny_model_constrained_generation_and_no_compilation(tiny_llm):
     prompts.append({"prompt_token_ids": [9, 9, 9]})
     params.append(SamplingParams(temperature=1.0, seed=3, max_tokens=24, frequency_penalty=1.0))
     outs = tiny_llm.generate(prompts, params, use_tqdm=False)
-    assert len(engine.structured_output) == 0  # matchers are dropped as sequences finish
+    assert not engine.registry.requests and engine.registry.num_needing_host_tokens == 0  # matchers end with their requests
     eos = 1
     finished_stop = 0
     for out, p in zip(outs, params):

@@ -20,9 +20,13 @@ positions: once a request has computed `c` tokens, no later token reads position
 pages wholly below that go back to the pool (`remove_skipped_pages`) and their block-table entries become
 the null page. Their hashes stay, like any freed page's, so a later request can still find them. A prefix
 hit for such a group needs only the pages its window still sees (`find_cache_hit`), not the whole prefix.
+
+A request's pages live on the request (`Request.kv_pages[manager]`, a `PageHold`), so they end with it;
+the manager indexes its owners by id only for lookups by id (`get_block_table`, `request_ids`).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -35,6 +39,15 @@ _ROOT_HASH = 0x6A656E67696E65  # parent hash of the first page; any fixed value 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclasses.dataclass(slots=True)
+class PageHold:
+    """One request's pages in one manager (a layer group), kept on the request (`Request.kv_pages`)."""
+
+    pages: list[int]  # in token order; NULL_PAGE where a sliding window gave a page back
+    num_hashed: int = 0  # leading pages already registered in the prefix cache
+    num_skipped: int = 0  # leading pages already given back (sliding window only)
 
 
 class KVCacheManager:
@@ -58,9 +71,7 @@ class KVCacheManager:
         self._page_hash: list[Optional[int]] = [None] * num_pages
         self._page_key: list[Optional[tuple]] = [None] * num_pages
         self._cached: dict[int, int] = {}  # page hash -> page
-        self._req_pages: dict[str, list[int]] = {}  # request id -> its pages, in token order
-        self._req_num_hashed: dict[str, int] = {}  # leading pages of the request already registered
-        self._req_num_skipped: dict[str, int] = {}  # leading pages already given back (sliding window only)
+        self._owners: dict[str, Request] = {}  # requests holding pages here, by id (their pages: `_hold`)
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -104,15 +115,23 @@ class KVCacheManager:
 
     def request_ids(self) -> list[str]:
         """Requests that currently own pages."""
-        return list(self._req_pages)
+        return list(self._owners)
+
+    def _hold(self, request: Request) -> Optional[PageHold]:
+        return request.kv_pages.get(self)
+
+    def _pages_of(self, request_id: str) -> list[int]:
+        owner = self._owners.get(request_id)
+        hold = None if owner is None else self._hold(owner)
+        return [] if hold is None else hold.pages
 
     def get_block_table(self, request_id: str) -> list[int]:
         """The request's pages in token order (a copy; empty if it owns none; NULL_PAGE where skipped)."""
-        return list(self._req_pages.get(request_id, ()))
+        return list(self._pages_of(request_id))
 
     def num_held_pages(self, request_id: str) -> int:
         """Pages the request holds (its block table without the null entries of skipped pages)."""
-        return sum(1 for p in self._req_pages.get(request_id, ()) if p != NULL_PAGE)
+        return sum(1 for p in self._pages_of(request_id) if p != NULL_PAGE)
 
     def first_needed_page(self, num_computed_tokens: int) -> int:
         """Index of the request's first page a token at or after `num_computed_tokens` can still attend."""
@@ -205,11 +224,11 @@ class KVCacheManager:
             self.remove_skipped_pages(request, num_tokens)
 
     def _register(self, request: Request, num_tokens: int) -> None:
-        rid = request.request_id
-        pages = self._req_pages.get(rid)
-        if pages is None:
+        hold = self._hold(request)
+        if hold is None:
             return
-        start = self._req_num_hashed[rid]
+        pages = hold.pages
+        start = hold.num_hashed
         end = min(num_tokens // self.page_size, len(pages))
         if end <= start:
             return
@@ -223,17 +242,17 @@ class KVCacheManager:
                 self._cached[h] = page
                 self._page_hash[page] = h
                 self._page_key[page] = (parent, tuple(tokens[i * ps : (i + 1) * ps]), request.extra_keys)
-        self._req_num_hashed[rid] = end
+        hold.num_hashed = end
 
     def remove_skipped_pages(self, request: Request, num_computed_tokens: int) -> None:
         """Sliding window: gives back the request's pages wholly below the window of its next token
         (position `num_computed_tokens`), replacing them with NULL_PAGE in its block table. Cached ones
         go to the tail of the free queue, so they stay findable the longest; the rest are reused first."""
-        rid = request.request_id
-        pages = self._req_pages.get(rid)
-        if pages is None or self.sliding_window is None:
+        hold = self._hold(request)
+        if hold is None or self.sliding_window is None:
             return
-        start = self._req_num_skipped.get(rid, 0)
+        pages = hold.pages
+        start = hold.num_skipped
         end = min(self.first_needed_page(num_computed_tokens), len(pages))
         for i in range(start, end):
             page = pages[i]
@@ -246,7 +265,7 @@ class KVCacheManager:
                 if self._page_hash[page] is None:
                     self._free.move_to_end(page, last=False)
         if end > start:
-            self._req_num_skipped[rid] = end
+            hold.num_skipped = end
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached page (e.g. after weights change). Pages in use stay owned, just unshared."""
@@ -267,8 +286,8 @@ class KVCacheManager:
 
     def _plan(self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int]) -> tuple[int, int]:
         """(new pages to pop, cached unowned pages to revive) for `allocate_slots`."""
-        owned = self._req_pages.get(request.request_id)
-        num_owned = 0 if owned is None else len(owned)
+        hold = self._hold(request)
+        num_owned = 0 if hold is None else len(hold.pages)
         total_tokens = request.num_computed_tokens + len(new_computed_pages) * self.page_size + num_new_tokens
         num_new_pages = max(0, cdiv(total_tokens, self.page_size) - num_owned - len(new_computed_pages))
         return num_new_pages, sum(1 for p in new_computed_pages if p != NULL_PAGE and self._ref_cnt[p] == 0)
@@ -289,23 +308,26 @@ class KVCacheManager:
         sliding-window group first gives back the pages behind the window (never needed again).
         """
         rid = request.request_id
-        owned = self._req_pages.get(rid)
-        if owned is not None and new_computed_pages:
+        hold = self._hold(request)
+        if hold is not None and new_computed_pages:
             raise ValueError(f"request {rid!r} already owns pages; computed pages only at first admission")
-        if self.sliding_window is not None and owned is not None:
+        if self.sliding_window is not None and hold is not None:
             self.remove_skipped_pages(request, request.num_computed_tokens)
         num_new_pages, num_revived = self._plan(request, num_new_tokens, new_computed_pages)
         if num_new_pages > len(self._free) - num_revived:
             return None
 
-        if owned is None:
-            owned = self._req_pages[rid] = []
-            self._req_num_hashed[rid] = len(new_computed_pages)
+        if hold is None:
+            if self._owners.get(rid, request) is not request:
+                raise ValueError(f"request id {rid!r} already holds pages here under another request")
+            hold = request.kv_pages[self] = PageHold([], num_hashed=len(new_computed_pages))
+            self._owners[rid] = request
             if self.sliding_window is not None:
-                self._req_num_skipped[rid] = sum(1 for p in new_computed_pages if p == NULL_PAGE)
+                hold.num_skipped = sum(1 for p in new_computed_pages if p == NULL_PAGE)
             if self._uses_prefix_cache(request):
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += len(new_computed_pages) * self.page_size
+        owned = hold.pages
         for page in new_computed_pages:
             if page != NULL_PAGE:
                 if self._ref_cnt[page] == 0:
@@ -323,11 +345,12 @@ class KVCacheManager:
         """Returns the request's pages past the first `num_tokens` tokens to the pool (speculative decoding
         wrote KV there for draft tokens that were rejected). Such pages were never registered in the prefix
         cache, since only pages full of computed tokens are."""
-        pages = self._req_pages.get(request.request_id)
+        hold = self._hold(request)
         keep = cdiv(num_tokens, self.page_size)
-        if not pages or len(pages) <= keep:
+        if hold is None or len(hold.pages) <= keep:
             return
-        if self._req_num_hashed[request.request_id] > keep:
+        pages = hold.pages
+        if hold.num_hashed > keep:
             raise AssertionError(f"request {request.request_id!r}: a registered page would be trimmed")
         for page in reversed(pages[keep:]):
             if page == NULL_PAGE:
@@ -339,14 +362,14 @@ class KVCacheManager:
         del pages[keep:]
 
     def free(self, request: Request) -> None:
-        """Drops the request's hold on its pages; unowned cached pages stay findable until evicted."""
-        rid = request.request_id
-        pages = self._req_pages.pop(rid, None)
-        self._req_num_hashed.pop(rid, None)
-        self._req_num_skipped.pop(rid, None)
-        if not pages:
+        """Drops the request's hold on its pages; unowned cached pages stay findable until evicted.
+        (The engine reaches this only through `RequestRegistry.free`: a request ending or preempted.)"""
+        hold = request.kv_pages.pop(self, None)
+        if self._owners.get(request.request_id) is request:
+            del self._owners[request.request_id]
+        if hold is None:
             return
-        for page in reversed(pages):  # last pages reach the eviction end first
+        for page in reversed(hold.pages):  # last pages reach the eviction end first
             if page == NULL_PAGE:
                 continue
             self._ref_cnt[page] -= 1

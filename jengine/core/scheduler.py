@@ -26,6 +26,10 @@ has one extra row in the step already dispatched, whose token is dropped. Every 
 outgrow the whole cache, and a waiting request that cannot get pages while no request of this scheduler
 holds any (so nothing will ever free them: pages held outside the scheduler) fails with FINISHED_ERROR
 instead of waiting forever.
+
+Every way a request ends here (a stop condition, `finish_requests` for aborts, stop strings and errors, a
+request that can never get pages) goes through `_release`, which hands it to the `RequestRegistry`'s
+`free` (pages, indexes, per-request state); a preemption frees its pages there too, keeping the record.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from typing import Optional, Union
 
 from jengine.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from jengine.core.kv_cache_manager import KVCacheManager
+from jengine.core.registry import RequestRegistry
 from jengine.request import Request, RequestStatus
 
 
@@ -176,6 +181,7 @@ class Scheduler:
         long_prefill_token_threshold: int = 0,
         max_loras: int = 0,
         async_scheduling: bool = False,
+        registry: Optional[RequestRegistry] = None,
     ) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
@@ -184,7 +190,11 @@ class Scheduler:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        if registry is not None and registry.kv_cache_manager is not kv_cache_manager:
+            raise ValueError("the request registry must free pages to the scheduler's KV cache manager")
         self.kv_cache_manager = kv_cache_manager
+        # Unfinished requests by id (`requests`) and where they end (`free`); shared with the engine.
+        self.registry = registry if registry is not None else RequestRegistry(kv_cache_manager)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -192,7 +202,6 @@ class Scheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold (0: no limit)
         self.async_scheduling = async_scheduling  # see the module doc: mark_dispatched, placeholders
-        self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: Union[_FCFSQueue, _PriorityQueue] = _FCFSQueue() if policy == "fcfs" else _PriorityQueue()
         self.running: list[Request] = []
         self.num_preemptions_total = 0
@@ -200,6 +209,11 @@ class Scheduler:
         self._finished_in_schedule: list[Request] = []  # errors found in schedule(), returned by next update
 
     # ---- queue state --------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Unfinished requests by id (the registry's index)."""
+        return self.registry.requests
 
     @property
     def num_running(self) -> int:
@@ -252,7 +266,7 @@ class Scheduler:
         if why is not None:
             raise ValueError(f"request {req.request_id!r}: {why}")
         req.status = RequestStatus.WAITING
-        self.requests[req.request_id] = req
+        self.registry.add(req)
         self.waiting.add(req)
 
     def finish_requests(
@@ -289,15 +303,15 @@ class Scheduler:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def _release(self, req: Request) -> None:
-        """Frees a finished request's pages and forgets it."""
-        self.kv_cache_manager.free(req)
-        del self.requests[req.request_id]
+        """Ends a finished request (already out of the running list / waiting queue): the registry frees
+        its pages and drops it from every index; the next schedule() reports its id."""
         if isinstance(self.waiting, _PriorityQueue):
             self.waiting.forget(req)
+        self.registry.free(req)
         self._finished_ids.append(req.request_id)
 
     def _preempt(self, req: Request) -> None:
-        self.kv_cache_manager.free(req)
+        self.registry.free(req, keep_record=True)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

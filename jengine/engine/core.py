@@ -8,9 +8,10 @@ step N's tokens read them on the device), then fetches step N's tokens and proce
 device runs step N+1. Steps whose batch needs host knowledge of every last token (penalties built from
 host histories, structured-output bitmasks, speculative decoding, several processes) run synchronously.
 
-It owns the model runner (device), the KV cache manager and scheduler (host), and the output
-processor (detokenization, stop strings, logprobs). Frontends drive it: `LLM` calls `step()` in a
-loop; the asyncio engine runs it on its own thread.
+It owns the model runner (device), the KV cache manager, request registry and scheduler (host), and the
+output processor (detokenization, stop strings, logprobs). A sequence's state lives on its `Request`
+record and every way it ends (finish, stop string, abort, error) goes through `RequestRegistry.free`.
+Frontends drive it: `LLM` calls `step()` in a loop; the asyncio engine runs it on its own thread.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from jengine.config import EngineConfig, default_compilation_cache_dir
 from jengine import sharding
 from jengine.core.hybrid_kv_cache_manager import make_kv_cache_manager
+from jengine.core.registry import RequestRegistry
 from jengine.core.scheduler import Scheduler, SchedulerOutput
 from jengine.engine.output_processor import OutputProcessor
 from jengine.loader import load_model
@@ -105,6 +107,8 @@ class EngineCore:
         sc = config.scheduler
         self.async_scheduling = resolve_async_scheduling(sc.async_scheduling, config)
         self.kv_cache_manager = make_kv_cache_manager(self.runner.kv_layout, enable_prefix_caching=config.cache.enable_prefix_caching)
+        # Unfinished sequences by id and the one place each ends (pages, indexes, per-request state).
+        self.registry = RequestRegistry(self.kv_cache_manager)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             max_num_seqs=sc.max_num_seqs,
@@ -113,13 +117,12 @@ class EngineCore:
             policy=sc.policy,
             max_loras=config.lora.max_loras if config.lora is not None else 0,
             async_scheduling=self.async_scheduling,
+            registry=self.registry,
         )
         self._in_flight: Optional[_Flight] = None  # asynchronous scheduling: the step on the device
-        self._sync_ids: set[str] = set()  # requests whose rows need their last token on the host (penalties, structured outputs)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.registry.on_free(self.output_processor.release)  # a parent leaves with its last child
         self._rng = np.random.default_rng(config.seed)
-        self._seeds: dict[str, int] = {}
-        self._penalties: dict[str, PenaltyHistory] = {}  # per sequence with penalties, built on first use
         reasoning = get_reasoning_markers(config.reasoning_parser) if config.reasoning_parser else None
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids, reasoning)
         self._all_allowed_mask = np.full(self.structured_output.num_words, -1, np.int32)  # a constrained row until filled
@@ -199,32 +202,30 @@ class EngineCore:
                 seed = None if params.seed is None else params.seed + index
                 child_params = params.clone(n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
-            seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-            self._seeds[child_id] = seed
-            if needs_penalties(child_params) or child_params.structured_outputs is not None:
-                self._sync_ids.add(child_id)
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority,
                           lora_request=lora_request)
+            req.seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+            req.needs_host_tokens = needs_penalties(child_params) or child_params.structured_outputs is not None
+            if child_params.structured_outputs is not None:  # each child its own matcher
+                req.structured_output = self.structured_output.start(child_params.structured_outputs, name=child_id)
             children.append(req)
-        if params.structured_outputs is not None:
-            for req in children:  # each child its own matcher
-                self.structured_output.add(req.request_id, params.structured_outputs)
-        self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params, [c.request_id for c in children], arrival_time)
+        self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params, children, arrival_time)
+        queued = 0
         try:
             for req in children:
                 self.scheduler.add_request(req)
-        except BaseException:
-            self.abort_request([request_id])  # all or nothing: no child or output state is left behind
+                queued += 1
+        except BaseException:  # all or nothing: no child or output state is left behind
+            self.scheduler.abort_requests([req.request_id for req in children[:queued]])
+            for req in children[queued:]:
+                req.status = RequestStatus.FINISHED_ABORTED
+                self.registry.free(req)
             raise
 
     def abort_request(self, request_ids: Sequence[str]) -> None:
-        """Aborts requests (by the id given to `add_request`); their pages are freed now."""
-        child_ids = [c for rid in request_ids for c in self.output_processor.child_ids(rid)]
-        self.scheduler.abort_requests(child_ids)
-        for rid in request_ids:
-            self.output_processor.abort(rid)
-        for cid in child_ids:
-            self._forget(cid)
+        """Aborts requests (by the id given to `add_request`); their pages are freed now, and their
+        children's state and the output state go with them (`RequestRegistry.free`)."""
+        self.scheduler.abort_requests([c for rid in request_ids for c in self.output_processor.child_ids(rid)])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
@@ -234,27 +235,19 @@ class EngineCore:
         params = request.sampling_params
         history = None
         if needs_penalties(params):
-            history = self._penalties.get(request.request_id)
+            history = request.penalty_history
             if history is None:
-                history = PenaltyHistory(request.prompt_token_ids, include_prompt=has_repetition_penalty(params))
-                self._penalties[request.request_id] = history
+                history = request.penalty_history = PenaltyHistory(request.prompt_token_ids, include_prompt=has_repetition_penalty(params))
+        assert request.seed is not None  # set by add_request
         return RowState(
             params=params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            seed=self._seeds[request.request_id],
+            seed=request.seed,
             eos_token_ids=request.eos_token_ids,
             penalty_history=history,
             num_placeholder_tokens=request.num_output_placeholders,
         )
-
-    def _forget(self, child_id: str) -> None:
-        self._seeds.pop(child_id, None)
-        self._penalties.pop(child_id, None)
-        self._sync_ids.discard(child_id)
-        self.structured_output.remove(child_id)
-        if self.speculator is not None:
-            self.speculator.forget(child_id)
 
     def _mask_filler(self, scheduled: Sequence, rows: list) -> Optional[Callable[[np.ndarray], None]]:
         """For a step with structured-output rows: marks those rows constrained (a placeholder mask, so the
@@ -262,32 +255,28 @@ class EngineCore:
         into it. The runner calls it once the forward is on the device, so the grammar work overlaps the
         forward; None when no row is constrained."""
         so = self.structured_output
-        if not len(so):
-            return None
-        idx = [i for i, s in enumerate(scheduled) if s.samples and s.request.request_id in so]
+        idx = [i for i, s in enumerate(scheduled) if s.samples and s.request.structured_output is not None]
         if not idx:
             return None
         for i in idx:
             rows[i].token_bitmask = self._all_allowed_mask
         starts = np.concatenate([[0], np.cumsum(logit_rows(scheduled))])  # sampling row of each scheduled row
-        request_ids = [scheduled[i].request.request_id for i in idx]
+        seqs = [scheduled[i].request.structured_output for i in idx]
         targets = starts[idx]
 
         def fill(bitmask: np.ndarray) -> None:
             masks = np.empty((len(idx), so.num_words), np.int32)
-            so.fill_bitmask(request_ids, masks)
+            so.fill_bitmask(seqs, masks)
             bitmask[targets] = masks
 
         return fill
 
     def _accept_structured(self, scheduled: Sequence, sampled: Sequence[Optional[list[int]]]) -> None:
         """Advances the matchers of constrained sequences that are still running by their new token."""
-        so = self.structured_output
-        if not len(so):
-            return
         for s, tokens in zip(scheduled, sampled):
-            if tokens is not None and not s.request.is_finished and s.request.request_id in so:
-                so.accept(s.request.request_id, tokens[:s.num_accepted])
+            matcher = s.request.structured_output
+            if tokens is not None and not s.request.is_finished and matcher is not None:
+                self.structured_output.accept(matcher, tokens[:s.num_accepted])
 
     def step(self) -> list[RequestOutput]:
         """One scheduling iteration; returns outputs of requests that progressed or finished (under
@@ -341,8 +330,6 @@ class EngineCore:
         outputs, stopped = self.output_processor.process(sched.scheduled, step_out, finished)
         for child_id, stop_str in stopped:
             self.scheduler.finish_requests(child_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
-        for child_id in [r.request_id for r in finished] + [c for c, _ in stopped]:
-            self._forget(child_id)
         return failed + outputs
 
     def _step_async(self) -> list[RequestOutput]:
@@ -350,7 +337,7 @@ class EngineCore:
         device runs N+1. Drains step N first when a running request needs its last token on the host."""
         outputs: list[RequestOutput] = []
         prev = self._in_flight
-        if prev is not None and self._sync_ids:
+        if prev is not None and self.registry.num_needing_host_tokens:
             self._in_flight = None
             outputs += self._process(prev.sched, self.runner.fetch(prev.step))
             prev = None
@@ -407,8 +394,6 @@ class EngineCore:
             failed += self.scheduler.finish_requests(seq.request_id, RequestStatus.FINISHED_ERROR,
                                                      stop_reason=f"the engine could not run this request: {reason}")
         outputs, _ = self.output_processor.process([], None, failed)
-        for req in failed:
-            self._forget(req.request_id)
         return outputs
 
     @property

@@ -1,9 +1,12 @@
 """Turns each step's sampled tokens into `RequestOutput`s: text, stop strings, logprobs, metrics.
 
 One `_ParentState` per user request holds its `n` children (the scheduler sees children as separate
-requests that share the prompt's cached pages). Outputs are cumulative, as vLLM's default: each one
-carries all text so far, minus a tail that could still turn into a stop string, so a streaming
-frontend diffs consecutive outputs to get deltas.
+requests that share the prompt's cached pages). Each child's `_ChildState` sits on its request record
+(`Request.output_state`) and points at the parent's; the processor indexes parents by id (for aborts)
+and drops a parent when the registry frees its last child (`release`, an `on_free` callback).
+
+Outputs are cumulative, as vLLM's default: each one carries all text so far, minus a tail that could
+still turn into a stop string, so a streaming frontend diffs consecutive outputs to get deltas.
 """
 from __future__ import annotations
 
@@ -17,8 +20,22 @@ from jengine.request import Request, RequestStatus
 from jengine.sampling_params import SamplingParams
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # (eq=False: parent and children refer to each other; identity is what matters)
+class _ParentState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: dict[str, "_ChildState"]
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    num_cached_tokens: Optional[int] = None
+    num_live: int = 0  # children not freed yet; the parent leaves the index when it reaches 0
+
+
+@dataclasses.dataclass(eq=False)
 class _ChildState:
+    parent: _ParentState
     index: int
     detok: StopStringDetokenizer
     logprobs: Optional[list[dict[int, Logprob]]]
@@ -26,18 +43,7 @@ class _ChildState:
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     token_ids: Sequence[int] = ()
-
-
-@dataclasses.dataclass
-class _ParentState:
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    children: dict[str, _ChildState]
-    metrics: RequestMetrics
-    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
-    num_cached_tokens: Optional[int] = None
+    freed: bool = False  # its request has ended (`OutputProcessor.release`)
 
 
 class OutputProcessor:
@@ -45,30 +51,43 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self._parents: dict[str, _ParentState] = {}
-        self._parent_of: dict[str, str] = {}  # child id -> parent id
+        self._parents: dict[str, _ParentState] = {}  # unfinished user requests by id
 
-    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams, child_ids: list[str], arrival_time: Optional[float]) -> None:
-        children = {}
-        for index, cid in enumerate(child_ids):
-            want_lp = params.logprobs is not None
-            children[cid] = _ChildState(index, StopStringDetokenizer(self.tokenizer, prompt_token_ids, params), [] if want_lp else None, 0.0 if want_lp else None)
-            self._parent_of[cid] = request_id
-        self._parents[request_id] = _ParentState(
-            request_id, prompt, prompt_token_ids, params, children,
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
+                    children: Sequence[Request], arrival_time: Optional[float]) -> None:
+        """Starts the output state of a user request and of each child (on the child's record).
+        ValueError when the id is in use (nothing changes then)."""
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        parent = _ParentState(
+            request_id, prompt, prompt_token_ids, params, {},
             RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            num_live=len(children),
         )
+        want_lp = params.logprobs is not None
+        for index, child in enumerate(children):
+            state = _ChildState(parent, index, StopStringDetokenizer(self.tokenizer, prompt_token_ids, params),
+                                [] if want_lp else None, 0.0 if want_lp else None)
+            parent.children[child.request_id] = child.output_state = state
+        self._parents[request_id] = parent
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)
         return list(parent.children) if parent else []
 
-    def abort(self, request_id: str) -> None:
-        parent = self._parents.pop(request_id, None)
-        if parent:
-            for cid in parent.children:
-                self._parent_of.pop(cid, None)
+    def release(self, request: Request) -> None:
+        """The registry freed this child (`RequestRegistry.on_free`): after the last child of a parent,
+        the parent leaves the index. Its state stays on the records, so this step's outputs are still
+        built from them."""
+        child = request.output_state
+        if child is None or child.freed:
+            return
+        child.freed = True
+        parent, pid = child.parent, child.parent.request_id
+        parent.num_live -= 1
+        if parent.num_live == 0 and self._parents.get(pid) is parent:
+            del self._parents[pid]
 
     @property
     def num_unfinished(self) -> int:
@@ -91,21 +110,21 @@ class OutputProcessor:
         for each child a stop string just ended (the engine finishes those in the scheduler).
         """
         now = time.monotonic()
-        touched: dict[str, None] = {}
+        touched: dict[int, _ParentState] = {}
         stopped: list[tuple[str, str]] = []
         finished_ids = {r.request_id: r for r in finished}
         cursor = logit_row = 0
         for seq in scheduled:
             req = seq.request
-            pid = self._parent_of.get(req.request_id)
+            child = req.output_state
             first_token = cursor
             cursor += seq.num_new_tokens
             row = logit_row + len(seq.spec_token_ids)  # the logits row of the row's last token (see logit_rows)
             logit_row = row + 1
-            if pid is None:
+            # A child freed before this step's results (aborted, or finished and reported already) is done.
+            if child is None or (child.freed and finished_ids.get(req.request_id) is not req):
                 continue
-            parent = self._parents[pid]
-            child = parent.children[req.request_id]
+            parent = child.parent
             if parent.metrics.first_scheduled_time is None:
                 parent.metrics.first_scheduled_time = now
             if parent.prompt_logprobs is not None and child.index == 0 and step_out is not None and step_out.prompt_logprobs is not None:
@@ -146,19 +165,18 @@ class OutputProcessor:
                     child.logprobs.append(self._logprob_entry(t, lp, step_out.ranks[r], step_out.topk_ids[r], step_out.topk_logprobs[r], params.logprobs))
                     child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp  # 0.0, not None, with logprobs
             child.token_ids = req.output_token_ids[:kept] if kept < len(req.output_token_ids) else req.output_token_ids
-            touched[pid] = None
+            touched[id(parent)] = parent
         # Requests the scheduler ended without a sampled token this step (errors, aborts).
         for req in finished:
-            pid = self._parent_of.get(req.request_id)
-            if pid is None:
+            child = req.output_state
+            if child is None:
                 continue
-            child = self._parents[pid].children[req.request_id]
             if child.finish_reason is None:
                 child.detok.finish()
                 child.finish_reason, child.stop_reason = req.finish_reason, req.stop_reason
                 child.token_ids = req.output_token_ids
-                touched[pid] = None
-        outputs = [self._make_output(pid, now) for pid in touched]
+                touched[id(child.parent)] = child.parent
+        outputs = [self._make_output(parent, now) for parent in touched.values()]
         return outputs, stopped
 
     def _add_prompt_logprobs(self, parent: _ParentState, seq: Any, out: Any, first_token: int) -> None:
@@ -173,8 +191,7 @@ class OutputProcessor:
             token = parent.prompt_token_ids[pos + 1]
             parent.prompt_logprobs.append(self._logprob_entry(token, out.prompt_logprobs[j], out.prompt_ranks[j], out.prompt_topk_ids[j], out.prompt_topk_logprobs[j], k))
 
-    def _make_output(self, pid: str, now: float) -> RequestOutput:
-        parent = self._parents[pid]
+    def _make_output(self, parent: _ParentState, now: float) -> RequestOutput:
         outputs = []
         for child in parent.children.values():
             done = child.finish_reason is not None
@@ -186,11 +203,10 @@ class OutputProcessor:
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason,
             ))
         finished = all(o.finish_reason is not None for o in outputs)
-        if finished:
+        if finished:  # (its children are freed by now, or right after: stop strings; `release` drops it)
             parent.metrics.finished_time = now
-            self.abort(pid)
         return RequestOutput(
-            request_id=pid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
             prompt_logprobs=parent.prompt_logprobs, outputs=outputs, finished=finished,
             num_cached_tokens=parent.num_cached_tokens, metrics=parent.metrics,
         )

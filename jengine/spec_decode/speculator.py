@@ -22,7 +22,8 @@ history keeps committed tokens), and the logprobs of an accepted run are those o
 row, so requests with penalties or logprobs speculate too. Structured outputs would need a mask per
 draft position; those requests run without drafts in the same batch (see `can_speculate`). A request whose drafts
 were all rejected stops proposing for a while, doubling the pause on each miss (up to `MAX_BACKOFF`
-steps), so text that does not repeat itself costs little.
+steps), so text that does not repeat itself costs little. That state (`spec_token_ids`, `spec_misses`,
+`spec_backoff`) lives on the request, so it ends with it; the speculator keeps only its statistics.
 """
 from __future__ import annotations
 
@@ -62,7 +63,6 @@ class Speculator:
         self.k = config.num_speculative_tokens
         self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
         self.stats = SpecDecodeStats()
-        self._misses: dict[str, int] = {}  # consecutive all-rejected drafts per request (for the backoff)
 
     def propose(self, running: Sequence[Request]) -> None:
         """Sets `spec_token_ids` on each running request that decodes next and may speculate."""
@@ -111,13 +111,8 @@ class Speculator:
         self.stats.num_drafts += 1
         self.stats.num_draft_tokens += num_drafts
         self.stats.num_accepted_tokens += num_accepted
-        rid = req.request_id
         if num_accepted:
-            self._misses.pop(rid, None)
+            req.spec_misses = 0
             return
-        misses = self._misses.get(rid, 0) + 1
-        self._misses[rid] = misses
-        req.spec_backoff = min(2 ** (misses - 1), MAX_BACKOFF)
-
-    def forget(self, request_id: str) -> None:
-        self._misses.pop(request_id, None)
+        req.spec_misses += 1
+        req.spec_backoff = min(2 ** (req.spec_misses - 1), MAX_BACKOFF)

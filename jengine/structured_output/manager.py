@@ -1,12 +1,14 @@
 """`StructuredOutputManager`: one grammar matcher per constrained sequence, and the step's token masks.
 
-The engine talks to it through four calls, so the grammar work can move (e.g. onto the host while the
+The engine talks to it through three calls, so the grammar work can move (e.g. onto the host while the
 device runs the previous step) without touching the step loop:
 
-    add(request_id, params)          compile (cached) and start a matcher; ValueError when invalid
-    fill_bitmask(request_ids, out)   out[i] = packed allowed-token bits for request_ids[i]
-    accept(request_id, token_ids)    advance a matcher with sampled tokens
-    remove(request_id)               forget a finished / aborted sequence
+    start(params, name) -> seq       compile (cached) and start a matcher; ValueError when invalid
+    fill_bitmask(seqs, out)          out[i] = packed allowed-token bits for seqs[i]
+    accept(seq, token_ids)           advance a matcher with sampled tokens
+
+The manager keeps no per-request state: each `ConstrainedSequence` lives on its request
+(`Request.structured_output`) and ends with it.
 
 Masks are int32 words, bit `t % 32` of word `t // 32` set when token `t` is allowed (llguidance's
 layout, which `jengine.sampler` unpacks on the device). When a grammar is complete only EOS is
@@ -41,12 +43,13 @@ OPENING = "opening"  # the first token: the grammar's tokens or the first token 
 FORCING = "forcing"  # the rest of a multi-token start marker
 
 
-class _Sequence:
+class ConstrainedSequence:
     """One constrained sequence: its matcher and, for reasoning models, where its answer starts."""
 
-    __slots__ = ("matcher", "phase", "forced", "tail")
+    __slots__ = ("name", "matcher", "phase", "forced", "tail")
 
-    def __init__(self, matcher: Any, phase: str) -> None:
+    def __init__(self, matcher: Any, phase: str, name: str = "") -> None:
+        self.name = name  # its request id, for log lines
         self.matcher = matcher
         self.phase = phase
         self.forced: list[int] = []  # FORCING: the start marker's tokens still to come
@@ -70,44 +73,34 @@ class StructuredOutputManager:
         for t in self.compiler.eos_token_ids:
             if 0 <= t < self.vocab_size:
                 self._eos_only.view(np.uint32)[t // 32] |= np.uint32(1 << (t % 32))
-        self._matchers: dict[str, _Sequence] = {}
         self._executor: Any = None
 
     def validate(self, params: StructuredOutputsParams) -> None:
         """Raises ValueError (naming the field) when the constraint cannot be compiled; caches it."""
         self.compiler.compile(params)
 
-    def add(self, request_id: str, params: StructuredOutputsParams) -> None:
+    def start(self, params: StructuredOutputsParams, name: str = "") -> ConstrainedSequence:
+        """A new sequence under `params` (compiled once, then from the cache), in its start state."""
         r = self.reasoning
         phase = ANSWER if r is None else THINKING if r.thinks_from_start else OPENING if self._start_ids else ANSWER
-        self._matchers[request_id] = _Sequence(self.compiler.compile(params), phase)
+        return ConstrainedSequence(self.compiler.compile(params), phase, name)
 
-    def remove(self, request_id: str) -> None:
-        self._matchers.pop(request_id, None)
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._matchers
-
-    def __len__(self) -> int:
-        return len(self._matchers)
-
-    def fill_bitmask(self, request_ids: Sequence[str], out: np.ndarray) -> None:
-        """Writes the next-token mask of each sequence into `out[i]` (int32 [len(ids), num_words]).
+    def fill_bitmask(self, seqs: Sequence[ConstrainedSequence], out: np.ndarray) -> None:
+        """Writes the next-token mask of each sequence into `out[i]` (int32 [len(seqs), num_words]).
 
         A matcher that hit an error (a parser limit) allows only EOS: the sequence ends instead of
         sampling from an empty set.
         """
-        if out.shape != (len(request_ids), self.num_words) or out.dtype != np.int32 or not out.flags["C_CONTIGUOUS"]:
-            raise ValueError(f"bitmask buffer must be C-contiguous int32 [{len(request_ids)}, {self.num_words}]")
-        if not request_ids:
+        if out.shape != (len(seqs), self.num_words) or out.dtype != np.int32 or not out.flags["C_CONTIGUOUS"]:
+            raise ValueError(f"bitmask buffer must be C-contiguous int32 [{len(seqs)}, {self.num_words}]")
+        if not seqs:
             return
-        seqs = [self._matchers[r] for r in request_ids]
         graded = [i for i, q in enumerate(seqs) if q.phase in (ANSWER, OPENING)]
         if graded:
             self._fill_from_matchers([seqs[i].matcher for i in graded], graded, out)
         for i, q in enumerate(seqs):
             if q.phase == ANSWER and q.matcher.is_error():
-                logger.warning("structured output of %s stopped: %s", request_ids[i], q.matcher.get_error())
+                logger.warning("structured output of %s stopped: %s", q.name, q.matcher.get_error())
                 out[i] = self._eos_only
             elif q.phase == OPENING:
                 _allow(out[i], self._start_ids[0])
@@ -134,12 +127,9 @@ class StructuredOutputManager:
         if target is not out:
             out[list(rows)] = target[:, : self.num_words]
 
-    def accept(self, request_id: str, token_ids: Sequence[int]) -> bool:
+    def accept(self, q: ConstrainedSequence, token_ids: Sequence[int]) -> bool:
         """Advances the sequence by its new tokens; False when the matcher refused one (it then stays
         in its error state and only allows EOS)."""
-        q = self._matchers.get(request_id)
-        if q is None:
-            return True
         tokens = [int(t) for t in token_ids]
         while tokens and q.phase != ANSWER:
             self._advance_thinking(q, tokens.pop(0))
@@ -147,10 +137,10 @@ class StructuredOutputManager:
             return True
         ok = q.matcher.consume_tokens(tokens)
         if not ok:
-            logger.warning("structured output of %s rejected tokens %s: %s", request_id, tokens, q.matcher.get_error())
+            logger.warning("structured output of %s rejected tokens %s: %s", q.name, tokens, q.matcher.get_error())
         return ok
 
-    def _advance_thinking(self, q: _Sequence, token: int) -> None:
+    def _advance_thinking(self, q: ConstrainedSequence, token: int) -> None:
         """One token before the answer: opens, continues or ends the thinking."""
         assert self.reasoning is not None  # only reasoning markers leave a sequence outside ANSWER
         if q.phase == OPENING:
@@ -169,9 +159,9 @@ class StructuredOutputManager:
             if end in q.tail:
                 q.phase = ANSWER
 
-    def is_terminated(self, request_id: str) -> Optional[bool]:
+    @staticmethod
+    def is_terminated(q: Optional[ConstrainedSequence]) -> Optional[bool]:
         """True once the sequence's grammar can take nothing but EOS (None: not constrained)."""
-        q = self._matchers.get(request_id)
         return None if q is None else q.phase == ANSWER and bool(q.matcher.is_stopped())
 
 
