@@ -3,7 +3,7 @@
 Every engine here runs one workload (chunked prefill, shared prefixes, n > 1, greedy and seeded sampling,
 top-k/top-p with min_tokens, penalties, logprobs, and a prompt_logprobs request that runs unspeculated in
 the same batch) and must return what the engine returns without speculation, token for token and
-logprob for logprob. Drafts are greedy, so the accept rule is exact rejection sampling and seeded rows
+logprob for logprob (a structured-output request runs without drafts in the same batch). Drafts are greedy, so the accept rule is exact rejection sampling and seeded rows
 draw the same tokens as without speculation. With the target as its own draft the greedy rows accept
 (nearly) every draft, which can only happen if the draft's KV cache follows the target's positions
 exactly, through chunked prefill, preemption and prefix-cache hits; with a different random draft almost
@@ -22,19 +22,20 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIMITS = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
 LOOP = [11, 12, 13, 14, 15, 16, 17, 18]
-PROMPTS = [LOOP * 5, LOOP * 4 + [30, 31], [40, 41, 42] * 3, LOOP * 4 + [32], LOOP * 3, [50, 51, 52, 53, 54] * 4]
+PROMPTS = [LOOP * 5, LOOP * 4 + [30, 31], [40, 41, 42] * 3, LOOP * 4 + [32], LOOP * 3, [50, 51, 52, 53, 54] * 4, [60, 61, 62] * 5]
 GREEDY_REQUESTS = {"0", "1", "4"}  # the request ids (prompt index) whose rows are greedy
 
 
 def _params() -> list[Any]:
-    from jengine import SamplingParams
+    from jengine import SamplingParams, StructuredOutputsParams
 
     return [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2),
             SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, n=2),
             SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True, n=2, logprobs=1),
             SamplingParams(temperature=0.3, top_k=5, top_p=0.9, seed=3, min_tokens=12, max_tokens=20),
             SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3),
-            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)]
+            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=2),
+            SamplingParams(temperature=1.0, seed=2, max_tokens=14, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{2,6}"))]
 
 
 def _summary(outs: list[Any]) -> list[Any]:
@@ -107,7 +108,8 @@ def test_own_checkpoint_as_draft_accepts_every_greedy_draft_through_preemption(t
         drafts, accepted = per_request[rid]
         assert drafts > 0 and accepted >= 0.9 * drafts, (rid, drafts, accepted)
     assert set(per_request) >= {"2", "3", "4"}, "sampled and penalised requests speculate too"
-    assert "5" not in per_request or per_request["5"][0] > 0  # the prompt_logprobs request decodes with drafts after its prompt
+    assert per_request["5"][0] > 0  # the prompt_logprobs request decodes with drafts after its prompt
+    assert "6" not in per_request, "a structured-output request runs without drafts"
     stats = engine.speculator.stats
     assert stats.num_draft_tokens == sum(d for d, _ in per_request.values()) and stats.num_accepted_tokens == sum(a for _, a in per_request.values())
     assert engine.compilations_after_warmup == 0
