@@ -99,6 +99,7 @@ class SpeculativeConfig:
             model = spec.get("model")
             _require(isinstance(model, str) and model != "", "speculative_config.model",
                      f"must name the draft model's checkpoint (a directory or .gguf file) for method 'draft_model', got {model!r}")
+            assert isinstance(model, str)
             _require(os.path.exists(os.path.expanduser(model)), "speculative_config.model",
                      f"{model!r} does not exist (jengine loads local checkpoints only)")
             extra = sorted(k for k in ("prompt_lookup_min", "prompt_lookup_max") if k in spec)

@@ -149,6 +149,7 @@ class DraftModel:
         self.max_rows = sc.max_num_seqs
         self.token_buckets = make_token_buckets(sc.min_token_bucket, sc.max_num_batched_tokens + sc.max_num_seqs)
         self.step_buckets = seq_bucket_pairs(self.token_buckets, sc.min_seq_bucket, sc.max_num_seqs)
+        self._step: Any
         if self.plan is not None:
             from jengine.sharding import PinnedJit
 
