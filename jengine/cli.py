@@ -86,7 +86,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "(a step whose bucket is still compiling waits for it; one host only)")
     parser.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                         help='speculative decoding, as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
-                             '"prompt_lookup_max": 4}\'; default: off')
+                             '"prompt_lookup_max": 4}\' or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' '
+                             '(a smaller model with the same tokenizer); default: off')
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="dispatch each step before the previous step's sampled tokens reach the host, and process outputs "
                              "while the device runs (steps of requests with penalties or structured outputs run synchronously); "

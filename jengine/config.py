@@ -15,6 +15,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 = fp8_e4m3 (float8 e4m3fn)
+SPECULATIVE_METHODS = ("ngram", "draft_model")  # vLLM's names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +63,21 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding (vLLM's `speculative_config` keys). Only the n-gram (prompt lookup) method so far."""
+    """Speculative decoding (vLLM's `speculative_config` keys): n-gram (prompt lookup) drafts, or a small
+    draft model (`method="draft_model"`, `model=PATH`) that shares the target's vocabulary."""
 
-    method: str = "ngram"
+    method: str = "ngram"  # "ngram" or "draft_model"
     num_speculative_tokens: int = 3
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1  # ngram only
+    prompt_lookup_max: int = 4  # ngram only
+    model: Optional[str] = None  # draft_model: the draft checkpoint (directory or .gguf file)
 
     @classmethod
     def from_dict(cls, spec: Optional[dict]) -> Optional["SpeculativeConfig"]:
-        """Validates vLLM's dict form; None stays None (no speculation)."""
+        """Validates vLLM's dict form; None stays None (no speculation).
+
+        As in vLLM, `method` may be left out: `model` then names the draft model ("ngram" / "[ngram]"
+        for the n-gram method, vLLM's older spelling); with neither, the method is n-gram."""
         if spec is None:
             return None
         if not isinstance(spec, dict):
@@ -79,9 +85,27 @@ class SpeculativeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(spec) - known)
         _require(not unknown, "speculative_config", f"has unsupported keys {unknown} (supported: {sorted(known)})")
-        _require(spec.get("method", "ngram") == "ngram", "speculative_config.method",
-                 f"{spec.get('method')!r} is not supported (supported: 'ngram')")
+        spec = dict(spec)
+        if spec.get("method") is None:
+            model = spec.get("model")
+            spec["method"] = "ngram" if model is None or model in ("ngram", "[ngram]") else "draft_model"
+            if model in ("ngram", "[ngram]"):
+                del spec["model"]
+        method = spec["method"]
+        _require(method in SPECULATIVE_METHODS, "speculative_config.method",
+                 f"{method!r} is not supported (supported: {', '.join(map(repr, SPECULATIVE_METHODS))})")
         _require("num_speculative_tokens" in spec, "speculative_config.num_speculative_tokens", "is required")
+        if method == "draft_model":
+            model = spec.get("model")
+            _require(isinstance(model, str) and model != "", "speculative_config.model",
+                     f"must name the draft model's checkpoint (a directory or .gguf file) for method 'draft_model', got {model!r}")
+            assert isinstance(model, str)
+            _require(os.path.exists(os.path.expanduser(model)), "speculative_config.model",
+                     f"{model!r} does not exist (jengine loads local checkpoints only)")
+            extra = sorted(k for k in ("prompt_lookup_min", "prompt_lookup_max") if k in spec)
+            _require(not extra, f"speculative_config.{extra[0] if extra else ''}", "applies to method 'ngram' only")
+        else:
+            _require(spec.get("model") is None, "speculative_config.model", "applies to method 'draft_model' only")
         out = cls(**spec)
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(out, name)
@@ -158,7 +182,7 @@ class EngineArgs:
     distributed_coordinator: Optional[str] = None
     num_processes: int = 1
     process_id: int = 0
-    speculative_config: Optional[dict] = None  # e.g. {"method": "ngram", "num_speculative_tokens": 3}
+    speculative_config: Optional[dict] = None  # e.g. {"method": "ngram", "num_speculative_tokens": 3}, {"method": "draft_model", "model": PATH, ...}
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -234,8 +258,14 @@ class EngineArgs:
                 num_processes=self.num_processes,
                 process_id=self.process_id,
             ),
-            speculative=SpeculativeConfig.from_dict(self.speculative_config),
+            speculative=self._speculative_config(),
         )
+
+    def _speculative_config(self) -> Optional[SpeculativeConfig]:
+        spec = SpeculativeConfig.from_dict(self.speculative_config)
+        _require(spec is None or spec.method != "draft_model" or self.num_processes == 1, "speculative_config.method",
+                 "'draft_model' is not supported with several processes yet")
+        return spec
 
 
 def check_quantization(value: Optional[str]) -> None:

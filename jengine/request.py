@@ -78,6 +78,7 @@ class Request:
         "penalty_history",
         "structured_output",
         "spec_misses",
+        "draft_num_valid",
         "needs_host_tokens",
         "kv_pages",
         "output_state",
@@ -132,6 +133,8 @@ class Request:
         self.penalty_history: Any = None  # `jengine.sampler.PenaltyHistory`, built on first use with penalties
         self.structured_output: Any = None  # its grammar matcher (`structured_output.manager.ConstrainedSequence`)
         self.spec_misses = 0  # consecutive verified drafts that were all rejected (sets spec_backoff)
+        # Speculation with a draft model: the positions whose draft KV is valid (a prefix), None before any
+        self.draft_num_valid: Optional[int] = None
         # Its rows need its last token on the host (penalties, structured outputs): no asynchronous steps.
         self.needs_host_tokens = False
         # Its pages in each KV cache manager (one per layer group) that gave it any, keyed by that manager.
@@ -181,6 +184,7 @@ class Request:
         self.structured_output = None
         self.spec_token_ids = []
         self.spec_misses = self.spec_backoff = 0
+        self.draft_num_valid = None
 
     # ---- status -------------------------------------------------------------------------------------
 

@@ -24,5 +24,5 @@ def assert_no_request_state(core: Any, records: Iterable[Any] = ()) -> None:
     for r in records:
         assert r.freed and r.is_finished, r
         assert not r.kv_pages and r.penalty_history is None and r.structured_output is None, r
-        assert not r.spec_token_ids and r.spec_misses == 0, r
+        assert not r.spec_token_ids and r.spec_misses == 0 and r.draft_num_valid is None, r
         assert r.output_state is None or r.output_state.freed, r

@@ -103,7 +103,15 @@ class EngineCore:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
 
-        self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(config, loaded, self.max_model_len, plan=self.plan)
+        draft = None  # speculative_config.method "draft_model": its weights now, its cache sized with the target's pages
+        if config.speculative is not None and config.speculative.method == "draft_model":
+            from jengine.spec_decode.draft_model import DraftModel
+
+            draft = DraftModel.load(config, mc, loaded.dtype, self.plan)
+        self.runner: ModelRunner | distributed.LeaderRunner = ModelRunner(
+            config, loaded, self.max_model_len, plan=self.plan, extra_page_bytes=draft.page_bytes if draft is not None else 0)
+        if draft is not None:
+            draft.attach(self.runner, self.max_model_len)
         sc = config.scheduler
         self.async_scheduling = resolve_async_scheduling(sc.async_scheduling, config)
         self.kv_cache_manager = make_kv_cache_manager(self.runner.kv_layout, enable_prefix_caching=config.cache.enable_prefix_caching)
@@ -131,10 +139,12 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids, capacity_error=self.scheduler.capacity_error,
             compile_constraint=self.structured_output.validate,  # compiles once; later requests hit the cache
         )
-        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
+        self.speculator = Speculator(config.speculative, draft) if config.speculative is not None else None
         self.load_seconds = time.perf_counter() - t0
         # Multi-host steps run under a watchdog: there every piece compiles before serving.
         self.runner.warmup(background=config.compile_in_background and config.parallel.num_processes == 1)
+        if draft is not None:
+            draft.warmup()
         if self.plan is not None:
             logger.info("per-device memory:\n%s", sharding.format_memory_report(sharding.memory_report(self.runner.params, self.runner.kv_cache)))
         if config.parallel.num_processes > 1 and jax.process_index() == 0:
@@ -289,6 +299,8 @@ class EngineCore:
         step_out = None
         if sched.scheduled:
             try:
+                if self.speculator is not None:
+                    self.speculator.fill(sched.scheduled)  # the draft model's drafts, into the slots schedule() reserved
                 rows, fill_masks = self._sampling_rows(sched)
                 step_out = self.runner.execute(sched.scheduled, rows, sched.num_batched_tokens, fill_masks)
             except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine

@@ -1,6 +1,8 @@
 """The engine's side of speculative decoding: who gets drafts, how a step's tokens become accepted runs.
 
-    Speculator(config).propose(running)               before `schedule()`: drafts on eligible requests
+    Speculator(config, draft=None).propose(running)   before `schedule()`: n-gram drafts on eligible requests,
+                                                       or k slots the draft model fills
+    Speculator.fill(scheduled)                         after `schedule()`: the draft model's drafts (draft_model)
     Speculator.expand(scheduled, rows) -> rows         one sampling row per logits row of the step
     Speculator.accept(scheduled, token_ids) -> tokens  per scheduled row: None, or its accepted tokens
 
@@ -15,7 +17,14 @@ p_i(d_i), and on rejection t_j is a draw from p_j conditioned on differing from 
 max(p_j - q_j, 0) normalised. So every emitted token follows the target distribution after temperature,
 top-k, top-p, min-p and logit_bias; greedy rows reproduce decoding one token at a time exactly, and a
 seeded request draws the same uniform for each output index with or without speculation, so its tokens
-are identical too. Draft models (a non-degenerate q) need `rejection.rejection_sample` instead.
+are identical too. The draft model (`jengine.spec_decode.draft_model`) drafts greedily, so its q is a
+point mass as well and the same rule applies; drafts sampled from a non-degenerate q would need
+`rejection.rejection_sample` instead.
+
+An n-gram draft's length varies, so it is proposed before `schedule()` and the scheduler trims it to the
+room the row has. The draft model always drafts k tokens: `propose` reserves k slots (placeholders) that
+the scheduler trims the same way, and `fill` runs the draft model over the scheduled rows and writes the
+drafts into them before the target step builds its inputs.
 
 Penalties count the drafts before a position in that position's row only (the request's penalty
 history keeps committed tokens), and the logprobs of an accepted run are those of each position's
@@ -28,7 +37,7 @@ steps), so text that does not repeat itself costs little. That state (`spec_toke
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -36,6 +45,9 @@ from jengine.config import SpeculativeConfig
 from jengine.request import Request
 from jengine.sampling_params import SamplingParams
 from jengine.spec_decode.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from jengine.spec_decode.draft_model import DraftModel
 
 MAX_BACKOFF = 16
 
@@ -59,20 +71,29 @@ def can_speculate(params: SamplingParams) -> bool:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, draft: Optional["DraftModel"] = None):
         self.k = config.num_speculative_tokens
-        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.draft = draft  # the draft model (method "draft_model"), else n-gram drafts
+        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max) if draft is None else None
         self.stats = SpecDecodeStats()
 
     def propose(self, running: Sequence[Request]) -> None:
-        """Sets `spec_token_ids` on each running request that decodes next and may speculate."""
+        """Sets `spec_token_ids` on each running request that decodes next and may speculate: its n-gram
+        draft, or k placeholder slots that `fill` replaces with the draft model's tokens."""
         for req in running:
+            req.spec_token_ids = []
             if not req.decodes_next or not can_speculate(req.sampling_params):
                 continue
             if req.spec_backoff > 0:
                 req.spec_backoff -= 1
                 continue
-            req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+            req.spec_token_ids = [0] * self.k if self.proposer is None else self.proposer.propose(req.all_token_ids)
+
+    def fill(self, scheduled: Sequence[Any]) -> None:
+        """After `schedule()`: the draft model drafts into the rows' reserved slots (and keeps its KV in step
+        with every scheduled row); nothing to do for n-gram drafts."""
+        if self.draft is not None:
+            self.draft.propose(scheduled)
 
     @staticmethod
     def expand(scheduled: Sequence[Any], rows: Sequence[Any]) -> list[Any]:
@@ -98,6 +119,8 @@ class Speculator:
             cursor += len(drafts) + 1
             if not seq.samples:
                 result.append(None)
+                if self.draft is not None:
+                    self.draft.commit(seq, None)
                 continue
             n = 0
             while n < len(drafts) and drafts[n] == picked[n]:
@@ -105,6 +128,8 @@ class Speculator:
             result.append(picked[:n + 1])
             if drafts:
                 self._record(seq.request, len(drafts), n)
+            if self.draft is not None:
+                self.draft.commit(seq, n)
         return result
 
     def _record(self, req: Request, num_drafts: int, num_accepted: int) -> None:

@@ -133,8 +133,10 @@ def kv_cache_dtype(name: str, model_dtype: Any) -> Any:
 class ModelRunner:
     """Runs the model over bucketed ragged batches; see the module docstring."""
 
-    def __init__(self, config: EngineConfig, loaded: Any, max_model_len: int, plan: Any = None):
+    def __init__(self, config: EngineConfig, loaded: Any, max_model_len: int, plan: Any = None, extra_page_bytes: int = 0):
         self.config = config
+        # Bytes per page that another cache indexed by the same page ids takes (a draft model's: jengine.spec_decode.draft_model).
+        self.extra_page_bytes = extra_page_bytes
         self.model_config = mc = loaded.config
         self.dtype = jnp.dtype(loaded.dtype)
         self.cache_dtype = kv_cache_dtype(config.cache.cache_dtype, self.dtype)
@@ -216,7 +218,8 @@ class ModelRunner:
     def _page_bytes_all_layers(self) -> int:
         mc = self.model_config
         shards = self.plan.kv_shards if self.plan is not None else 1
-        return self.page_size * 2 * mc.num_kv_heads * mc.head_dim * _dtype_bytes(self.cache_dtype) * mc.num_layers // shards
+        own = self.page_size * 2 * mc.num_kv_heads * mc.head_dim * _dtype_bytes(self.cache_dtype) * mc.num_layers // shards
+        return own + self.extra_page_bytes
 
     def _num_pages_per_layer(self) -> int:
         """Pages per layer from the memory budget (page 0 of each layer is the null page)."""
