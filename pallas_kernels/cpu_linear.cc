@@ -26,6 +26,7 @@ namespace {
 
 constexpr int kBlock = 64;  // output columns per item: 4 AVX-512 registers of float32
 constexpr int kRows = 4;    // rows of x per pass over a block: 16 accumulator registers
+constexpr int kAhead = 8;   // rows of w prefetched ahead
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
@@ -41,6 +42,12 @@ void tile(const float* x, int64_t K, const W* w, int64_t N, float* y) {
   float acc[R][NB] = {};
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * N;
+    // The rows of a block are N values apart (past a 4 KiB page for wide matrices, where the
+    // hardware prefetcher stops following): fetch kAhead rows ahead by hand.
+    if (k + kAhead < K) {
+      const char* ahead = reinterpret_cast<const char*>(wk + kAhead * N);
+      for (size_t b = 0; b < sizeof(W) * NB; b += 64) __builtin_prefetch(ahead + b);
+    }
     float xr[R];
     for (int r = 0; r < R; ++r) xr[r] = x[r * K + k];
 #pragma omp simd
