@@ -71,9 +71,9 @@ def build(source: Path, cxx: str) -> Path:
     return target
 
 
-def load(source: Path, symbol: str, target: str) -> Optional[str]:
-    """Builds `source` and registers its handler `symbol` as the CPU FFI target `target`; None when
-    that worked, else the reason it did not."""
+def load(source: Path, targets: dict[str, str]) -> Optional[str]:
+    """Builds `source` and registers each of its handlers (`{symbol: FFI target name}`) on the CPU;
+    None when that worked, else the reason it did not."""
     cxx = compiler()
     if cxx is None:
         return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
@@ -81,5 +81,6 @@ def load(source: Path, symbol: str, target: str) -> Optional[str]:
         library = ctypes.cdll.LoadLibrary(str(build(source, cxx)))
     except (OSError, RuntimeError) as e:
         return f"building {source.name} failed: {e}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    for symbol, target in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return None

@@ -38,7 +38,7 @@ _CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn, jnp.uint8)  # uin
 @functools.cache
 def _load() -> Optional[str]:
     """Builds and registers the kernel; None if it is ready, else why not."""
-    reason = _native.load(_SOURCE, "JengineRaggedPagedAttention", TARGET)
+    reason = _native.load(_SOURCE, {"JengineRaggedPagedAttention": TARGET})
     if reason is not None:
         logger.warning("native CPU attention unavailable (%s); the CPU uses the reference backend", reason)
     return reason

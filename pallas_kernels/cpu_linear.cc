@@ -8,15 +8,18 @@
 // read where it lies, once per row tile.
 //
 // Work item = a block of kBlock output columns; it walks the K rows of its block (kBlock
-// contiguous values each, one stream the prefetcher follows) and keeps up to kRows rows of x
-// times the block in registers; more rows of x re-read the block, from L2 by then. Items run on
-// XLA's intra-op thread pool. Weights float32 or bfloat16 (widened here), x and y float32.
+// contiguous values each, prefetched by hand) and keeps up to kRows rows of x times the block in
+// registers; more rows of x re-read the block, from L2 by then. Items run on XLA's intra-op thread
+// pool. Weights float32 or bfloat16 (widened here), x and y float32. The same items serve a
+// grouped matmul (mixture of experts): each expert's rows times its matrix, read in place from
+// the stacked [L * E, K, N] experts.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -84,67 +87,121 @@ void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, f
   }
 }
 
+// One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + kBlock) of matrix w.
+struct Item {
+  const void* w;
+  int64_t row0, rows, n0;
+};
+
+// Shared by the calling thread and the pool tasks; a task that starts after the call returned
+// finds no item left and touches only this (kept alive by its shared_ptr).
 struct Work {
   const float* x;
-  const void* w;
   float* y;
-  int64_t T, K, N;
+  int64_t K, N;
   bool bf16;
-  int blocks;
+  std::vector<Item> items;
   std::atomic<int> next{0}, done{0};
 
   template <typename W>
-  void run(int b) {
-    const W* wp = static_cast<const W*>(w);
-    const int64_t n0 = static_cast<int64_t>(b) * kBlock;
-    if (n0 + kBlock <= N) {
-      block_rows<W, kBlock>(x, T, K, wp, N, y, n0);
+  void run(const Item& it) {
+    const W* wp = static_cast<const W*>(it.w);
+    const float* xs = x + it.row0 * K;
+    float* ys = y + it.row0 * N;
+    if (it.n0 + kBlock <= N) {
+      block_rows<W, kBlock>(xs, it.rows, K, wp, N, ys, it.n0);
     } else {
-      narrow_block<W>(x, T, K, wp, N, y, n0);
+      narrow_block<W>(xs, it.rows, K, wp, N, ys, it.n0);
     }
   }
 
   void drain() {
-    for (int b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
+    const int n = static_cast<int>(items.size());
+    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
       if (bf16) {
-        run<uint16_t>(b);
+        run<uint16_t>(items[i]);
       } else {
-        run<float>(b);
+        run<float>(items[i]);
       }
       done.fetch_add(1, std::memory_order_release);
     }
   }
+
+  // Adds the column blocks of rows [row0, row0 + rows) times matrix w.
+  void add(const void* w, int64_t row0, int64_t rows) {
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) items.push_back(Item{w, row0, rows, n0});
+  }
+
+  void run_all(ffi::ThreadPool& pool, std::shared_ptr<Work> self) {
+    const int n = static_cast<int>(items.size());
+    if (n == 0) return;
+    const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
+    for (int t = 0; t < helpers; ++t) pool.Schedule([self] { self->drain(); });
+    drain();
+    while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  }
 };
 
-ffi::Error StackedLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                         ffi::ResultBuffer<ffi::F32> y) {
+// Checks x[T, K] against w[G, K, N] (float32 or bfloat16) and sets up the work; nullptr + error when they do not fit.
+std::shared_ptr<Work> make_work(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& w, ffi::ResultBuffer<ffi::F32>& y, ffi::Error* error) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1]) {
-    return ffi::Error::InvalidArgument("stacked linear: expected x[T, K] and w[L, K, N]");
+    *error = ffi::Error::InvalidArgument("stacked linear: expected x[T, K] and w[G, K, N]");
+    return nullptr;
   }
   const bool bf16 = w.element_type() == ffi::DataType::BF16;
   if (!bf16 && w.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("stacked linear: weights must be float32 or bfloat16");
+    *error = ffi::Error::InvalidArgument("stacked linear: weights must be float32 or bfloat16");
+    return nullptr;
   }
-  const int64_t L = wd[0], K = wd[1], N = wd[2], T = xd[0];
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);
-  const size_t esize = bf16 ? 2 : 4;
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
-  work->w = static_cast<const char*>(w.untyped_data()) + static_cast<size_t>(l) * K * N * esize;
-  work->y = y->typed_data();
-  work->T = T;
-  work->K = K;
-  work->N = N;
+  work->y = (*y).typed_data();
+  work->K = wd[1];
+  work->N = wd[2];
   work->bf16 = bf16;
-  work->blocks = static_cast<int>((N + kBlock - 1) / kBlock);
-  if (T == 0 || N == 0) return ffi::Error::Success();
-  const int n = work->blocks;
-  const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
-  for (int t = 0; t < helpers; ++t) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  return work;
+}
+
+// Matrix g of w[G, K, N] (clamped into range).
+const void* matrix(ffi::AnyBuffer& w, int64_t g) {
+  const auto wd = w.dimensions();
+  g = std::clamp<int64_t>(g, 0, wd[0] - 1);
+  const size_t esize = w.element_type() == ffi::DataType::BF16 ? 2 : 4;
+  return static_cast<const char*>(w.untyped_data()) + static_cast<size_t>(g) * wd[1] * wd[2] * esize;
+}
+
+// y[T, N] = x[T, K] @ w[layer].
+ffi::Error StackedLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error error = ffi::Error::Success();
+  auto work = make_work(x, w, y, &error);
+  if (!work) return error;
+  work->add(matrix(w, layer.typed_data()[0]), 0, x.dimensions()[0]);
+  work->run_all(pool, work);
+  return ffi::Error::Success();
+}
+
+// A grouped matmul over rows sorted by group: rows [start_e, start_e + sizes[e]) of x times
+// w[base + e], for each e; rows past the last group come out as zeros. One call per projection of
+// a mixture-of-experts layer: only the experts with rows are read, each once per 4 rows.
+ffi::Error StackedRaggedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> base,
+                            ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error error = ffi::Error::Success();
+  auto work = make_work(x, w, y, &error);
+  if (!work) return error;
+  const int64_t T = x.dimensions()[0];
+  const int64_t groups = sizes.element_count();
+  const int32_t* sz = sizes.typed_data();
+  int64_t row = 0;
+  for (int64_t e = 0; e < groups && row < T; ++e) {
+    const int64_t n = std::min<int64_t>(std::max<int32_t>(sz[e], 0), T - row);
+    if (n > 0) work->add(matrix(w, base.typed_data()[0] + e), row, n);
+    row += n;
+  }
+  std::fill(work->y + row * work->N, work->y + T * work->N, 0.f);
+  work->run_all(pool, work);
   return ffi::Error::Success();
 }
 
@@ -155,5 +212,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinear, StackedLinear,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedRaggedDot, StackedRaggedDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -8,6 +8,10 @@ reading the weights, that is two extra passes over every matrix. `stacked_linear
 and small batches, where the weight bytes dominate); wider steps, other dtypes, and platforms other
 than the CPU take `x @ w[layer]`, where the copy is small next to the matmul (or, on GPU, XLA reads
 the slice in place itself).
+
+`stacked_ragged_dot` is the same for a mixture-of-experts layer: rows sorted by expert times their
+experts' matrices, read in place from the stacked experts (`jax.lax.ragged_dot`'s meaning; the CPU
+lowering of `ragged_dot` multiplies every expert with every row).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from . import _native
 logger = logging.getLogger(__name__)
 
 TARGET = "jengine_cpu_stacked_linear"
+RAGGED_TARGET = "jengine_cpu_stacked_ragged_dot"
 _SOURCE = Path(__file__).with_name("cpu_linear.cc")
 MAX_ROWS = 32  # above this the matmul's own cost hides the copy, and XLA's dot is the faster one
 _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -31,7 +36,7 @@ _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 @functools.cache
 def _load() -> Optional[str]:
-    reason = _native.load(_SOURCE, "JengineStackedLinear", TARGET)
+    reason = _native.load(_SOURCE, {"JengineStackedLinear": TARGET, "JengineStackedRaggedDot": RAGGED_TARGET})
     if reason is not None:
         logger.warning("native CPU projection unavailable (%s); layers copy their weights out of the stack", reason)
     return reason
@@ -68,3 +73,29 @@ def stacked_linear(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> ja
         flat, stack, layer, cpu=native, default=lambda a, w, i: reference(a, w, i).astype(jnp.result_type(a.dtype, w.dtype))
     )
     return out.reshape(*lead, stack.shape[2])
+
+
+def ragged_reference(x: jax.Array, stack: jax.Array, base: jax.Array | int, group_sizes: jax.Array) -> jax.Array:
+    """`stacked_ragged_dot` in `jax.numpy` (the kernel's oracle): `jax.lax.ragged_dot` over the
+    matrices stack[base : base + E]."""
+    E = group_sizes.shape[0]
+    w = jax.lax.dynamic_slice_in_dim(stack, jnp.asarray(base, jnp.int32), E)
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32))
+
+
+def stacked_ragged_dot(x: jax.Array, stack: jax.Array, base: jax.Array | int, group_sizes: jax.Array) -> jax.Array:
+    """Rows x[M, in] sorted by group: group e's rows times stack[base + e] ([G, in, out] matrices),
+    read in place; rows past `sum(group_sizes)` come out as zeros. On the CPU with float32 /
+    bfloat16 weights the native kernel (only groups with rows are read), else `ragged_reference`."""
+    if jnp.dtype(stack.dtype) not in _WEIGHT_DTYPES or not available():
+        return ragged_reference(x, stack, base, group_sizes)
+
+    def native_ragged(a: jax.Array, w: jax.Array, b: jax.Array, sizes: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(RAGGED_TARGET, jax.ShapeDtypeStruct((a.shape[0], w.shape[2]), jnp.float32))
+        out = call(a.astype(jnp.float32), w, jnp.reshape(b.astype(jnp.int32), (1,)), sizes.astype(jnp.int32))
+        return out.astype(jnp.result_type(a.dtype, w.dtype))
+
+    return jax.lax.platform_dependent(
+        x, stack, jnp.asarray(base, jnp.int32), group_sizes, cpu=native_ragged,
+        default=lambda a, w, b, sizes: ragged_reference(a, w, b, sizes).astype(jnp.result_type(a.dtype, w.dtype)),
+    )

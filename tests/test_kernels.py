@@ -396,6 +396,29 @@ def test_cpu_stacked_linear_matches_numpy(rows, k, n, dtype):
         assert np.abs(got - want).max() <= tol * np.abs(want).max(), layer
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_stacked_ragged_dot_matches_numpy(dtype):
+    """Groups with no rows, one group past the rows, an offset into the stack (a later layer's
+    experts), a width not a multiple of the 64-column block; rows past the groups come out zero."""
+    cl = _native_linear()
+    rng = np.random.default_rng(7)
+    M, K, N = 23, 40, 100
+    stack = jnp.asarray(rng.standard_normal((12, K, N)), dtype)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    f = jax.jit(cl.stacked_ragged_dot)
+    for base, sizes in [(0, [3, 0, 9, 1, 0, 6]), (6, [0, 0, 0, 0, 0, 20]), (6, [5, 30, 0, 0, 0, 0])]:
+        got = np.asarray(f(x, stack, jnp.int32(base), jnp.asarray(sizes, jnp.int32)), np.float64)
+        want, row = np.zeros((M, N)), 0
+        for e, n in enumerate(sizes):
+            n = min(n, M - row)
+            want[row:row + n] = np.asarray(x[row:row + n], np.float64) @ np.asarray(stack[base + e], np.float64)
+            row += n
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), (base, sizes)
+        assert not got[row:].any()
+        assert cl.RAGGED_TARGET in f.lower(x, stack, jnp.int32(base), jnp.asarray(sizes, jnp.int32)).compile().as_text()
+
+
 def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     """Up to MAX_ROWS rows the compiled step calls the kernel and holds no copy of a layer's matrix;
     wider steps, a leading batch shape and float16 weights take XLA's dot, with the same values."""

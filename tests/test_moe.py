@@ -134,7 +134,8 @@ def _reference_moe(h, p, spec):
     return out
 
 
-@pytest.mark.parametrize("grouped,block_rows", [("ragged", 8), ("blocked", 1), ("blocked", 3), ("blocked", 9), ("blocked", 64)])
+@pytest.mark.parametrize("grouped,block_rows", [("ragged", 8), ("blocked", 1), ("blocked", 3), ("blocked", 9), ("blocked", 64),
+                                                ("in_place", None)])
 def test_grouped_expert_matmul_matches_per_token_reference(grouped, block_rows):
     """Skewed routing (a router that prefers two experts, so some groups are empty and some large),
     then every token on the same two experts (groups of 13: several blocks of 1, 3 or 9 rows, the

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from jengine.attention import AttentionMetadata, paged_attention
 from jengine.pallas_kernels import resolve_backend
-from jengine.pallas_kernels.cpu_linear import MAX_ROWS as MAX_NATIVE_ROWS
-from jengine.pallas_kernels.cpu_linear import stacked_linear
+from jengine.pallas_kernels.cpu_linear import stacked_linear, stacked_ragged_dot
 from jengine.models.rope import apply_rope
 
 Params = Mapping[str, Any]
@@ -260,8 +259,10 @@ class MoeSpec:
 
     norm_topk_prob: renormalise the k kept router probabilities to sum to 1 (Mixtral, Qwen3-MoE) or
     keep them as softmax probabilities over all experts (Qwen2-MoE). `grouped`: how the experts run,
-    "ragged" (`jax.lax.ragged_dot`) or "blocked" (`blocked_expert_ffn`); None picks "blocked" on the CPU,
-    whose `ragged_dot` lowering multiplies every expert with every row and masks, else "ragged".
+    "ragged" (`jax.lax.ragged_dot`), "blocked" (`blocked_expert_ffn`) or "in_place" (`in_place_expert_ffn`,
+    the native CPU kernel); None picks "in_place" where `moe_mlp` is told the kernel serves, else
+    "blocked" on the CPU, whose `ragged_dot` lowering multiplies every expert with every row and
+    masks, else "ragged".
     """
 
     num_experts: int
@@ -322,9 +323,21 @@ def _expert(w: jax.Array, layer: jax.Array | None, e: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(w, start, (1, 1, *w.shape[2:])).reshape(w.shape[2:])
 
 
+def in_place_expert_ffn(x: jax.Array, group_sizes: jax.Array, p: Params, layer: jax.Array | None = None) -> jax.Array:
+    """The grouped SwiGLU with the native CPU kernel: three grouped matmuls
+    (`cpu_linear.stacked_ragged_dot`) that read each expert with rows where it lies in the stacked
+    experts (`[E, ...]`, or `[L, E, ...]` at `layer`), nothing copied and no loop in the program."""
+    E = group_sizes.shape[0]
+    flat = {k: p[k].reshape(-1, *p[k].shape[-2:]) for k in ("experts_gate", "experts_up", "experts_down")}  # [L * E, in, out]
+    base = 0 if layer is None else layer * E
+    g = stacked_ragged_dot(x, flat["experts_gate"], base, group_sizes)
+    u = stacked_ragged_dot(x, flat["experts_up"], base, group_sizes)
+    return stacked_ragged_dot(_expert_act(g, u).astype(x.dtype), flat["experts_down"], base, group_sizes)
+
+
 def blocked_expert_ffn(
     x: jax.Array, group_sizes: jax.Array, p: Params, block_rows: int = 8, layer: jax.Array | None = None,
-    max_group: int | None = None, in_place: bool = False,
+    max_group: int | None = None,
 ) -> jax.Array:
     """The same grouped SwiGLU as `ragged_expert_ffn`, as a loop over the experts that have rows.
 
@@ -339,8 +352,6 @@ def blocked_expert_ffn(
     arrays still carry the stacked layer axis ([L, E, ...]): slicing a layer out first would copy
     every expert of the layer on every step. `max_group`: no group has more rows (the step's tokens,
     as a token picks distinct experts); when one block holds it, there is no loop over blocks.
-    `in_place` (the native CPU kernel serves blocks this small): each block multiplies the expert's
-    matrices where they lie in the stack (`cpu_linear.stacked_linear`), so nothing is copied at all.
     """
     M, H = x.shape
     C = block_rows
@@ -351,24 +362,14 @@ def blocked_expert_ffn(
     used = jnp.nonzero(sizes > 0, size=E, fill_value=0)[0].astype(jnp.int32)  # experts with rows, in order
     xp = jnp.concatenate([x, jnp.zeros((C, H), x.dtype)])
 
-    names = ("experts_gate", "experts_up", "experts_down")
-    in_place = in_place and max(sizes_c) <= MAX_NATIVE_ROWS
-    # in place: the expert stacks as [L * E, in, out] (a free reshape), indexed by layer * E + expert
-    flat = {k: p[k].reshape(-1, *p[k].shape[-2:]) for k in names} if in_place else {}
-
     def expert(i: jax.Array, out: jax.Array) -> jax.Array:
         e = used[i]
-        if in_place:
-            index = e if layer is None else layer * p[names[0]].shape[1] + e
-            mm = lambda xb, k: stacked_linear(xb, flat[k], index)  # noqa: E731
-        else:
-            w = {k: _expert(p[k], layer, e) for k in names}
-            mm = lambda xb, k: xb @ w[k]  # noqa: E731
+        w = {k: _expert(p[k], layer, e) for k in ("experts_gate", "experts_up", "experts_down")}
 
         def block(rows: int, row0: jax.Array, n: jax.Array, out: jax.Array) -> jax.Array:
             """Rows [row0, row0 + n) of this expert, computed as a block of `rows` (>= n) rows."""
             xb = jax.lax.dynamic_slice_in_dim(xp, row0, rows)
-            y = mm(_expert_act(mm(xb, "experts_gate"), mm(xb, "experts_up")).astype(x.dtype), "experts_down")
+            y = _expert_act(xb @ w["experts_gate"], xb @ w["experts_up"]).astype(x.dtype) @ w["experts_down"]
             y = jnp.where((jnp.arange(rows) < n)[:, None], y, 0)
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, 0)
 
@@ -400,7 +401,8 @@ def moe_mlp(
     experts run over their rows only, and each token sums its experts' outputs times the router weights.
     `layer` given: the expert arrays are the whole stacks [L, E, ...] and this is layer `layer`.
     `num_tokens` given: rows from there on are the step's padding; they go to no expert (output 0).
-    `in_place`: the CPU's blocked experts read their matrices in place (`blocked_expert_ffn`).
+    `in_place` (the native CPU kernels serve this layer): the experts run as `in_place_expert_ffn`
+    unless `spec.grouped` says otherwise.
 
     Expert parallelism (`mesh` given): the experts are split over `mesh`'s `axis`; every device holds
     all tokens (attention is tensor-parallel, so they are replicated already), runs its own experts
@@ -408,7 +410,7 @@ def moe_mlp(
     and the partial sums are added up with one `psum`, the same all-reduce a row-parallel MLP ends with.
     """
     weights, experts = route(h, p["router"], spec)
-    grouped = spec.grouped or ("blocked" if jax.default_backend() == "cpu" else "ragged")
+    grouped = spec.grouped or ("in_place" if in_place else "blocked" if jax.default_backend() == "cpu" else "ragged")
     ex = {k: p[k] for k in ("experts_gate", "experts_up", "experts_down")}
     stacked = layer is not None
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
@@ -426,12 +428,14 @@ def moe_mlp(
         sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
         token = order // k
         x = jnp.take(h, token, axis=0)
-        if grouped == "ragged":
+        if grouped == "in_place":
+            y = in_place_expert_ffn(x, sizes, ex, layer if stacked else None)
+        elif grouped == "ragged":
             one = {n: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for n, w in ex.items()} if stacked else ex
             y = ragged_expert_ffn(x, sizes, one)
         else:
             rows = spec.block_rows or default_block_rows(T * k, spec.num_experts)
-            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T, in_place=in_place)
+            y = blocked_expert_ffn(x, sizes, ex, rows, layer if stacked else None, max_group=T)
         # back to (token, k) order with a gather (the inverse permutation) rather than a scatter-add,
         # which the CPU runs row by row; each token then sums its k outputs times their weights
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
