@@ -249,6 +249,7 @@ class EngineCore:
         )
 
     def _forget(self, child_id: str) -> None:
+        self.runner.release([child_id])  # its persistent-batch slot
         self._seeds.pop(child_id, None)
         self._penalties.pop(child_id, None)
         self._sync_ids.discard(child_id)
