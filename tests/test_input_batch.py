@@ -201,6 +201,7 @@ def test_steady_greedy_decode_sends_only_ragged_inputs_and_slots(llm):
         return step
 
     engine.runner.dispatch = recording
+    engine.runner.record_host_inputs = True
     try:
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
         for i in range(3):
@@ -209,6 +210,7 @@ def test_steady_greedy_decode_sends_only_ragged_inputs_and_slots(llm):
             engine.step()
     finally:
         del engine.runner.dispatch
+        engine.runner.record_host_inputs = False
     assert any(k.startswith("update.") for k in sent[0])  # the first step: joins
     steady = sent[1:-2]  # decode steps (the last ones may see a page gained or the wasted row of a late stop)
     assert steady and all(set(s) == STEADY for s in steady), [sorted(set(s) - STEADY) for s in steady]

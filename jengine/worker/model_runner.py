@@ -123,8 +123,11 @@ class PrevTokens:
     tokens: jax.Array
 
 
-def _count_host(sent: dict[str, int], name: str, tree: Any) -> None:
-    """Adds the bytes of the host (numpy) arrays in `tree`, by field, to `sent`: what a step transfers."""
+def _count_host(sent: Optional[dict[str, int]], name: str, tree: Any) -> None:
+    """Adds the bytes of the host (numpy) arrays in `tree`, by field, to `sent`: what a step transfers
+    (only when recording: `ModelRunner.record_host_inputs`)."""
+    if sent is None:
+        return
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if isinstance(leaf, (np.ndarray, np.generic)):
             key = name + jax.tree_util.keystr(path)
@@ -221,7 +224,8 @@ class ModelRunner:
         self.slot_params: Any = self._place(self.rows.initial_params(), always=True)
         self.block_table: Any = self._place(self.rows.initial_blocks(), always=True)
         self._unapplied = False  # a prepared table update has not reached the device yet
-        self.last_host_inputs: dict[str, int] = {}  # bytes per host array the last dispatched step sent (tests)
+        self.record_host_inputs = False  # tests: record the bytes of each host array a step sends
+        self.last_host_inputs: dict[str, int] = {}
         if plan is not None:
             from jengine.sharding import pin_runner_shardings
 
@@ -527,7 +531,7 @@ class ModelRunner:
         grammar work runs while the device computes the logits."""
         update = sampling.update
         self._await_pieces(inputs, update)
-        sent: dict[str, int] = {}
+        sent: Optional[dict[str, int]] = {} if self.record_host_inputs else None
         with _CompileCounter.watching(self):
             if update.param_slots is not None:
                 self.slot_params = self._apply_params(self.slot_params, update.param_slots, update.params)
@@ -540,14 +544,17 @@ class ModelRunner:
             self.kv_cache, logits, hidden, sample_pos = self._forward(self.params, self.kv_cache, inputs, self.block_table, self._lora_stacks())
             if fill_masks is not None:
                 fill_masks(sampling.token_bitmask)
-            extras = self._place(sampling.extras)  # host extras (filled masks included) go over now
+            extras = sampling.extras
+            if isinstance(extras.any_penalties, np.generic):  # host-built (filled masks included): over now
+                extras = self._place(extras)
             _count_host(sent, "extras", sampling.extras)
             _count_host(sent, "row_slots", sampling.row_slots)
             out, padded = self._sample(logits, self.slot_params, sampling.row_slots, sample_pos, extras)
             prompt = None
             if inputs.want_prompt_logprobs:
                 prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
-        self.last_host_inputs = sent
+        if sent is not None:
+            self.last_host_inputs = sent
         return InFlightStep(out, prompt, padded)
 
     def fetch(self, step: "InFlightStep") -> StepOutputs:
