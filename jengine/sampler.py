@@ -248,25 +248,15 @@ def build_sampling_tensors(
     repetition = np.ones(S, np.float32)
     key_data = np.zeros((S, 2), np.uint32)
     step = np.zeros(S, np.int32)
-    pen_ids = np.full((S, history_len + Wp), V, np.int32)
-    pen_counts = np.zeros((S, history_len + Wp), np.float32)
     banned = np.full((S, max_stop_tokens), V, np.int32)
     bias_ids = np.full((S, max_logit_bias), V, np.int32)
     bias_values = np.zeros((S, max_logit_bias), np.float32)
     num_logprobs = np.full(S, -1, np.int32)
-    mask_rows = [(i, row.token_bitmask) for i, row in enumerate(rows) if row is not None and row.token_bitmask is not None]
-    bitmask = _all_allowed(S, -(-V // 32))
-    if mask_rows:
-        bitmask = bitmask.copy()
-        for i, m in mask_rows:
-            bitmask[i] = m
+    bitmask, any_constrained = build_token_bitmask(rows, S, V)
     all_greedy = True
     any_kp = False
     any_banned = False
     any_bias = False
-    any_history = False
-    hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
-    hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
 
     for i, row in enumerate(rows):
         if row is None:
@@ -303,21 +293,6 @@ def build_sampling_tensors(
             presence[i] = p.presence_penalty
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
-            if row.penalty_history is not None:
-                ids, counts = row.penalty_history.arrays(outs, row.num_committed_outputs)
-                if ids.size > pen_ids.shape[1]:  # rare: keep the output's ids, then prompt-only ones
-                    order = np.argsort(counts == 0, kind="stable")
-                    ids, counts = ids[order], counts[order]
-                n = min(ids.size, pen_ids.shape[1])
-                pen_ids[i, :n] = ids[:n]
-                pen_counts[i, :n] = counts[:n]
-                any_history = True
-            else:
-                out_tail = outs[-history_len:] if (n_out and history_len) else ()
-                prompt_tail = row.prompt_token_ids[-Wp:] if (has_repetition_penalty(p) and Wp) else ()
-                hist_parts.append(out_tail)
-                hist_parts.append(prompt_tail)
-                hist_rows.append((i, len(out_tail), len(prompt_tail)))
         if p.temperature < _SAMPLING_EPS:
             continue  # greedy: top-k / top-p / min-p do not apply
         all_greedy = False
@@ -330,8 +305,7 @@ def build_sampling_tensors(
             any_kp = True
         min_p[i] = p.min_p
 
-    if hist_rows:
-        _fill_penalty_history(hist_parts, hist_rows, V, pen_ids, pen_counts)
+    pen_ids, pen_counts, any_penalties = build_penalty_tensors(rows, S, vocab_size=V, history_len=history_len, prompt_history_len=Wp)
     any_lp = bool((num_logprobs >= 0).any())
     return SamplingTensors(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -339,9 +313,56 @@ def build_sampling_tensors(
         key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
         banned_token_ids=banned, logit_bias_ids=bias_ids, logit_bias_values=bias_values, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
-        any_processing=np.bool_(any_banned or any_bias or any_history or bool(hist_rows)),
-        any_logprobs=np.bool_(any_lp), token_bitmask=bitmask, any_constrained=np.bool_(bool(mask_rows)),
+        any_processing=np.bool_(any_banned or any_bias or any_penalties),
+        any_logprobs=np.bool_(any_lp), token_bitmask=bitmask, any_constrained=np.bool_(any_constrained),
     )
+
+
+def build_token_bitmask(rows: Sequence[Optional[RowState]], num_rows: int, vocab_size: int) -> tuple[np.ndarray, bool]:
+    """The batch's packed allowed-token bitmask [num_rows, ceil(V / 32)] and whether any row is constrained
+    (a shared read-only all-ones array when none is; a writable copy otherwise)."""
+    mask_rows = [(i, row.token_bitmask) for i, row in enumerate(rows) if row is not None and row.token_bitmask is not None]
+    bitmask = _all_allowed(num_rows, -(-vocab_size // 32))
+    if mask_rows:
+        bitmask = bitmask.copy()
+        for i, m in mask_rows:
+            bitmask[i] = m
+    return bitmask, bool(mask_rows)
+
+
+def build_penalty_tensors(rows: Sequence[Optional[RowState]], num_rows: int, *, vocab_size: int, history_len: int,
+                          prompt_history_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(penalty_token_ids, penalty_output_counts) [num_rows, history_len + prompt_history_len] of the rows
+    with penalties (see `build_sampling_tensors` for the limits), and whether any row has them."""
+    V, Wp = vocab_size, prompt_history_len
+    pen_ids = np.full((num_rows, history_len + Wp), V, np.int32)
+    pen_counts = np.zeros((num_rows, history_len + Wp), np.float32)
+    any_history = False
+    hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
+    hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
+    for i, row in enumerate(rows):
+        if row is None or not needs_penalties(row.params):
+            continue
+        outs = row.output_token_ids
+        if row.penalty_history is not None:
+            ids, counts = row.penalty_history.arrays(outs, row.num_committed_outputs)
+            if ids.size > pen_ids.shape[1]:  # rare: keep the output's ids, then prompt-only ones
+                order = np.argsort(counts == 0, kind="stable")
+                ids, counts = ids[order], counts[order]
+            n = min(ids.size, pen_ids.shape[1])
+            pen_ids[i, :n] = ids[:n]
+            pen_counts[i, :n] = counts[:n]
+            any_history = True
+        else:
+            n_out = len(outs) + row.num_placeholder_tokens
+            out_tail = outs[-history_len:] if (n_out and history_len) else ()
+            prompt_tail = row.prompt_token_ids[-Wp:] if (has_repetition_penalty(row.params) and Wp) else ()
+            hist_parts.append(out_tail)
+            hist_parts.append(prompt_tail)
+            hist_rows.append((i, len(out_tail), len(prompt_tail)))
+    if hist_rows:
+        _fill_penalty_history(hist_parts, hist_rows, V, pen_ids, pen_counts)
+    return pen_ids, pen_counts, any_history or bool(hist_rows)
 
 
 @functools.lru_cache(maxsize=16)

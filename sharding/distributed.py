@@ -5,7 +5,7 @@ buckets; the mesh spans all processes' devices, so each jitted step is one SPMD 
 collectives cross hosts. Process 0 (the leader) alone runs the scheduler and the frontends. Each
 step it publishes the step's host inputs; workers run the same step on their devices:
 
-    leader:  schedule -> build StepInputs/SamplingTensors -> publish(n) -> step -> outputs to host
+    leader:  schedule -> build StepInputs/StepSampling (with the persistent batch's changes) -> publish(n) -> step -> outputs to host
     worker:  fetch(n) -> step -> acknowledge(n)                      (until the leader publishes stop)
 
 Inputs travel through the coordination service's key-value store (`jax.distributed`'s own gRPC
@@ -198,7 +198,8 @@ class _Watchdog:
 
 
 def prepare_step(runner: Any, scheduled: Any, sampling_rows: Any, num_batched_tokens: int) -> tuple[Any, Any]:
-    """Host inputs of one step: (StepInputs, SamplingTensors), numpy only."""
+    """Host inputs of one step: (StepInputs, StepSampling), numpy only. The sampling half carries the
+    step's changes to the persistent batch, which every process applies to its own copy before the step."""
     return runner.prepare(scheduled, sampling_rows, num_batched_tokens)
 
 

@@ -41,6 +41,7 @@ from jengine.models import get_model_class
 from jengine.models.base import COLUMN, COLUMN_KV, EXPERT, PARTITION_KINDS, REPLICATED, ROW, VOCAB
 from jengine.models.config import ModelConfig
 from jengine.models.layers import Weight
+from jengine.worker.input_batch import apply_blocks, apply_params
 
 logger = logging.getLogger(__name__)
 
@@ -266,18 +267,20 @@ def _with_shardings(arg: Any, shardings: Any) -> Any:
 
 
 def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
-    """Re-jits a `ModelRunner`'s three step pieces with pinned shardings (call before `warmup()`).
+    """Re-jits a `ModelRunner`'s step pieces with pinned shardings (call before `warmup()`).
 
     What `ModelRunner.__init__` should do itself when it is given a plan; kept here so the
     sharding layer can be tested on its own.
     """
-    rep = "replicated"
-    forward = plan.jit_kwargs(("params", "cache", rep), ("cache", rep, rep), params=runner.params, kv_cache=runner.kv_cache)
+    rep = "replicated"  # host inputs, and the persistent batch's tables (jengine.worker.input_batch)
+    forward = plan.jit_kwargs(("params", "cache", rep, rep), ("cache", rep, rep, rep), params=runner.params, kv_cache=runner.kv_cache)
     lora = getattr(runner, "lora", None)  # LoRA adapter stacks keep the shardings the manager gave them
     forward["in_shardings"] += (jax.tree.map(lambda x: x.sharding, lora.stacks) if lora is not None else {},)
     runner._forward = PinnedJit(runner._forward_fn, donate_argnums=(1,), **forward)
-    runner._sample = PinnedJit(runner._sample_fn, **plan.jit_kwargs((rep, rep), rep))
+    runner._sample = PinnedJit(runner._sample_fn, **plan.jit_kwargs((rep, rep, rep, rep, rep), rep))
     runner._prompt_lp = PinnedJit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
+    runner._apply_params = PinnedJit(apply_params, **plan.jit_kwargs((rep, rep, rep), rep))
+    runner._apply_blocks = PinnedJit(apply_blocks, **plan.jit_kwargs((rep, rep, rep), rep))
 
 
 def memory_report(params: Any, kv_cache: Any) -> dict[str, dict[str, int]]:

@@ -108,7 +108,7 @@ def test_float32_models_ask_for_float32_matmuls(tiny_llama, xla_cache_dir, dtype
               max_num_batched_tokens=8)
     r = llm.engine.runner
     t, s = r.buckets()[0]
-    text = r._forward.lower(r.params, r.kv_cache, empty_step_inputs(t, s, r.max_pages_per_seq)).as_text()
+    text = r._forward.lower(r.params, r.kv_cache, empty_step_inputs(t, s, r.max_pages_per_seq, pad_slot=r.rows.pad_slot), r.block_table).as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert dots
     assert all(("HIGHEST" in line) == (dtype == "float32") for line in dots)

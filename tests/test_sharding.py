@@ -56,7 +56,8 @@ def _greedy(execute: Any, page_size: int, max_pages: int) -> list[list[int]]:
     from jengine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    reqs = [SimpleNamespace(prompt_token_ids=p, output_token_ids=[], sampling_params=params) for p in PROMPTS]
+    reqs = [SimpleNamespace(request_id=f"r{i}", prompt_token_ids=p, output_token_ids=[], sampling_params=params, lora_request=None)
+            for i, p in enumerate(PROMPTS)]
     pages = [list(range(1 + i * max_pages, 1 + (i + 1) * max_pages)) for i in range(len(reqs))]
     computed = [0] * len(reqs)
     for _ in range(MAX_TOKENS):

@@ -130,6 +130,7 @@ class EngineCore:
         self._in_flight: Optional[_Flight] = None  # asynchronous scheduling: the step on the device
         self.output_processor = OutputProcessor(self.tokenizer)
         self.registry.on_free(self.output_processor.release)  # a parent leaves with its last child
+        self.registry.on_free(lambda request: self.runner.release([request.request_id]))  # its persistent-batch slot
         self._rng = np.random.default_rng(config.seed)
         reasoning = get_reasoning_markers(config.reasoning_parser) if config.reasoning_parser else None
         self.structured_output = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids, reasoning)

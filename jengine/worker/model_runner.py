@@ -1,7 +1,11 @@
-"""The model runner: owns the device state (weights, KV cache) and the one jitted step.
+"""The model runner: owns the device state (weights, KV cache, the persistent batch) and the jitted step.
 
-    forward(params, kv_cache, StepInputs) -> (kv_cache, logits[S, V], hidden[T, H])   # kv_cache donated
-    sample(logits, SamplingTensors) -> SamplerOutput
+    forward(params, kv_cache, StepInputs, block_table, lora) -> (kv_cache, logits[S, V], hidden[T, H], sample_pos[S])
+    sample(logits, slot_params, row_slots, sample_pos, StepExtras) -> SamplerOutput    # gathers SamplingTensors
+
+Per-request state (sampling parameters, seeds, stop tokens, logit bias, block tables) lives in the
+persistent batch (`jengine.worker.input_batch`): device arrays indexed by slot, changed by small
+bucketed updates when rows join, leave or gain pages, so a step sends only its ragged inputs and slots.
 
 The same compiled forward serves prefill, chunked prefill and decode. Every `(tokens, sequences)`
 bucket is compiled at warm-up (on worker threads, most likely needed first, through the persistent
@@ -30,7 +34,10 @@ from jengine import pallas_kernels
 from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
 from jengine.core.kv_cache_layout import build_layout
-from jengine.sampler import SamplerOutput, build_sampling_tensors, prompt_logprobs, sample
+from jengine.sampler import SamplerOutput, prompt_logprobs, sample
+from jengine.worker.input_batch import (
+    RowTable, SlotParams, StepExtras, StepSampling, TableUpdate, apply_blocks, apply_params, gather_sampling_tensors,
+)
 from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
     StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
@@ -116,6 +123,17 @@ class PrevTokens:
     tokens: jax.Array
 
 
+def _count_host(sent: Optional[dict[str, int]], name: str, tree: Any) -> None:
+    """Adds the bytes of the host (numpy) arrays in `tree`, by field, to `sent`: what a step transfers
+    (only when recording: `ModelRunner.record_host_inputs`)."""
+    if sent is None:
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, (np.ndarray, np.generic)):
+            key = name + jax.tree_util.keystr(path)
+            sent[key] = sent.get(key, 0) + int(leaf.nbytes)
+
+
 def _dtype_bytes(dtype: Any) -> int:
     return jnp.dtype(dtype).itemsize
 
@@ -196,10 +214,26 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn)
         self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
+        self._apply_params = jax.jit(apply_params)
+        self._apply_blocks = jax.jit(apply_blocks)
+        # The persistent batch: the host's slot table and mirror, and the device arrays it updates.
+        self.rows = RowTable(
+            max_num_seqs=sc.max_num_seqs, num_groups=self.num_kv_groups, max_pages_per_seq=self.max_pages_per_seq,
+            vocab_size=self.vocab_size, max_stop_tokens=MAX_STOP_TOKENS, max_logit_bias=MAX_LOGIT_BIAS,
+            max_logprobs=self.max_logprobs, history_len=min(max_model_len, PENALTY_HISTORY),
+        )
+        self._host_inputs_only = config.parallel.num_processes > 1  # several processes publish numpy inputs
+        self.slot_params: Any = self._place(self.rows.initial_params(), always=True)
+        self.block_table: Any = self._place(self.rows.initial_blocks(), always=True)
+        self._unapplied = False  # a prepared table update has not reached the device yet
+        self.record_host_inputs = False  # tests: record the bytes of each host array a step sends
+        self.last_host_inputs: dict[str, int] = {}
         if plan is not None:
             from jengine.sharding import pin_runner_shardings
 
             pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
+        # Extras of a step without penalty or structured-output rows: kept on the devices, one per seq bucket.
+        self._neutral_extras = {s: self._place(self.rows.neutral_extras(s)) for s in self.seq_buckets}
         # `prev_tokens` of a step with nothing to read from the previous one. On the devices, placed like the
         # sampler's padded tokens, so warm-up and every step (synchronous or not) use one executable per bucket
         # (with a mesh, a numpy argument and a replicated array lowered apart); several processes publish
@@ -261,22 +295,34 @@ class ModelRunner:
         """
         return jax.default_matmul_precision("highest") if self.dtype == jnp.float32 else contextlib.nullcontext()
 
+    def _place(self, tree: Any, always: bool = False) -> Any:
+        """Puts host arrays on the devices (replicated under a mesh) for arguments that are device arrays
+        in every step, so each piece has one executable. With several processes, step inputs stay numpy
+        (they are published to the workers) unless `always` (state every process builds itself)."""
+        if self._host_inputs_only and not always:
+            return tree
+        if self.plan is None:
+            return jax.device_put(tree)
+        sharding = self.plan.replicated
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
+
     # ----- the step ---------------------------------------------------------------------------
     # The step is three jitted pieces so each compiles only over the shapes it depends on:
     # the model over (T, S) buckets, the sampler over S, prompt logprobs over T.
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_stacks=None):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, block_table, lora_stacks=None):
         with self._matmul_precision():
-            return self._forward_body(params, kv_cache, inputs, lora_stacks)
+            return self._forward_body(params, kv_cache, inputs, block_table, lora_stacks)
 
-    def _forward_body(self, params, kv_cache, inputs: StepInputs, lora_stacks=None):
+    def _forward_body(self, params, kv_cache, inputs: StepInputs, block_table, lora_stacks=None):
         model = nnx.merge(self.graphdef, params)
         if lora_stacks:  # adapters: the targeted projections become LoRAWeights for this step only
             assert self.lora is not None  # stacks exist only when LoRA is enabled
             self.lora.wrap(model.layers, lora_stacks, inputs.lora_slots)
+        tables = block_table[:, inputs.seq_slots]  # [G, S, max_pages]: the rows' pages, from the persistent batch
         md = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
             seq_lens=inputs.seq_lens,
-            block_tables=inputs.block_tables,
+            block_tables=tables[0],
             query_start_loc=inputs.query_start_loc,
             num_seqs=inputs.num_seqs,
             pages_per_layer=self.pages_per_layer,
@@ -285,7 +331,7 @@ class ModelRunner:
             mesh=self.plan.mesh if self.plan is not None and self.backend != "reference" else None,
             shard_kv=self.plan is not None and self.plan.shard_kv,
             interpret=self.interpret,
-            **self._group_metadata(inputs),
+            **self._group_metadata(inputs, tables),
             k_scale=self.config.cache.k_scale,
             v_scale=self.config.cache.v_scale,
         )
@@ -293,20 +339,22 @@ class ModelRunner:
         token_ids = jnp.where(inputs.prev_token_index >= 0, inputs.prev_tokens[jnp.maximum(inputs.prev_token_index, 0)], inputs.token_ids)
         kv_cache, hidden = model(kv_cache, token_ids, inputs.positions, md)
         logits = model.compute_logits(hidden[inputs.logits_indices])
-        return kv_cache, logits, hidden
+        return kv_cache, logits, hidden, inputs.positions[inputs.logits_indices]
 
-    def _group_metadata(self, inputs: StepInputs) -> dict[str, Any]:
+    def _group_metadata(self, inputs: StepInputs, tables: jax.Array) -> dict[str, Any]:
         """AttentionMetadata fields of layer groups 1.. (none with one group)."""
         if self.num_kv_groups == 1:
             return {}
         return dict(
-            group_slot_mapping=inputs.group_slot_mapping, group_block_tables=inputs.group_block_tables,
+            group_slot_mapping=inputs.group_slot_mapping, group_block_tables=tables[1:],
             group_windows=self.kv_layout.group_windows, layer_page_offsets=self.kv_layout.layer_offsets(),
         )
 
-    def _sample_fn(self, logits, sampling) -> tuple[SamplerOutput, jax.Array]:
-        """The sampler's output, and its tokens padded to `max_logit_rows` (the next step's `prev_tokens`,
-        one shape for every bucket so the forward compiles once per bucket)."""
+    def _sample_fn(self, logits, slot_params: SlotParams, row_slots, sample_pos, extras: StepExtras) -> tuple[SamplerOutput, jax.Array]:
+        """The sampler's output over the rows' state gathered from the persistent batch, and its tokens
+        padded to `max_logit_rows` (the next step's `prev_tokens`, one shape for every bucket so the
+        forward compiles once per bucket)."""
+        sampling = gather_sampling_tensors(slot_params, row_slots, sample_pos, extras, self.vocab_size)
         out = sample(logits, sampling, max_logprobs=self.max_logprobs)
         padded = jnp.zeros(self.max_logit_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids.astype(jnp.int32))
         return out, padded
@@ -315,12 +363,6 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         with self._matmul_precision():
             return prompt_logprobs(model.compute_logits(hidden), jnp.maximum(next_ids, 0), self.max_logprobs)
-
-    def _sampling_tensors(self, rows: Sequence[Any], num_rows: int):
-        return build_sampling_tensors(
-            rows, num_rows, vocab_size=self.vocab_size, history_len=min(self.max_model_len, PENALTY_HISTORY),
-            max_stop_tokens=MAX_STOP_TOKENS, max_logprobs=self.max_logprobs, max_logit_bias=MAX_LOGIT_BIAS,
-        )
 
     def buckets(self) -> list[tuple[int, int]]:
         return list(self.step_buckets)
@@ -360,15 +402,25 @@ class ModelRunner:
 
         lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
 
+        blocks0, slots0 = self.block_table, self.slot_params  # replaced by updates: lowering reads only shapes
+
         def forward(t: int, s: int) -> Any:
             def lower() -> Any:
-                inputs = empty_step_inputs(t, s, maxp, self.num_kv_groups)
+                inputs = empty_step_inputs(t, s, maxp, self.num_kv_groups, pad_slot=self.rows.pad_slot)
                 inputs.prev_tokens = self._no_prev_tokens
-                return self._forward.lower(params, kv0, inputs, lora0)
+                return self._forward.lower(params, kv0, inputs, blocks0, lora0)
             return lower
 
         def sampler(s: int) -> Any:
-            return lambda: self._sample.lower(jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), self._sampling_tensors([], s))
+            return lambda: self._sample.lower(
+                jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), slots0, np.zeros(s, np.int32),
+                jax.ShapeDtypeStruct((s,), jnp.int32), self._neutral_extras[s])
+
+        def table_update(kind: str, u: int) -> Any:
+            x = self.rows.empty_update(u)
+            if kind == "table_params":
+                return lambda: self._apply_params.lower(slots0, x.param_slots, x.params)
+            return lambda: self._apply_blocks.lower(blocks0, x.block_slots, x.blocks)
 
         def prompt_lp(t: int) -> Any:
             return lambda: self._prompt_lp.lower(params, jax.ShapeDtypeStruct((t, hidden_size), self.dtype), np.zeros(t, np.int32))
@@ -382,7 +434,12 @@ class ModelRunner:
                 pieces.append((key, lower))
 
         for key in self.first_pieces():
-            add(key, forward(key[1], key[2]) if key[0] == "forward" else sampler(key[1]))
+            if key[0] == "forward":
+                add(key, forward(key[1], key[2]))
+            elif key[0] == "sample":
+                add(key, sampler(key[1]))
+            else:
+                add(key, table_update(key[0], key[1]))
         for t, s in sorted(self.step_buckets):
             add(("forward", t, s), forward(t, s))
             add(("sample", s), sampler(s))
@@ -399,7 +456,8 @@ class ModelRunner:
         and their sampler. Anything else waits for its piece (about a second each on 2 CPU cores)."""
         s = min(s for _, s in self.step_buckets)
         small = [t for t, ss in self.step_buckets if ss == s and t <= 64] or [min(self.token_buckets)]
-        return [*(("forward", t, s) for t in sorted(small)), ("sample", s)]
+        updates = [(kind, u) for u in self.rows.buckets for kind in ("table_params", "table_blocks")]  # tiny scatters
+        return [*(("forward", t, s) for t in sorted(small)), ("sample", s), *updates]
 
     def stop_compiling(self) -> None:
         """Stops background compilation (what is queued is dropped; a piece being compiled finishes)."""
@@ -410,34 +468,54 @@ class ModelRunner:
     def compilations_after_warmup(self) -> int:
         return self._compilations
 
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Frees the persistent-batch slots of requests that finished or were aborted (host only)."""
+        self.rows.release(request_ids)
+
     def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int,
-                prev: Optional["PrevTokens"] = None) -> tuple[StepInputs, Any]:
-        """Host half of a step: the bucketed numpy inputs (what a multi-host leader broadcasts).
+                prev: Optional["PrevTokens"] = None) -> tuple[StepInputs, StepSampling]:
+        """Host half of a step: the bucketed numpy inputs, and the sampling half (the logits rows' slots,
+        the persistent batch's changes, host extras when a row has penalties or a bitmask): what a
+        multi-host leader publishes, and what `dispatch` runs.
 
         `prev` (asynchronous scheduling): the rows whose last token the previous, still running step
         samples, and that step's padded sampled tokens on the device."""
         t = pick_bucket(self.token_buckets, max(num_batched_tokens, 1))
         s = pick_seq_bucket(t, max(len(sampling_rows), len(scheduled), 1), self.min_seq_bucket, self.max_logit_rows)
-        slots: list[int] = []
+        lora_slots: list[int] = []
         if self.lora is not None:
             with _CompileCounter.watching(self):  # a slot write must never compile either
-                slots = self.lora.activate([seq.request.lora_request for seq in scheduled])
-        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, slots, self.num_kv_groups)
+                lora_slots = self.lora.activate([seq.request.lora_request for seq in scheduled])
+        if self._unapplied:  # the last prepared update never reached the device: resend every row's state
+            self.rows.invalidate()
+        try:
+            seq_slots, row_slots, update, needs_extras = self.rows.prepare(scheduled, sampling_rows, s)
+        except BaseException:
+            self.rows.invalidate()  # the mirror may hold changes no update carries
+            raise
+        self._unapplied = not update.empty
+        inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, lora_slots, self.num_kv_groups,
+                                   seq_slots=seq_slots, pad_slot=self.rows.pad_slot)
         inputs.prev_tokens = self._no_prev_tokens
         if prev is not None:  # rows whose last token is still on the device: read it from the previous step
             rows = np.fromiter((r for r, _ in prev.rows), np.int32, len(prev.rows))
             srcs = np.fromiter((i for _, i in prev.rows), np.int32, len(prev.rows))
             inputs.prev_token_index[inputs.query_start_loc[rows + 1] - 1] = srcs
             inputs.prev_tokens = prev.tokens
-        return inputs, self._sampling_tensors(sampling_rows, s)
+        extras = self.rows.host_extras(sampling_rows, s) if needs_extras else self._neutral_extras[s]
+        return inputs, StepSampling(row_slots, extras, update)
 
-    def _await_pieces(self, inputs: StepInputs) -> None:
+    def _await_pieces(self, inputs: StepInputs, update: TableUpdate) -> None:
         """Waits (off the compiler's threads, never compiling here) for this step's pieces if warm-up left them to the background."""
         compiler = self._compiler
         if compiler is None or compiler.all_done:
             return
         t, s = int(inputs.token_ids.shape[0]), int(inputs.seq_lens.shape[0])
         keys = [("forward", t, s), ("sample", s)] + ([("prompt_logprobs", t)] if bool(inputs.want_prompt_logprobs) else [])
+        if update.param_slots is not None:
+            keys.append(("table_params", update.param_slots.size))
+        if update.block_slots is not None:
+            keys.append(("table_blocks", update.block_slots.size))
         if compiler.ready(keys):
             return
         start = time.perf_counter()
@@ -447,22 +525,39 @@ class ModelRunner:
         self.bucket_wait_seconds += waited
         logger.info("a step waited %.2f s for step bucket (%d tokens, %d rows) to finish compiling", waited, t, s)
 
-    def dispatch(self, inputs: StepInputs, sampling: Any, fill_masks: Optional[MaskFiller] = None) -> "InFlightStep":
-        """Enqueues forward, sample and optional prompt logprobs on the device and returns at once;
-        the results stay on the device until `fetch`.
+    def dispatch(self, inputs: StepInputs, sampling: StepSampling, fill_masks: Optional[MaskFiller] = None) -> "InFlightStep":
+        """Applies the step's persistent-batch changes, then enqueues forward, sample and optional prompt
+        logprobs on the device and returns at once; the results stay on the device until `fetch`.
 
         `fill_masks(sampling.token_bitmask)` (structured outputs) writes the rows' allowed-token masks
         into the host array after the forward is enqueued and before the sampler reads it: the
         grammar work runs while the device computes the logits."""
-        self._await_pieces(inputs)
+        update = sampling.update
+        self._await_pieces(inputs, update)
+        sent: Optional[dict[str, int]] = {} if self.record_host_inputs else None
         with _CompileCounter.watching(self):
-            self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, inputs, self._lora_stacks())
+            if update.param_slots is not None:
+                self.slot_params = self._apply_params(self.slot_params, update.param_slots, update.params)
+                _count_host(sent, "update.params", (update.param_slots, update.params))
+            if update.block_slots is not None:
+                self.block_table = self._apply_blocks(self.block_table, update.block_slots, update.blocks)
+                _count_host(sent, "update.blocks", (update.block_slots, update.blocks))
+            self._unapplied = False
+            _count_host(sent, "inputs", inputs)
+            self.kv_cache, logits, hidden, sample_pos = self._forward(self.params, self.kv_cache, inputs, self.block_table, self._lora_stacks())
             if fill_masks is not None:
                 fill_masks(sampling.token_bitmask)
-            out, padded = self._sample(logits, sampling)
+            extras = sampling.extras
+            if isinstance(extras.any_penalties, np.generic):  # host-built (filled masks included): over now
+                extras = self._place(extras)
+            _count_host(sent, "extras", sampling.extras)
+            _count_host(sent, "row_slots", sampling.row_slots)
+            out, padded = self._sample(logits, self.slot_params, sampling.row_slots, sample_pos, extras)
             prompt = None
             if inputs.want_prompt_logprobs:
                 prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
+        if sent is not None:
+            self.last_host_inputs = sent
         return InFlightStep(out, prompt, padded)
 
     def fetch(self, step: "InFlightStep") -> StepOutputs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -64,7 +64,8 @@ class StepInputs:
     """The ragged batch of one step (see docs/architecture.md). All int32.
 
     token_ids, positions, slot_mapping: [T]; seq_lens, logits_indices: [S]; query_start_loc: [S + 1];
-    block_tables: [S, max_pages_per_seq]; num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
+    block_tables: [S, max_pages_per_seq] (None when the rows' pages live in the runner's persistent table:
+    then seq_slots [S] is each row's slot there, jengine.worker.input_batch); num_seqs: [1]; prompt_next_ids: [T] (the next prompt token
     after each position, -1 where none; used only for prompt logprobs); want_prompt_logprobs: [] bool;
     lora_slots: [T] (the LoRA device slot of each token's adapter, -1 for none or padding);
     group_slot_mapping [G - 1, T], group_block_tables [G - 1, S, max_pages_per_seq]: the same for layer
@@ -79,7 +80,6 @@ class StepInputs:
     slot_mapping: np.ndarray
     query_start_loc: np.ndarray
     seq_lens: np.ndarray
-    block_tables: np.ndarray
     num_seqs: np.ndarray
     logits_indices: np.ndarray
     prompt_next_ids: np.ndarray
@@ -87,13 +87,18 @@ class StepInputs:
     lora_slots: np.ndarray
     prev_token_index: np.ndarray
     prev_tokens: Any
+    block_tables: np.ndarray | None = None
+    seq_slots: np.ndarray | None = None
     group_slot_mapping: np.ndarray | None = None
     group_block_tables: np.ndarray | None = None
 
 
-def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, num_groups: int = 1, num_prev_tokens: int = 1) -> StepInputs:
-    """All-padding inputs of one bucket (warm-up, and the base every step fills in)."""
+def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, num_groups: int = 1, num_prev_tokens: int = 1,
+                      pad_slot: Optional[int] = None) -> StepInputs:
+    """All-padding inputs of one bucket (warm-up, and the base every step fills in). With `pad_slot`, the
+    rows' pages come from the persistent table (`seq_slots`, padding rows at `pad_slot`), not block tables."""
     i32 = np.int32
+    tables = pad_slot is None
     extra = num_groups - 1
     return StepInputs(
         token_ids=np.zeros(num_tokens, i32),
@@ -101,7 +106,8 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, nu
         slot_mapping=np.zeros(num_tokens, i32),
         query_start_loc=np.zeros(num_seqs + 1, i32),
         seq_lens=np.zeros(num_seqs, i32),
-        block_tables=np.zeros((num_seqs, max_pages_per_seq), i32),
+        block_tables=np.zeros((num_seqs, max_pages_per_seq), i32) if tables else None,
+        seq_slots=None if tables else np.full(num_seqs, pad_slot, i32),
         num_seqs=np.zeros(1, i32),
         logits_indices=np.zeros(num_seqs, i32),
         prompt_next_ids=np.full(num_tokens, -1, i32),
@@ -110,7 +116,7 @@ def empty_step_inputs(num_tokens: int, num_seqs: int, max_pages_per_seq: int, nu
         prev_token_index=np.full(num_tokens, -1, i32),
         prev_tokens=np.zeros(num_prev_tokens, i32),
         group_slot_mapping=np.zeros((extra, num_tokens), i32) if extra else None,
-        group_block_tables=np.zeros((extra, num_seqs, max_pages_per_seq), i32) if extra else None,
+        group_block_tables=np.zeros((extra, num_seqs, max_pages_per_seq), i32) if extra and tables else None,
     )
 
 
@@ -122,7 +128,7 @@ def logit_rows(scheduled: Sequence) -> list[int]:
 
 def build_step_inputs(
     scheduled: Sequence, num_tokens: int, num_seqs: int, max_pages_per_seq: int, page_size: int, lora_slots: Sequence[int] = (),
-    num_groups: int = 1,
+    num_groups: int = 1, seq_slots: Optional[Sequence[int]] = None, pad_slot: int = 0,
 ) -> StepInputs:
     """Lays the scheduled sequences (decode rows first) into the bucket `(num_tokens, num_seqs)`.
 
@@ -131,8 +137,10 @@ def build_step_inputs(
     `.spec_token_ids` (drafts: the last of its new tokens). `num_seqs` must hold the rows and their
     logits rows (`logit_rows`). `lora_slots`, when given, is each row's adapter slot (-1: none).
     With `num_groups` > 1 each item also has `.group_block_ids` (the page lists of groups 1..).
+    With `seq_slots` (each row's slot in the persistent table), no block tables are built: the step
+    gathers them on the device; padding rows get `pad_slot`.
     """
-    x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq, num_groups)
+    x = empty_step_inputs(num_tokens, num_seqs, max_pages_per_seq, num_groups, pad_slot=None if seq_slots is None else pad_slot)
     cursor = logit = 0
     for row, seq in enumerate(scheduled):
         n, start = seq.num_new_tokens, seq.start
@@ -151,7 +159,8 @@ def build_step_inputs(
         x.positions[cursor:cursor + n] = pos
         pages = np.asarray(seq.block_ids, dtype=np.int32)
         x.slot_mapping[cursor:cursor + n] = pages[pos // page_size] * page_size + pos % page_size
-        x.block_tables[row, :len(pages)] = pages
+        if x.block_tables is not None:
+            x.block_tables[row, :len(pages)] = pages
         if num_groups > 1:
             _fill_groups(x, seq.group_block_ids, row, cursor, pos, page_size)
         x.seq_lens[row] = end
@@ -168,6 +177,8 @@ def build_step_inputs(
                 x.prompt_next_ids[cursor - n:cursor - n + (last - start)] = prompt[start + 1:last + 1]
             x.want_prompt_logprobs = np.ones((), np.bool_)
     rows = len(scheduled)
+    if x.seq_slots is not None:
+        x.seq_slots[:rows] = seq_slots
     x.query_start_loc[rows + 1:] = cursor
     x.num_seqs[0] = rows
     return x
@@ -175,11 +186,12 @@ def build_step_inputs(
 
 def _fill_groups(x: StepInputs, group_pages: Sequence[Sequence[int]], row: int, cursor: int, pos: np.ndarray, page_size: int) -> None:
     """Slot mapping and block table of groups 1.. for one row (a sliding window's skipped pages are 0)."""
-    assert x.group_slot_mapping is not None and x.group_block_tables is not None
+    assert x.group_slot_mapping is not None
     for g, ids in enumerate(group_pages):
         pages = np.asarray(ids, dtype=np.int32)
         x.group_slot_mapping[g, cursor:cursor + len(pos)] = pages[pos // page_size] * page_size + pos % page_size
-        x.group_block_tables[g, row, :len(pages)] = pages
+        if x.group_block_tables is not None:
+            x.group_block_tables[g, row, :len(pages)] = pages
 
 
 def _token_slice(prompt: Sequence[int], output: Sequence[int], start: int, end: int) -> Sequence[int]:
