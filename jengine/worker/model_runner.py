@@ -440,6 +440,9 @@ class ModelRunner:
                 add(key, sampler(key[1]))
             else:
                 add(key, table_update(key[0], key[1]))
+        for u in self.rows.buckets:  # every table update, also where `first_pieces` leaves one out
+            for kind in ("table_params", "table_blocks"):
+                add((kind, u), table_update(kind, u))
         for t, s in sorted(self.step_buckets):
             add(("forward", t, s), forward(t, s))
             add(("sample", s), sampler(s))
