@@ -28,6 +28,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kBlock = 64;  // output columns per item: 4 AVX-512 registers of float32
+constexpr int kWide = 256;  // columns per item for 1-2 rows (decode): longer runs of each weight row
+constexpr int kWideRows = 2;
 constexpr int kRows = 4;    // rows of x per pass over a block: 16 accumulator registers
 constexpr int kAhead = 8;   // rows of w prefetched ahead
 
@@ -87,10 +89,10 @@ void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, f
   }
 }
 
-// One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + kBlock) of matrix w.
+// One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + width) of matrix w.
 struct Item {
   const void* w;
-  int64_t row0, rows, n0;
+  int64_t row0, rows, n0, width;
 };
 
 // Shared by the calling thread and the pool tasks; a task that starts after the call returned
@@ -108,7 +110,9 @@ struct Work {
     const W* wp = static_cast<const W*>(it.w);
     const float* xs = x + it.row0 * K;
     float* ys = y + it.row0 * N;
-    if (it.n0 + kBlock <= N) {
+    if (it.width == kWide) {
+      block_rows<W, kWide>(xs, it.rows, K, wp, N, ys, it.n0);
+    } else if (it.n0 + kBlock <= N) {
       block_rows<W, kBlock>(xs, it.rows, K, wp, N, ys, it.n0);
     } else {
       narrow_block<W>(xs, it.rows, K, wp, N, ys, it.n0);
@@ -127,9 +131,15 @@ struct Work {
     }
   }
 
-  // Adds the column blocks of rows [row0, row0 + rows) times matrix w.
+  // Adds the column blocks of rows [row0, row0 + rows) times matrix w. One or two rows do so little
+  // arithmetic per weight that the weight stream alone sets the pace: they take wide blocks, whose
+  // longer contiguous runs of each weight row the memory system serves faster (accumulators in L1).
   void add(const void* w, int64_t row0, int64_t rows) {
-    for (int64_t n0 = 0; n0 < N; n0 += kBlock) items.push_back(Item{w, row0, rows, n0});
+    int64_t n0 = 0;
+    if (rows <= kWideRows) {
+      for (; n0 + kWide <= N; n0 += kWide) items.push_back(Item{w, row0, rows, n0, kWide});
+    }
+    for (; n0 < N; n0 += kBlock) items.push_back(Item{w, row0, rows, n0, kBlock});
   }
 
   void run_all(ffi::ThreadPool& pool, std::shared_ptr<Work> self) {
