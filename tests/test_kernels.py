@@ -379,6 +379,7 @@ def _native_linear():
 
 @pytest.mark.parametrize("rows,k,n,dtype", [
     (1, 96, 128, jnp.float32),     # one decode row, whole 64-column blocks
+    (2, 64, 600, jnp.float32),     # two rows: two 256-column blocks, then a 64-column one and 24 columns
     (7, 80, 200, jnp.float32),     # 4 + 3 rows; a last block 8 columns wide
     (32, 64, 64, jnp.bfloat16),    # the widest step it serves, bfloat16 weights widened in C++
     (3, 40, 24, jnp.bfloat16),     # fewer columns than one block
