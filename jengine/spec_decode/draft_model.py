@@ -167,6 +167,7 @@ class DraftModel:
         precision = jax.default_matmul_precision("highest") if self.dtype == jnp.float32 else contextlib.nullcontext()
         with precision:  # as the target: float32 models compute float32 matmuls on every platform
             model = nnx.merge(self.graphdef, params)
+            assert inputs.block_tables is not None  # the draft's passes carry their block tables (no persistent table)
             md = AttentionMetadata(
                 slot_mapping=inputs.slot_mapping, seq_lens=inputs.seq_lens, block_tables=inputs.block_tables,
                 query_start_loc=inputs.query_start_loc, num_seqs=inputs.num_seqs, pages_per_layer=self.pages_per_layer,
