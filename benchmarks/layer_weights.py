@@ -10,7 +10,8 @@ times the projections alone of SmolLM2-135M's 30 layers (hidden 576, FFN 1536, 3
 the seven matrices per layer, 425 MB of float32 weights, random values) at 1 to 32 rows, three ways:
 
     copy       the scan indexes the stacks, `x @ w[layer]` (what every step did before)
-    in_place   the scan passes (stack, layer) to `stacked_linear` (what a step does now)
+    in_place   the scan passes (stack, layer) to the native kernel, q/k/v and gate/up in one call
+               each (`stacked_linears`, `stacked_linear`: what a step does now)
     per_layer  unrolled over 30 separate arrays, `x @ w` (XLA's dot with no copy: its own speed)
 
 Each side runs in its own process, the sides one after the other, `--rounds` times, so load from
@@ -47,11 +48,14 @@ def child(side: str, rows_list: list[int], repeats: int) -> None:
     rng = np.random.default_rng(0)
     stacks = {n: jnp.asarray(rng.standard_normal((L, *s), np.float32) * 0.02) for n, s in SHAPES.items()}
 
-    def layer(x, mm):
-        """The seven projections of a Llama layer (attention and norms left out)."""
-        q, k, v = mm(x, "wq"), mm(x, "wk"), mm(x, "wv")
+    def layer(x, mm, many=None):
+        """The seven projections of a Llama layer (attention and norms left out); `many` runs the ones
+        that read the same input together, as the model does (q/k/v, gate/up)."""
+        many = many or (lambda x, names: [mm(x, n) for n in names])
+        q, k, v = many(x, ["wq", "wk", "wv"])
         x = x + mm(q + jnp.pad(k + v, ((0, 0), (0, H - KV))), "wo")
-        return x + mm(jax.nn.silu(mm(x, "w_gate")) * mm(x, "w_up"), "w_down")
+        gate, up = many(x, ["w_gate", "w_up"])
+        return x + mm(jax.nn.silu(gate) * up, "w_down")
 
     if side == "per_layer":
         args = [{n: a[i] for n, a in stacks.items()} for i in range(L)]
@@ -72,9 +76,14 @@ def child(side: str, rows_list: list[int], repeats: int) -> None:
             def mm_at(ws, i):
                 return lambda x, n: cpu_linear.stacked_linear(x, ws[n], i)
 
+        def many_at(ws, i):
+            if side == "copy":
+                return None
+            return lambda x, names: cpu_linear.stacked_linears(x, [ws[n] for n in names], i)
+
         @jax.jit
         def fn(ws, x):
-            return jax.lax.scan(lambda x, i: (layer(x, mm_at(ws, i)), None), x, jnp.arange(L))[0]
+            return jax.lax.scan(lambda x, i: (layer(x, mm_at(ws, i), many_at(ws, i)), None), x, jnp.arange(L))[0]
 
     out = {}
     for rows in rows_list:

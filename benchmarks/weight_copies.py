@@ -32,14 +32,12 @@ def main() -> None:
     from flax import nnx
 
     from jengine.entrypoints.llm import LLM
-    from jengine.worker.step_inputs import empty_step_inputs
 
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
     runner = llm.engine.runner
     t, s = sorted(runner.step_buckets)[0]
-    inputs = empty_step_inputs(t, s, runner.max_pages_per_seq, runner.num_kv_groups)
-    inputs.prev_tokens = runner._no_prev_tokens
-    hlo = runner._forward.lower(runner.params, runner.kv_cache, inputs, runner._lora_stacks()).compile().as_text()
+    lower = dict(runner._warmup_pieces())[("forward", t, s)]  # the runner's own lowering of that step
+    hlo = lower().compile().as_text()
     leaves = jax.tree.leaves(nnx.state(runner.params))
     shapes = sorted({tuple(int(d) for d in a.shape[-2:]) for a in leaves if getattr(a, "ndim", 0) >= 3})
     rows, total = [], 0

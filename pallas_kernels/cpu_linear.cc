@@ -41,9 +41,10 @@ inline float widen(uint16_t v) {
   return f;
 }
 
-// acc[r][j] = sum_k x[r][k] * w[k][j] for R rows and NB (<= kBlock) columns starting at w.
+// acc[r][j] = sum_k x[r][k] * w[k][j] for R rows and NB columns starting at w (rows N apart),
+// stored at y (rows ldy apart).
 template <typename W, int R, int NB>
-void tile(const float* x, int64_t K, const W* w, int64_t N, float* y) {
+void tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t ldy) {
   float acc[R][NB] = {};
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * N;
@@ -61,38 +62,39 @@ void tile(const float* x, int64_t K, const W* w, int64_t N, float* y) {
       for (int r = 0; r < R; ++r) acc[r][j] += xr[r] * v;
     }
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * N, acc[r], sizeof(float) * NB);
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, acc[r], sizeof(float) * NB);
 }
 
-// The columns [n0, n0 + nb) of every row of y.
+// The columns [n0, n0 + NB) of every row of y (w's rows N apart, y's ldy apart).
 template <typename W, int NB>
-void block_rows(const float* x, int64_t T, int64_t K, const W* w, int64_t N, float* y, int64_t n0) {
+void block_rows(const float* x, int64_t T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy, int64_t n0) {
   int64_t t = 0;
-  for (; t + kRows <= T; t += kRows) tile<W, kRows, NB>(x + t * K, K, w + n0, N, y + t * N + n0);
+  for (; t + kRows <= T; t += kRows) tile<W, kRows, NB>(x + t * K, K, w + n0, N, y + t * ldy + n0, ldy);
   switch (T - t) {
-    case 3: tile<W, 3, NB>(x + t * K, K, w + n0, N, y + t * N + n0); break;
-    case 2: tile<W, 2, NB>(x + t * K, K, w + n0, N, y + t * N + n0); break;
-    case 1: tile<W, 1, NB>(x + t * K, K, w + n0, N, y + t * N + n0); break;
+    case 3: tile<W, 3, NB>(x + t * K, K, w + n0, N, y + t * ldy + n0, ldy); break;
+    case 2: tile<W, 2, NB>(x + t * K, K, w + n0, N, y + t * ldy + n0, ldy); break;
+    case 1: tile<W, 1, NB>(x + t * K, K, w + n0, N, y + t * ldy + n0, ldy); break;
     default: break;
   }
 }
 
 // A last block narrower than kBlock: columns one at a time (rare: N is a multiple of 64 in practice).
 template <typename W>
-void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, float* y, int64_t n0) {
+void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy, int64_t n0) {
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t n = n0; n < N; ++n) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += x[t * K + k] * widen(w[k * N + n]);
-      y[t * N + n] = s;
+      y[t * ldy + n] = s;
     }
   }
 }
 
-// One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + width) of matrix w.
+// One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + width) of matrix w
+// ([K, n] with rows n apart), written to y's columns from y0 + n0.
 struct Item {
   const void* w;
-  int64_t row0, rows, n0, width;
+  int64_t n, y0, row0, rows, n0, width;
 };
 
 // Shared by the calling thread and the pool tasks; a task that starts after the call returned
@@ -100,7 +102,7 @@ struct Item {
 struct Work {
   const float* x;
   float* y;
-  int64_t K, N;
+  int64_t K, N;  // N: y's row length (the sum of the matrices' widths)
   bool bf16;
   std::vector<Item> items;
   std::atomic<int> next{0}, done{0};
@@ -109,13 +111,13 @@ struct Work {
   void run(const Item& it) {
     const W* wp = static_cast<const W*>(it.w);
     const float* xs = x + it.row0 * K;
-    float* ys = y + it.row0 * N;
+    float* ys = y + it.row0 * N + it.y0;  // column 0 of this matrix's part of y
     if (it.width == kWide) {
-      block_rows<W, kWide>(xs, it.rows, K, wp, N, ys, it.n0);
-    } else if (it.n0 + kBlock <= N) {
-      block_rows<W, kBlock>(xs, it.rows, K, wp, N, ys, it.n0);
+      block_rows<W, kWide>(xs, it.rows, K, wp, it.n, ys, N, it.n0);
+    } else if (it.n0 + kBlock <= it.n) {
+      block_rows<W, kBlock>(xs, it.rows, K, wp, it.n, ys, N, it.n0);
     } else {
-      narrow_block<W>(xs, it.rows, K, wp, N, ys, it.n0);
+      narrow_block<W>(xs, it.rows, K, wp, it.n, ys, N, it.n0);
     }
   }
 
@@ -134,12 +136,14 @@ struct Work {
   // Adds the column blocks of rows [row0, row0 + rows) times matrix w. One or two rows do so little
   // arithmetic per weight that the weight stream alone sets the pace: they take wide blocks, whose
   // longer contiguous runs of each weight row the memory system serves faster (accumulators in L1).
-  void add(const void* w, int64_t row0, int64_t rows) {
+  // `n` is the matrix's width and `y0` its first column in y (0 and N for a single matrix).
+  void add(const void* w, int64_t row0, int64_t rows, int64_t n = -1, int64_t y0 = 0) {
+    if (n < 0) n = N;
     int64_t n0 = 0;
     if (rows <= kWideRows) {
-      for (; n0 + kWide <= N; n0 += kWide) items.push_back(Item{w, row0, rows, n0, kWide});
+      for (; n0 + kWide <= n; n0 += kWide) items.push_back(Item{w, n, y0, row0, rows, n0, kWide});
     }
-    for (; n0 < N; n0 += kBlock) items.push_back(Item{w, row0, rows, n0, kBlock});
+    for (; n0 < n; n0 += kBlock) items.push_back(Item{w, n, y0, row0, rows, n0, kBlock});
   }
 
   void run_all(ffi::ThreadPool& pool, std::shared_ptr<Work> self) {
@@ -193,6 +197,35 @@ ffi::Error StackedLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   return ffi::Error::Success();
 }
 
+// y[T, N1 + N2 + ...] = x[T, K] @ [w1[layer] | w2[layer] | ...]: the projections that read the
+// same input (q, k and v; gate and up) in one call, their column blocks shared out together.
+ffi::Error StackedLinears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs ws,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || ws.size() == 0) return ffi::Error::InvalidArgument("stacked linears: expected x[T, K] and weights");
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->y = y->typed_data();
+  work->K = xd[1];
+  work->N = y->dimensions()[1];
+  int64_t y0 = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    if (!w.has_value()) return ffi::Error::InvalidArgument("stacked linears: a weight is not a buffer");
+    const auto wd = w->dimensions();
+    const bool bf16 = w->element_type() == ffi::DataType::BF16;
+    if (wd.size() != 3 || wd[1] != xd[1] || (!bf16 && w->element_type() != ffi::DataType::F32) || (i > 0 && bf16 != work->bf16)) {
+      return ffi::Error::InvalidArgument("stacked linears: weights must be [L, K, n], all float32 or all bfloat16");
+    }
+    work->bf16 = bf16;
+    work->add(matrix(*w, layer.typed_data()[0]), 0, xd[0], wd[2], y0);
+    y0 += wd[2];
+  }
+  if (y0 != work->N) return ffi::Error::InvalidArgument("stacked linears: y's width is not the sum of the weights'");
+  work->run_all(pool, work);
+  return ffi::Error::Success();
+}
+
 // A grouped matmul over rows sorted by group: rows [start_e, start_e + sizes[e]) of x times
 // w[base + e], for each e; rows past the last group come out as zeros. One call per projection of
 // a mixture-of-experts layer: only the experts with rows are read, each once per 4 rows.
@@ -223,6 +256,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinear, StackedLinear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinears, StackedLinears,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedRaggedDot, StackedRaggedDot,

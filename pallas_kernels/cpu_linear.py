@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 TARGET = "jengine_cpu_stacked_linear"
 RAGGED_TARGET = "jengine_cpu_stacked_ragged_dot"
+MULTI_TARGET = "jengine_cpu_stacked_linears"
 _SOURCE = Path(__file__).with_name("cpu_linear.cc")
 MAX_ROWS = 32  # above this the matmul's own cost hides the copy, and XLA's dot is the faster one
 _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -36,7 +37,8 @@ _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 @functools.cache
 def _load() -> Optional[str]:
-    reason = _native.load(_SOURCE, {"JengineStackedLinear": TARGET, "JengineStackedRaggedDot": RAGGED_TARGET})
+    reason = _native.load(_SOURCE, {"JengineStackedLinear": TARGET, "JengineStackedLinears": MULTI_TARGET,
+                                      "JengineStackedRaggedDot": RAGGED_TARGET})
     if reason is not None:
         logger.warning("native CPU projection unavailable (%s); layers copy their weights out of the stack", reason)
     return reason
@@ -73,6 +75,36 @@ def stacked_linear(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> ja
         flat, stack, layer, cpu=native, default=lambda a, w, i: reference(a, w, i).astype(jnp.result_type(a.dtype, w.dtype))
     )
     return out.reshape(*lead, stack.shape[2])
+
+
+def stacked_linears(x: jax.Array, stacks: list[jax.Array], layer: jax.Array | int) -> list[jax.Array]:
+    """[x @ s[layer] for s in stacks] in one native call where `stacked_linear` would serve each (the
+    projections that read the same input: q, k and v; gate and up), else one by one."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = 1
+    for d in lead:
+        rows *= int(d)
+    dtypes = {jnp.dtype(s.dtype) for s in stacks}
+    if (len(stacks) < 2 or any(s.ndim != 3 for s in stacks) or len(dtypes) != 1 or rows > MAX_ROWS
+            or dtypes.pop() not in _WEIGHT_DTYPES or not available()):
+        return [stacked_linear(x, s, layer) for s in stacks]
+    widths = [int(s.shape[2]) for s in stacks]
+    out_dtype = jnp.result_type(x.dtype, stacks[0].dtype)
+
+    def native_many(a: jax.Array, i: jax.Array, *ws: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct((a.shape[0], sum(widths)), jnp.float32))
+        return call(a.astype(jnp.float32), jnp.reshape(i.astype(jnp.int32), (1,)), *ws).astype(out_dtype)
+
+    def xla_many(a: jax.Array, i: jax.Array, *ws: jax.Array) -> jax.Array:
+        return jnp.concatenate([reference(a, w, i).astype(out_dtype) for w in ws], axis=-1)
+
+    flat = x.reshape(rows, k)
+    y = jax.lax.platform_dependent(flat, jnp.asarray(layer, jnp.int32), *stacks, cpu=native_many, default=xla_many)
+    outs, start = [], 0
+    for w in widths:
+        outs.append(y[:, start:start + w].reshape(*lead, w))
+        start += w
+    return outs
 
 
 def ragged_reference(x: jax.Array, stack: jax.Array, base: jax.Array | int, group_sizes: jax.Array) -> jax.Array:

@@ -420,6 +420,26 @@ def test_cpu_stacked_ragged_dot_matches_numpy(dtype):
         assert cl.RAGGED_TARGET in f.lower(x, stack, jnp.int32(base), jnp.asarray(sizes, jnp.int32)).compile().as_text()
 
 
+@pytest.mark.parametrize("rows,dtype", [(1, jnp.float32), (3, jnp.float32), (2, jnp.bfloat16)])
+def test_cpu_stacked_linears_is_each_projection_in_one_call(rows, dtype):
+    """Three matrices of different widths (256-column, 64-column and narrower blocks) read the same x
+    in one native call; each output equals its own matmul. Mixed weight dtypes go one by one."""
+    cl = _native_linear()
+    rng = np.random.default_rng(rows)
+    stacks = [jnp.asarray(rng.standard_normal((3, 48, n)), dtype) for n in (300, 64, 20)]
+    x = jnp.asarray(rng.standard_normal((rows, 48)), dtype)
+    f = jax.jit(cl.stacked_linears)
+    outs = f(x, stacks, jnp.int32(1))
+    for out, s in zip(outs, stacks):
+        want = np.asarray(x, np.float64) @ np.asarray(s[1], np.float64)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        assert out.shape == (rows, s.shape[2]) and np.abs(np.asarray(out, np.float64) - want).max() <= tol * np.abs(want).max()
+    hlo = f.lower(x, stacks, jnp.int32(1)).compile().as_text()
+    assert hlo.count(f'custom_call_target="{cl.MULTI_TARGET}"') == 1
+    mixed = [stacks[0].astype(jnp.float32), stacks[1].astype(jnp.bfloat16)]
+    assert cl.MULTI_TARGET not in f.lower(x, mixed, jnp.int32(1)).compile().as_text()
+
+
 def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     """Up to MAX_ROWS rows the compiled step calls the kernel and holds no copy of a layer's matrix;
     wider steps, a leading batch shape and float16 weights take XLA's dot, with the same values."""

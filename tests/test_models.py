@@ -96,7 +96,8 @@ def test_decode_step_reads_layer_weights_in_place_on_the_cpu(tmp_path, arch):
     hf = hf_model(path)
     np.testing.assert_allclose(got[0], hf_logits(hf, PROMPT[:5]), rtol=1e-4, atol=1e-4)
     hlo = runner.compiled_text()
-    assert hlo.count(cpu_linear.TARGET) >= 4
+    calls = re.findall(r'custom_call_target="(jengine_cpu_stacked_\w+)"', hlo)
+    assert len(calls) >= 3 and cpu_linear.MULTI_TARGET in calls, calls  # q/k/v (and gate/up) in one call
     mats = {tuple(a.shape[-2:]) for a in jax.tree.leaves(nnx.state(model)) if a.ndim >= 3}
     assert mats
     for a, b in mats:  # a slice of a stack, materialised: a dynamic-slice (or its fusion) of a matrix's shape

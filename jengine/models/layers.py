@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jengine.attention import AttentionMetadata, paged_attention
 from jengine.pallas_kernels import resolve_backend
-from jengine.pallas_kernels.cpu_linear import stacked_linear, stacked_ragged_dot
+from jengine.pallas_kernels.cpu_linear import stacked_linear, stacked_linears, stacked_ragged_dot
 from jengine.models.rope import apply_rope
 
 Params = Mapping[str, Any]
@@ -55,6 +55,14 @@ def linear(x: jax.Array, w: "jax.Array | Weight | LayerOf", bias: jax.Array | No
     return y if bias is None else y + bias
 
 
+def linears(x: jax.Array, ws: Sequence["jax.Array | Weight | LayerOf"]) -> list[jax.Array]:
+    """[linear(x, w) for w in ws], the projections that read the same input: one native call when all
+    are layers read in place from their stacks (`cpu_linear.stacked_linears`)."""
+    if len(ws) > 1 and all(isinstance(w, LayerOf) for w in ws) and len({id(w.layer) for w in ws}) == 1:
+        return stacked_linears(x, [w.stack for w in ws], ws[0].layer)
+    return [linear(x, w) for w in ws]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, unit_offset: bool = False) -> jax.Array:
     """RMSNorm over the last axis, normalised in float32.
 
@@ -70,7 +78,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, unit_offset: bool =
 
 def gated_mlp(h: jax.Array, p: Params, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """down(act(gate(h)) * up(h)) over `p["w_gate"]`, `p["w_up"]`, `p["w_down"]`."""
-    return linear(act(linear(h, p["w_gate"])) * linear(h, p["w_up"]), p["w_down"])
+    gate, up = linears(h, [p["w_gate"], p["w_up"]])
+    return linear(act(gate) * up, p["w_down"])
 
 
 def swiglu(h: jax.Array, p: Params) -> jax.Array:
@@ -117,9 +126,8 @@ def attention(
     per-head q/k norm (`q_norm`, `k_norm`), RoPE, `paged_attention`, the output projection.
     """
     T, D = h.shape[0], spec.head_dim
-    q = linear(h, p["wq"], p.get("bq")).reshape(T, spec.num_heads, D)
-    k = linear(h, p["wk"], p.get("bk")).reshape(T, spec.num_kv_heads, D)
-    v = linear(h, p["wv"], p.get("bv")).reshape(T, spec.num_kv_heads, D)
+    q, k, v = (y if b is None else y + b for y, b in zip(linears(h, [p["wq"], p["wk"], p["wv"]]), (p.get("bq"), p.get("bk"), p.get("bv"))))
+    q, k, v = q.reshape(T, spec.num_heads, D), k.reshape(T, spec.num_kv_heads, D), v.reshape(T, spec.num_kv_heads, D)
     if spec.qk_norm is not None:
         q, k = spec.qk_norm(q, p["q_norm"]), spec.qk_norm(k, p["k_norm"])
     cos, sin = rope
@@ -224,11 +232,15 @@ def scan_layer_kinds(
     def run_layer(start: int, period: int, slot: int, u: jax.Array | int, carry: Any) -> Any:
         first = start + slot  # this slot's layer in the run's first unit
         p: dict[str, Any] = {}
+        indexes: dict[tuple[int, int], Any] = {}  # one index value per (rank, stride): stacks of one layer share it
         for name, w in params.items():
             if first not in rank[name]:
                 continue
             stride = sum(1 for i in range(start, start + period) if i in rank[name])
-            index = rank[name][first] + u * stride
+            key = (rank[name][first], stride)
+            if key not in indexes:
+                indexes[key] = rank[name][first] + u * stride
+            index = indexes[key]
             if name in whole or (in_place and isinstance(w, jax.Array) and w.ndim == 3):
                 p[name] = LayerOf(w, index)
             else:
