@@ -58,8 +58,9 @@ def linear(x: jax.Array, w: "jax.Array | Weight | LayerOf", bias: jax.Array | No
 def linears(x: jax.Array, ws: Sequence["jax.Array | Weight | LayerOf"]) -> list[jax.Array]:
     """[linear(x, w) for w in ws], the projections that read the same input: one native call when all
     are layers read in place from their stacks (`cpu_linear.stacked_linears`)."""
-    if len(ws) > 1 and all(isinstance(w, LayerOf) for w in ws) and len({id(w.layer) for w in ws}) == 1:
-        return stacked_linears(x, [w.stack for w in ws], ws[0].layer)
+    stacked = [w for w in ws if isinstance(w, LayerOf)]
+    if len(ws) > 1 and len(stacked) == len(ws) and len({id(w.layer) for w in stacked}) == 1:
+        return stacked_linears(x, [w.stack for w in stacked], stacked[0].layer)
     return [linear(x, w) for w in ws]
 
 
