@@ -21,13 +21,13 @@ gives the median over rounds and the weight bytes read per second.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 
+import result_json
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 L, H, F, KV = 30, 576, 1536, 192
@@ -127,10 +127,7 @@ def main() -> None:
         "load_average": os.getloadavg(), "weight_bytes": WEIGHT_BYTES, "rounds": args.rounds, "repeats": args.repeats,
         "rows": table, "raw": runs,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    result_json.write(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import result_json
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 
 H, LAYERS, HEADS, KV_HEADS, VOCAB, EXPERTS, TOP_K = 256, 4, 8, 2, 2048, 8, 2
@@ -182,10 +183,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "machine": platform.machine(), "load_average": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    result_json.write(args.out, out)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ of `--steps` engine steps that decode one token for every row. Prints a table, w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 
+import result_json
 import side_process  # benchmarks/side_process.py: the script's folder is on sys.path
 from decode_steps import median_decode_steps
 
@@ -111,10 +111,7 @@ def main() -> None:
     for fmt, row in report["decode_step_s"].items():
         cells = [f"batch {b}: {row[str(b)] * 1e3:7.1f} ms" + (f" ({base[str(b)] / row[str(b)]:.2f}x float32)" if base else "") for b in batches]
         print(f"  {fmt:8s} " + "   ".join(cells) + f"   compiles after warm-up {row['compilations_after_warmup']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    result_json.write(args.out, report)
 
 
 if __name__ == "__main__":

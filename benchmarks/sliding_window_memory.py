@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+import result_json  # benchmarks/result_json.py: the script's folder is on sys.path
+
 TINY = {
     "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -156,10 +158,7 @@ def main() -> None:
         "python": platform.python_version(), "jax": jax.__version__, "budget_mib": args.budget_mib,
         "command": "python benchmarks/sliding_window_memory.py", "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    result_json.write(args.out, out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ On a GPU it shows whether XLA's dynamic-slice fusion feeds the GEMMs in place (s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import time
+
+import result_json  # benchmarks/result_json.py: the script's folder is on sys.path
 
 
 def main() -> None:
@@ -57,10 +58,7 @@ def main() -> None:
     result = {"benchmark": "weight_copies", "date": time.strftime("%Y-%m-%d %H:%M"), "platform": jax.default_backend(),
               "devices": [str(d) for d in jax.devices()], "model": args.model or "default (SmolLM2-135M GGUF)",
               "dtype": args.dtype, "bucket": [t, s], "matrices": rows, "total_copies": total, "custom_calls": custom}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    result_json.write(args.out, result, indent=1)
 
 
 if __name__ == "__main__":
