@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -65,9 +66,7 @@ def stacked_linear(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> ja
     """x[..., in] @ stack[layer] without copying the layer's matrix out of `stack` where the kernel
     serves the shapes (on the CPU: up to `MAX_ROWS` rows, float32 / bfloat16 weights)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for d in lead:
-        rows *= int(d)
+    rows = math.prod(lead)
     if stack.ndim != 3 or rows > MAX_ROWS or jnp.dtype(stack.dtype) not in _WEIGHT_DTYPES or not available():
         return reference(x, stack, layer)
     flat = x.reshape(rows, k)
@@ -81,9 +80,7 @@ def stacked_linears(x: jax.Array, stacks: list[jax.Array], layer: jax.Array | in
     """[x @ s[layer] for s in stacks] in one native call where `stacked_linear` would serve each (the
     projections that read the same input: q, k and v; gate and up), else one by one."""
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for d in lead:
-        rows *= int(d)
+    rows = math.prod(lead)
     dtypes = {jnp.dtype(s.dtype) for s in stacks}
     if (len(stacks) < 2 or any(s.ndim != 3 for s in stacks) or len(dtypes) != 1 or rows > MAX_ROWS
             or dtypes.pop() not in _WEIGHT_DTYPES or not available()):
