@@ -3,11 +3,14 @@ synchronous against asynchronous scheduling, with a model so small that the devi
 
     python benchmarks/host_overhead.py                      # 1, 64 and 256 decode rows, both modes, 40 timed steps each
     python benchmarks/host_overhead.py --rows 1,256 --steps 100 --modes async --out benchmarks/results/host_overhead.json
+    python benchmarks/host_overhead.py --workload penalties      # every row with repetition/frequency/presence penalties
+    python benchmarks/host_overhead.py --workload structured     # every row under a regex (structured outputs)
 
 A tiny Llama (2 layers, hidden 64) with random weights and SmolLM2's 49152-token vocabulary (the
 default model's tokenizer) keeps the sampler's work realistic while the forward pass costs little.
-For each row count R, R requests with 8-token prompts decode greedily (`ignore_eos`) until every one
-is in decode, then `--steps` steps are timed piece by piece:
+For each row count R, R requests with 8-token prompts decode greedily (`ignore_eos`; `--workload`:
+plain, with penalties, or constrained by a regex) until every one is in decode, then `--steps` steps
+are timed piece by piece:
 
 - schedule: `Scheduler.schedule` (which rows run, pages);
 - inputs: the bucketed step inputs and sampling tensors (`ModelRunner.prepare`);
@@ -19,8 +22,10 @@ The device's wait between consecutive steps N and N+1 is max(0, the end of N+1's
 N's sampled tokens were ready), the moment taken by a watcher thread blocked on N's tokens (the
 interpreter's switch interval is lowered so it records promptly). Synchronous steps make the device
 wait through outputs + schedule + inputs; asynchronous ones dispatch N+1 before fetching N, so the
-device waits only when the host's work per step is longer than the device's. Each (rows, mode) side
-runs in its own process. Prints a table of medians and writes JSON.
+device waits only when the host's work per step is longer than the device's. With structured outputs
+an asynchronous step's dispatch includes step N's outputs and the grammar masks (they run between
+N+1's forward and its sampler), so "dispatch" there overlaps "outputs". Each (rows, mode) side runs in
+its own process. Prints a table of medians and writes JSON.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import side_process  # benchmarks/side_process.py: the script's folder is on sys
 
 PIECES = ("schedule", "inputs", "dispatch", "fetch", "outputs")
 MODES = {"sync": False, "async": True}
+WORKLOADS = ("greedy", "penalties", "structured")
 
 
 def tiny_config_folder(root: str) -> str:
@@ -54,12 +60,25 @@ def tiny_config_folder(root: str) -> str:
     return folder
 
 
-def measure(rows: int, steps: int, max_num_batched_tokens: int, mode: str) -> dict:
+def workload_params(workload: str, max_tokens: int):
+    """Every request's sampling parameters under `workload` (greedy decoding in each)."""
+    from jengine import SamplingParams
+    from jengine.structured_output import StructuredOutputsParams
+
+    extra: dict = {}
+    if workload == "penalties":
+        extra = dict(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1)
+    elif workload == "structured":
+        extra = dict(structured_outputs=StructuredOutputsParams(regex=r"[a-z ,.]+"))
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
+
+
+def measure(rows: int, steps: int, max_num_batched_tokens: int, mode: str, workload: str = "greedy") -> dict:
     """Runs in a child process: times `steps` decode steps of `rows` rows, piece by piece."""
     import queue
     import threading
 
-    from jengine import LLM, SamplingParams
+    from jengine import LLM
     from jengine.loader import default_model_path
 
     sys.setswitchinterval(1e-4)  # the watcher thread records a step's end promptly even while the host works
@@ -118,7 +137,7 @@ def measure(rows: int, steps: int, max_num_batched_tokens: int, mode: str) -> di
     engine.scheduler.update_from_output = timed("outputs", update)
     engine.output_processor.process = timed("outputs", process)
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    params = workload_params(workload, steps + 64)
     for i in range(rows):
         engine.add_request(f"r{i}", [100 + (i * 7 + j) % 1000 for j in range(8)], params)
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in list(engine.scheduler.waiting) + list(engine.scheduler.running)):
@@ -146,7 +165,7 @@ def measure(rows: int, steps: int, max_num_batched_tokens: int, mode: str) -> di
     med["step"] = statistics.median(walls) * 1e3
     med["host_work"] = med["schedule"] + med["inputs"] + med["outputs"]
     med["device_wait"] = statistics.median(gaps)
-    return {"rows": rows, "mode": mode, "steps": steps, "median_ms": med,
+    return {"rows": rows, "mode": mode, "workload": workload, "steps": steps, "median_ms": med,
             "device_wait_p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))], "device_wait_max_ms": max(gaps),
             "steps_device_never_waited": sum(g == 0.0 for g in gaps),
             "steps_dispatched_while_previous_ran": sum(busy[first:last]), "compilations_after_warmup": engine.compilations_after_warmup}
@@ -159,11 +178,12 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--modes", default="sync,async", help="comma-separated step loops to measure (default sync,async)")
+    ap.add_argument("--workload", default="greedy", choices=WORKLOADS, help="what every request asks for (default greedy)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="sync", choices=sorted(MODES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        side_process.emit(measure(a.child, a.steps, a.max_num_batched_tokens, a.mode))
+        side_process.emit(measure(a.child, a.steps, a.max_num_batched_tokens, a.mode, a.workload))
         return 0
 
     results = []
@@ -171,9 +191,10 @@ def main() -> int:
     for rows in [int(r) for r in a.rows.split(",")]:
         for mode in modes:
             cmd = [sys.executable, __file__, "--child", str(rows), "--mode", mode, "--steps", str(a.steps),
-                   "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+                   "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--workload", a.workload]
             results.append(side_process.run(cmd))
 
+    print(f"workload: {a.workload}")
     print("| rows | mode | step ms | schedule ms | inputs ms | dispatch ms | fetch ms | outputs ms | host work ms | device wait ms (median / p90) "
           "| dispatched while the previous step ran |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -75,11 +75,9 @@ class Request:
         "num_output_placeholders",
         "lora_request",
         "seed",
-        "penalty_history",
         "structured_output",
         "spec_misses",
         "draft_num_valid",
-        "needs_host_tokens",
         "kv_pages",
         "output_state",
         "freed",
@@ -130,13 +128,10 @@ class Request:
         self.num_output_placeholders = 0
         # ---- per-request state of the engine's parts (cleared by `release_state` when the request ends) ----
         self.seed: Optional[int] = None  # the sampling seed (the engine draws one for unseeded requests)
-        self.penalty_history: Any = None  # `jengine.sampler.PenaltyHistory`, built on first use with penalties
         self.structured_output: Any = None  # its grammar matcher (`structured_output.manager.ConstrainedSequence`)
         self.spec_misses = 0  # consecutive verified drafts that were all rejected (sets spec_backoff)
         # Speculation with a draft model: the positions whose draft KV is valid (a prefix), None before any
         self.draft_num_valid: Optional[int] = None
-        # Its rows need its last token on the host (penalties, structured outputs): no asynchronous steps.
-        self.needs_host_tokens = False
         # Its pages in each KV cache manager (one per layer group) that gave it any, keyed by that manager.
         self.kv_pages: dict[Any, "PageHold"] = {}
         self.output_state: Any = None  # the output processor's state of this child; it points at its parent's
@@ -180,7 +175,6 @@ class Request:
     def release_state(self) -> None:
         """Drops the engine parts' per-request state (the request has ended; pages are freed separately).
         Its seed, tokens and output state stay: the output of its last step is built after this."""
-        self.penalty_history = None
         self.structured_output = None
         self.spec_token_ids = []
         self.spec_misses = self.spec_backoff = 0

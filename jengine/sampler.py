@@ -2,7 +2,7 @@
 
 `build_sampling_tensors` (host, numpy) turns the per-request state of the S rows of a batch into a
 `SamplingTensors` pytree whose array shapes depend only on (S, vocab size, and a fixed config:
-`history_len`, `prompt_history_len`, `max_stop_tokens`, `max_logprobs`). So the jitted `sample` compiles
+`max_stop_tokens`, `max_logprobs`, `max_logit_bias`, the pending-draft width). So the jitted `sample` compiles
 once per S bucket whatever the requests ask for; expensive stages are skipped at run time with
 `lax.cond` on host-computed scalar flags instead of being specialised at trace time.
 
@@ -19,9 +19,11 @@ Order of operations (as vLLM's V1 sampler does):
 4. greedy rows (temperature 0) take the argmax (ties: lowest id) of the penalised logits;
 5. other rows: temperature, min_p, top_k, top_p, then one draw from what is left.
 
-Penalties, min_tokens and logit_bias touch only the few ids involved: the host hands over each row's
-distinct history ids with their output counts (kept incrementally per request in a `PenaltyHistory`),
-the device gathers those logits, penalises them and scatters them back.
+min_tokens and logit_bias touch only the few ids involved (scatters). Penalties read dense per-request
+state: each row's output-token counts `[V]` and its prompt's token bits, rows of tables that the engine
+keeps on the device across steps (`jengine.worker.input_batch`, counted there as tokens are sampled, so
+rows with penalties need no host history and can be scheduled asynchronously); the host builder
+makes the same tables for a batch of its own.
 
 Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s, far more than a decode
 step, so nothing here sorts over V. top-k / top-p thresholds come from `lax.top_k` over a small number of
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from typing import Optional, Sequence
 
 import jax
@@ -80,9 +81,13 @@ class SamplingTensors:
     repetition_penalty: Tensor  # f32[S]; 1 = off
     key_data: Tensor  # u32[S, 2]; threefry2x32 key data made from the row's 64-bit seed
     step: Tensor  # i32[S]; tokens generated so far (the i-th token uses fold_in(key, i))
-    penalty_token_ids: Tensor  # i32[S, W + Wp]; distinct ids of the output (and, if repetition
-    #   applies, the prompt) of rows with penalties (see `build_sampling_tensors` for the limits)
-    penalty_output_counts: Tensor  # f32[S, W + Wp]; how often each of those ids is in the output
+    output_counts: Tensor  # i32[R, V]; how often each token is in the output, per penalty row (R: the
+    #   host builder's S rows, or the persistent batch's slots on the device)
+    prompt_bits: Tensor  # i32[R, ceil(V / 32)]; the prompt's tokens, packed as `token_bitmask` (rows
+    #   with a repetition penalty; all zero otherwise)
+    penalty_rows: Tensor  # i32[S]; each row's penalty row
+    pending_ids: Tensor  # i32[S, P]; tokens counted for this row only (a verification row's drafts
+    #   before its position: they may yet be rejected); V = none
     banned_token_ids: Tensor  # i32[S, K]; EOS + stop_token_ids of rows below min_tokens
     logit_bias_ids: Tensor  # i32[S, B]; token ids of the row's logit_bias
     logit_bias_values: Tensor  # f32[S, B]; the biases added to those ids' logits
@@ -92,6 +97,7 @@ class SamplingTensors:
     all_greedy: Flag  # bool[]; skip temperature / filtering / drawing altogether
     any_top_k_or_p: Flag  # bool[]
     any_processing: Flag  # bool[]; some row has banned ids (min_tokens), a logit_bias or penalties
+    any_penalties: Flag  # bool[]; some row has penalties (else the count tables are not read)
     any_logprobs: Flag  # bool[]
     any_constrained: Flag  # bool[]; some row has a token bitmask (else it is not read)
 
@@ -124,58 +130,6 @@ jax.tree_util.register_dataclass(
 # ------------------------------------------------------------------------------------------ host side
 
 
-class PenaltyHistory:
-    """The distinct token ids one request's penalties touch and their output counts, kept up to date
-    incrementally (O(new tokens) a step), so penalties see the whole prompt and output however long.
-
-    Ids are kept in first-seen order: the prompt's (when repetition_penalty needs them), then new
-    output ids as they appear. `arrays` syncs with the output so far and returns views.
-    """
-
-    def __init__(self, prompt_token_ids: Sequence[int], include_prompt: bool) -> None:
-        self._index: dict[int, int] = {}
-        self._ids = np.zeros(64, np.int32)
-        self._counts = np.zeros(64, np.float32)
-        self._size = 0
-        self._outputs_seen = 0
-        if include_prompt:
-            for t in dict.fromkeys(int(t) for t in prompt_token_ids):
-                self._add(t, 0.0)
-
-    def _add(self, token: int, count: float) -> None:
-        if self._size == self._ids.size:
-            self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
-            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
-        self._index[token] = self._size
-        self._ids[self._size] = token
-        self._counts[self._size] = count
-        self._size += 1
-
-    def arrays(self, output_token_ids: Sequence[int], num_committed: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct ids, output counts) after syncing with `output_token_ids[:num_committed]` (which only
-        grows). Tokens past `num_committed` (a verification row's draft tokens, which may yet be
-        rejected) are counted in copies, never in the history itself."""
-        committed = len(output_token_ids) if num_committed is None else num_committed
-        for t in output_token_ids[self._outputs_seen:committed]:
-            i = self._index.get(int(t))
-            if i is None:
-                self._add(int(t), 1.0)
-            else:
-                self._counts[i] += 1.0
-        self._outputs_seen = committed
-        ids, counts = self._ids[: self._size], self._counts[: self._size]
-        pending = output_token_ids[committed:]
-        if not len(pending):
-            return ids, counts
-        extra = [int(t) for t in dict.fromkeys(int(t) for t in pending) if int(t) not in self._index]
-        ids = np.concatenate([ids, np.asarray(extra, np.int32)])
-        counts = np.concatenate([counts, np.zeros(len(extra), np.float32)])
-        where = {t: j for j, t in enumerate(ids.tolist())}
-        for t in pending:
-            counts[where[int(t)]] += 1.0
-        return ids, counts
-
-
 def has_repetition_penalty(params: SamplingParams) -> bool:
     """Repetition penalty is on (it is the one penalty that also looks at the prompt)."""
     return abs(params.repetition_penalty - 1.0) > _SAMPLING_EPS
@@ -195,16 +149,13 @@ class RowState:
     output_token_ids: Sequence[int]
     seed: int  # the request's seed, or one the engine drew for an unseeded request
     eos_token_ids: Sequence[int] = ()
-    # The request's incremental penalty state (the engine keeps one per request that has penalties);
-    # None: the builder de-duplicates the last `history_len` output / prompt tokens itself.
-    penalty_history: Optional[PenaltyHistory] = None
-    # Outputs the penalty history may keep: a speculative verification row's output ends with draft
-    # tokens (see jengine.spec_decode), counted for this row only. None: all of `output_token_ids`.
+    # Outputs that count for good: a speculative verification row's output ends with draft tokens (see
+    # jengine.spec_decode), counted for this row only (`pending_ids`). None: all of `output_token_ids`.
     num_committed_outputs: Optional[int] = None
     # Packed allowed-token bits (int32 [ceil(V / 32)]) of a row with structured outputs; None: all allowed.
     token_bitmask: Optional[np.ndarray] = None
     # Sampled tokens not on the host yet (asynchronous scheduling): they count for the seeded step and
-    # min_tokens. Rows with penalties or a bitmask never have any (those steps run synchronously).
+    # min_tokens (and, on the device, for penalties).
     num_placeholder_tokens: int = 0
 
 
@@ -219,26 +170,20 @@ def build_sampling_tensors(
     num_rows: int,
     *,
     vocab_size: int,
-    history_len: int = 64,
-    prompt_history_len: Optional[int] = None,
     max_stop_tokens: int = 8,
     max_logprobs: int = 20,
     max_logit_bias: int = 8,
 ) -> SamplingTensors:
     """Builds the numpy `SamplingTensors` for a batch of `num_rows` rows (rows past len(rows) pad).
 
-    `None` entries are padding: greedy, no penalties, nothing banned. A row with a `penalty_history`
-    gets up to `history_len + prompt_history_len` of its distinct ids (output ids first): its whole
-    history in practice. A row without one keeps the last `history_len` output tokens and the last
-    `prompt_history_len` (default `history_len`) prompt tokens (penalties then see only the recent
-    tokens). Raises ValueError when a row below min_tokens has more than `max_stop_tokens` EOS + stop
+    `None` entries are padding: greedy, no penalties, nothing banned. Penalties see a row's whole prompt
+    and output (its committed outputs in `output_counts`, the rest in `pending_ids`). Raises ValueError when a row below min_tokens has more than `max_stop_tokens` EOS + stop
     token ids, has more than `max_logit_bias` logit_bias entries or one outside the vocabulary, or asks
     for more logprobs than `max_logprobs`.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
     S, V = num_rows, vocab_size
-    Wp = history_len if prompt_history_len is None else prompt_history_len
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
     top_p = np.ones(S, np.float32)
@@ -305,15 +250,16 @@ def build_sampling_tensors(
             any_kp = True
         min_p[i] = p.min_p
 
-    pen_ids, pen_counts, any_penalties = build_penalty_tensors(rows, S, vocab_size=V, history_len=history_len, prompt_history_len=Wp)
+    counts, prompt_bits, pending, any_penalties = build_penalty_tensors(rows, S, V)
     any_lp = bool((num_logprobs >= 0).any())
     return SamplingTensors(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
-        key_data=key_data, step=step, penalty_token_ids=pen_ids, penalty_output_counts=pen_counts,
+        key_data=key_data, step=step, output_counts=counts, prompt_bits=prompt_bits,
+        penalty_rows=np.arange(S, dtype=np.int32), pending_ids=pending,
         banned_token_ids=banned, logit_bias_ids=bias_ids, logit_bias_values=bias_values, num_logprobs=num_logprobs,
         all_greedy=np.bool_(all_greedy), any_top_k_or_p=np.bool_(any_kp),
-        any_processing=np.bool_(any_banned or any_bias or any_penalties),
+        any_processing=np.bool_(any_banned or any_bias or any_penalties), any_penalties=np.bool_(any_penalties),
         any_logprobs=np.bool_(any_lp), token_bitmask=bitmask, any_constrained=np.bool_(any_constrained),
     )
 
@@ -330,39 +276,35 @@ def build_token_bitmask(rows: Sequence[Optional[RowState]], num_rows: int, vocab
     return bitmask, bool(mask_rows)
 
 
-def build_penalty_tensors(rows: Sequence[Optional[RowState]], num_rows: int, *, vocab_size: int, history_len: int,
-                          prompt_history_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(penalty_token_ids, penalty_output_counts) [num_rows, history_len + prompt_history_len] of the rows
-    with penalties (see `build_sampling_tensors` for the limits), and whether any row has them."""
-    V, Wp = vocab_size, prompt_history_len
-    pen_ids = np.full((num_rows, history_len + Wp), V, np.int32)
-    pen_counts = np.zeros((num_rows, history_len + Wp), np.float32)
-    any_history = False
-    hist_parts: list[Sequence[int]] = []  # penalty histories, de-duplicated below in one numpy pass
-    hist_rows: list[tuple[int, int, int]] = []  # (row, number of output ids, number of prompt ids)
-    for i, row in enumerate(rows):
-        if row is None or not needs_penalties(row.params):
-            continue
-        outs = row.output_token_ids
-        if row.penalty_history is not None:
-            ids, counts = row.penalty_history.arrays(outs, row.num_committed_outputs)
-            if ids.size > pen_ids.shape[1]:  # rare: keep the output's ids, then prompt-only ones
-                order = np.argsort(counts == 0, kind="stable")
-                ids, counts = ids[order], counts[order]
-            n = min(ids.size, pen_ids.shape[1])
-            pen_ids[i, :n] = ids[:n]
-            pen_counts[i, :n] = counts[:n]
-            any_history = True
-        else:
-            n_out = len(outs) + row.num_placeholder_tokens
-            out_tail = outs[-history_len:] if (n_out and history_len) else ()
-            prompt_tail = row.prompt_token_ids[-Wp:] if (has_repetition_penalty(row.params) and Wp) else ()
-            hist_parts.append(out_tail)
-            hist_parts.append(prompt_tail)
-            hist_rows.append((i, len(out_tail), len(prompt_tail)))
-    if hist_rows:
-        _fill_penalty_history(hist_parts, hist_rows, V, pen_ids, pen_counts)
-    return pen_ids, pen_counts, any_history or bool(hist_rows)
+def pack_token_bits(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """The packed presence bits (int32 [ceil(V / 32)], the layout of `token_bitmask`) of `token_ids`."""
+    bits = np.zeros(-(-vocab_size // 32) * 32, bool)
+    bits[np.asarray(token_ids, np.int64)] = True
+    words = np.bitwise_or.reduce(bits.reshape(-1, 32).astype(np.uint32) << np.arange(32, dtype=np.uint32), axis=1)
+    return words.view(np.int32)
+
+
+def build_penalty_tensors(rows: Sequence[Optional[RowState]], num_rows: int, vocab_size: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(output_counts [S, V], prompt_bits [S, ceil(V / 32)], pending_ids [S, P], any) of a host-built batch:
+    committed output counts, the prompt's bits where a repetition penalty applies, and the outputs past
+    `num_committed_outputs` (P: the most any row has, at least 1)."""
+    V = vocab_size
+    counts = np.zeros((num_rows, V), np.int32)
+    prompt_bits = np.zeros((num_rows, -(-V // 32)), np.int32)
+    pens = [(i, row) for i, row in enumerate(rows) if row is not None and needs_penalties(row.params)]
+    tails = [list(row.output_token_ids[_committed(row):]) for _, row in pens]
+    pending = np.full((num_rows, max([1, *map(len, tails)])), V, np.int32)
+    for (i, row), tail in zip(pens, tails):
+        counts[i] = np.bincount(np.asarray(row.output_token_ids[:_committed(row)], np.int64), minlength=V)
+        pending[i, :len(tail)] = tail
+        if has_repetition_penalty(row.params):
+            prompt_bits[i] = pack_token_bits(row.prompt_token_ids, V)
+    return counts, prompt_bits, pending, bool(pens)
+
+
+def _committed(row: RowState) -> int:
+    return len(row.output_token_ids) if row.num_committed_outputs is None else row.num_committed_outputs
 
 
 @functools.lru_cache(maxsize=16)
@@ -373,32 +315,19 @@ def _all_allowed(num_rows: int, num_words: int) -> np.ndarray:
     return mask
 
 
-def _fill_penalty_history(parts: list[Sequence[int]], rows: list[tuple[int, int, int]], vocab_size: int,
-                          pen_ids: np.ndarray, pen_counts: np.ndarray) -> None:
-    """Writes each row's distinct history ids (sorted) and their output counts, for all rows at once."""
-    flat = np.fromiter(itertools.chain.from_iterable(parts), np.int64)
-    lens = np.array([(n_out, n_prompt) for _, n_out, n_prompt in rows], np.int64).reshape(-1)
-    row_of = np.repeat(np.repeat(np.array([r for r, _, _ in rows], np.int64), 2), lens)
-    is_out = np.repeat(np.tile(np.array([1.0, 0.0]), len(rows)), lens)
-    keys = row_of * (vocab_size + 1) + flat
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    counts = np.bincount(inverse.reshape(-1), weights=is_out, minlength=uniq.size)
-    r, ids = np.divmod(uniq, vocab_size + 1)
-    pos = np.arange(uniq.size) - np.searchsorted(r, r, side="left")
-    pen_ids[r, pos] = ids
-    pen_counts[r, pos] = counts
-
-
 # -------------------------------------------------------------------------------------------- device
+
+
+def unpack_token_bits(bits: jax.Array, vocab_size: int) -> jax.Array:
+    """bool[S, V] from packed bits [S, ceil(V / 32)] (bit t % 32 of word t // 32 is token t)."""
+    words = lax.bitcast_convert_type(bits, jnp.uint32)
+    unpacked = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    return unpacked.reshape(bits.shape[0], -1)[:, :vocab_size] != 0
 
 
 def apply_token_bitmask(logits: jax.Array, bitmask: Tensor) -> jax.Array:
     """Sets the logits of tokens whose bit is clear in the packed `bitmask` [S, ceil(V / 32)] to -inf."""
-    S, V = logits.shape
-    words = lax.bitcast_convert_type(bitmask, jnp.uint32)
-    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
-    allowed = bits.reshape(S, -1)[:, :V] != 0
-    return jnp.where(allowed, logits, -jnp.inf)
+    return jnp.where(unpack_token_bits(jnp.asarray(bitmask), logits.shape[1]), logits, -jnp.inf)
 
 
 def _constrain(logits: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -406,22 +335,28 @@ def _constrain(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     return lax.cond(t.any_constrained, lambda x: apply_token_bitmask(x, t.token_bitmask), lambda x: x, logits)
 
 
+def apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Repetition (tokens of the prompt or output), then frequency and presence (output tokens), as vLLM,
+    over each row's dense counts. Rows without penalties (neutral values) pass through bit-exactly."""
+    S, V = x.shape
+    rows = jnp.asarray(t.penalty_rows)
+    counts = jnp.asarray(t.output_counts)[rows].astype(jnp.float32)
+    counts = counts.at[jnp.arange(S, dtype=jnp.int32)[:, None], t.pending_ids].add(1.0, mode="drop")
+    seen = unpack_token_bits(jnp.asarray(t.prompt_bits)[rows], V) | (counts > 0)
+    rep = t.repetition_penalty[:, None]
+    penalised = jnp.where(x > 0, x / rep, x * rep)
+    penalised = penalised - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    return jnp.where(seen, penalised, x)
+
+
 def apply_min_tokens_and_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """min_tokens masking, logit_bias, then repetition (prompt + output tokens), frequency and presence
-    (output tokens), as vLLM. Only the few ids involved are scattered or gathered and scattered back
-    (padding ids, == V, are dropped), so rows without any pass through bit-exactly and nothing of size
-    [S, V] is built besides the one copy of the logits the scatters write into."""
+    """min_tokens masking, logit_bias, then penalties (`apply_penalties`, only when some row has them).
+    min_tokens and logit_bias scatter only the ids involved (padding ids, == V, are dropped)."""
     S, V = logits.shape
     rows = jnp.arange(S, dtype=jnp.int32)[:, None]
     x = logits.at[rows, t.banned_token_ids].set(-jnp.inf, mode="drop")
     x = x.at[rows, t.logit_bias_ids].add(t.logit_bias_values, mode="drop")
-    ids = t.penalty_token_ids
-    vals = jnp.take_along_axis(x, jnp.minimum(ids, V - 1), axis=-1)
-    rep = t.repetition_penalty[:, None]
-    counts = t.penalty_output_counts
-    vals = jnp.where(vals > 0, vals / rep, vals * rep)
-    vals = vals - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
-    return x.at[rows, ids].set(vals, mode="drop")
+    return lax.cond(t.any_penalties, lambda y: apply_penalties(y, t), lambda y: y, x)
 
 
 def _ordered_bits(x: jax.Array) -> jax.Array:

@@ -41,7 +41,7 @@ from jengine.models import get_model_class
 from jengine.models.base import COLUMN, COLUMN_KV, EXPERT, PARTITION_KINDS, REPLICATED, ROW, VOCAB
 from jengine.models.config import ModelConfig
 from jengine.models.layers import Weight
-from jengine.worker.input_batch import apply_blocks, apply_params
+from jengine.worker.input_batch import apply_blocks, apply_params, apply_penalty_rows
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +277,11 @@ def pin_runner_shardings(runner: Any, plan: TensorParallelPlan) -> None:
     lora = getattr(runner, "lora", None)  # LoRA adapter stacks keep the shardings the manager gave them
     forward["in_shardings"] += (jax.tree.map(lambda x: x.sharding, lora.stacks) if lora is not None else {},)
     runner._forward = PinnedJit(runner._forward_fn, donate_argnums=(1,), **forward)
-    runner._sample = PinnedJit(runner._sample_fn, **plan.jit_kwargs((rep, rep, rep, rep, rep), rep))
+    runner._sample = PinnedJit(runner._sample_fn, donate_argnums=(2,), **plan.jit_kwargs((rep,) * 8, rep))
     runner._prompt_lp = PinnedJit(runner._prompt_logprobs_fn, **plan.jit_kwargs(("params", rep, rep), rep, params=runner.params))
     runner._apply_params = PinnedJit(apply_params, **plan.jit_kwargs((rep, rep, rep), rep))
     runner._apply_blocks = PinnedJit(apply_blocks, **plan.jit_kwargs((rep, rep, rep), rep))
+    runner._apply_penalty_rows = PinnedJit(apply_penalty_rows, donate_argnums=(0,), **plan.jit_kwargs((rep, rep, rep), rep))
 
 
 def memory_report(params: Any, kv_cache: Any) -> dict[str, dict[str, int]]:

@@ -1,12 +1,13 @@
 """Asynchronous scheduling end to end: the same outputs as synchronous steps, nothing compiled after
 warm-up, late stops that waste at most one row and never emit its token, aborts of requests with a
-step in flight, and the synchronous fallback for rows that need their last token on the host.
+step in flight, and penalised and structured-output rows scheduled asynchronously too.
 
 Each comparison runs one engine per mode on the same tiny checkpoint (shared compilation cache), or
 for the default model (SmolLM2) one engine switched between the modes while idle.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_cli_flag(ckpt):
 def test_same_outputs_with_chunked_prefill_prefix_caching_n_and_stops(engines):
     tok = engines[False].get_tokenizer()
     shared = random_prompts(2, [40])[0]  # longer than the 32-token budget: chunked prefill
-    prompts = [shared + tail for tail in random_prompts(3, [3, 9, 20])] + random_prompts(4, [5, 17, 60, 11])
+    prompts = [shared + tail for tail in random_prompts(3, [3, 9, 20])] + random_prompts(4, [5, 17, 60, 11]) + random_prompts(10, [8, 13])
     base = engines[False].generate({"prompt_token_ids": prompts[4]}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     stop_str = tok.decode(base.token_ids)[4:7]
     params = [
@@ -98,6 +99,8 @@ def test_same_outputs_with_chunked_prefill_prefix_caching_n_and_stops(engines):
         SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop_str]),
         SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[base.token_ids[0]], min_tokens=3),
         SamplingParams(temperature=1.0, seed=5, max_tokens=9, min_tokens=4, logit_bias={7: 3.0}),
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(temperature=0.9, seed=8, max_tokens=12, frequency_penalty=0.6, n=2),
     ]
     results = {}
     for mode, llm in engines.items():
@@ -115,7 +118,9 @@ def test_same_outputs_with_chunked_prefill_prefix_caching_n_and_stops(engines):
 
 def test_same_outputs_under_preemption(ckpt, xla_cache_dir):
     prompts = random_prompts(5, [30, 25, 28, 31])
-    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)] * 2
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, frequency_penalty=0.8, repetition_penalty=1.2),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=24, ignore_eos=True, presence_penalty=0.7)]
     got = {}
     for mode in (False, True):
         llm = LLM(ckpt, compilation_cache_dir=xla_cache_dir, num_gpu_blocks_override=12, enable_prefix_caching=False,
@@ -182,38 +187,64 @@ def test_abort_with_a_step_in_flight_frees_pages(engines):
     assert core.compilations_after_warmup == 0
 
 
-def test_rows_that_need_host_tokens_fall_back_to_synchronous_steps(engines):
-    """Penalties (built from host histories) and structured outputs (bitmasks from the host's matcher):
-    while such a request is unfinished every step is scheduled with all tokens on the host (the step in
-    flight is drained first), and outputs equal the synchronous ones."""
-    prompts = random_prompts(8, [10, 14, 6])
-    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5),
-              SamplingParams(temperature=1.0, seed=2, max_tokens=14, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{2,6}")),
-              SamplingParams(temperature=1.0, seed=4, max_tokens=14, ignore_eos=True)]
+def test_penalised_rows_are_scheduled_asynchronously(engines):
+    """Penalties are counted on the device: a penalised request's steps are dispatched while its last
+    token is still there (a placeholder), and its tokens equal the synchronous engine's."""
+    prompts = random_prompts(9, [10, 14])
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.4, frequency_penalty=0.5),
+              SamplingParams(temperature=1.0, seed=6, max_tokens=16, ignore_eos=True, presence_penalty=0.8)]
     got = {}
     for mode, llm in engines.items():
         core = llm.engine
         schedule = core.scheduler.schedule
-        drained = []
+        placeholders: list[int] = []
 
-        def checked_schedule(core=core, schedule=schedule, drained=drained):
-            if core.registry.num_needing_host_tokens:
-                drained.append(all(r.num_output_placeholders == 0 for r in core.scheduler.running))
+        def watched(core=core, schedule=schedule, placeholders=placeholders):
+            placeholders.append(sum(r.num_output_placeholders for r in core.scheduler.running))
             return schedule()
 
-        core.scheduler.schedule = checked_schedule
-        ids = [f"fb{i}-{mode}" for i in range(3)]
-        for rid, p, sp in zip(ids, prompts, params):
-            core.add_request(rid, p, sp)
-        finals = {}
-        while core.has_unfinished_requests():
-            for out in core.step():
-                if out.finished:
-                    finals[out.request_id] = out.outputs[0].token_ids
-        del core.scheduler.schedule  # back to the class's method
-        assert drained and all(drained)
-        got[mode] = [finals[rid] for rid in ids]
+        core.scheduler.schedule = watched
+        try:
+            got[mode] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+        finally:
+            del core.scheduler.schedule
+        assert (max(placeholders) > 0) == mode  # asynchronous: steps went out before the last token came back
         assert core.compilations_after_warmup == 0
+    assert got[True] == got[False]
+    plain = engines[False].generate({"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].token_ids
+    assert plain != got[True][0]  # the penalties changed the greedy tokens
+
+
+def test_structured_output_rows_are_scheduled_asynchronously(engines):
+    """Structured outputs: a constrained row's step goes out while its last token is still on the device;
+    the grammar takes that token between the step's forward and its sampler, so the text obeys the
+    grammar and every output (n > 1 seeded, greedy, an unconstrained neighbour) equals the synchronous one."""
+    prompts = random_prompts(8, [10, 14, 6])
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=2, max_tokens=14, n=2, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{2,6}")),
+              SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=StructuredOutputsParams(choice=["alpha beta", "gamma"]))]
+    got = {}
+    for mode, llm in engines.items():
+        core = llm.engine
+        schedule = core.scheduler.schedule
+        constrained_in_flight = []
+
+        def watched(core=core, schedule=schedule, seen=constrained_in_flight):
+            seen.append(any(r.num_output_placeholders and r.structured_output is not None for r in core.scheduler.running))
+            return schedule()
+
+        core.scheduler.schedule = watched
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        finally:
+            del core.scheduler.schedule  # back to the class's method
+        assert any(constrained_in_flight) == mode
+        got[mode] = summary(outs)
+        assert [c.text for c in outs[2].outputs] in (["alpha beta"], ["gamma"])
+        assert all(re.fullmatch(r"[0-9]{2,6}", c.text) for c in outs[1].outputs), [c.text for c in outs[1].outputs]
+        assert core.compilations_after_warmup == 0
+        assert not core.registry.requests
     assert got[True] == got[False]
 
 

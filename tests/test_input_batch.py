@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from jengine import LLM, SamplingParams
-from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors
-from jengine.worker.input_batch import RowTable, apply_blocks, apply_params, gather_sampling_tensors
+from jengine.sampler import RowState, apply_min_tokens_and_penalties, build_sampling_tensors
+from jengine.worker.input_batch import (
+    RowTable, apply_blocks, apply_params, apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors,
+)
 from tiny_models import make_tiny_checkpoint
 
 V = 64
@@ -22,7 +24,7 @@ V = 64
 
 def table(max_num_seqs: int = 6, groups: int = 1) -> RowTable:
     return RowTable(max_num_seqs=max_num_seqs, num_groups=groups, max_pages_per_seq=5, vocab_size=V, max_stop_tokens=4,
-                    max_logit_bias=3, max_logprobs=5, history_len=8)
+                    max_logit_bias=3, max_logprobs=5, num_speculative_tokens=2)
 
 
 def seq(rid: str, prompt: list[int], outputs: list[int], pages: list[int], drafts: tuple = (), groups: tuple = ()) -> Any:
@@ -37,13 +39,20 @@ class DeviceTable:
         self.rows = rows
         self.params = jax.tree.map(jnp.asarray, rows.initial_params())
         self.blocks = jnp.asarray(rows.initial_blocks())
+        self.penalties = jax.tree.map(jnp.asarray, rows.initial_penalties())
+        self.step_penalties: Any = None
 
     def step(self, scheduled: list, sampling_rows: list, num_rows: int) -> tuple[list[int], np.ndarray, Any]:
-        slots, row_slots, update, _ = self.rows.prepare(scheduled, sampling_rows, num_rows)
+        slots, row_slots, update, penalties, _ = self.rows.prepare(scheduled, sampling_rows, num_rows)
         if update.param_slots is not None:
             self.params = apply_params(self.params, update.param_slots, update.params)
         if update.block_slots is not None:
             self.blocks = apply_blocks(self.blocks, update.block_slots, update.blocks)
+        if update.penalty_slots is not None:
+            self.penalties = apply_penalty_rows(self.penalties, update.penalty_slots, update.penalty_rows)
+        self.step_penalties = jax.tree.map(jnp.asarray, penalties if penalties is not None else self.rows.neutral_penalties(num_rows))
+        no_prev = jnp.zeros(num_rows, jnp.int32)
+        self.penalties = commit_penalty_tokens(self.penalties, jnp.asarray(row_slots), self.step_penalties, no_prev, V)
         return slots, row_slots, update
 
 
@@ -57,21 +66,36 @@ PARAMS = [
 ]
 
 
+def effective_counts(t: Any) -> np.ndarray:
+    """Each row's output counts as the sampler sees them: its penalty row plus its pending drafts."""
+    counts = np.asarray(t.output_counts)[np.asarray(t.penalty_rows)].copy()
+    for r, ids in enumerate(np.asarray(t.pending_ids)):
+        for i in ids[ids < V]:
+            counts[r, i] += 1
+    return counts
+
+
+PENALTY_FIELDS = {"output_counts", "prompt_bits", "penalty_rows", "pending_ids"}
+
+
 def test_gathered_sampling_tensors_equal_the_host_builder():
-    """Rows with every kind of parameter, at several output lengths (min_tokens on and off), some sharing
-    a slot (speculative per-position rows) and padding rows: every field and flag matches."""
+    """Rows with every kind of parameter, outputs growing from step to step (min_tokens on and off, a
+    penalised row counted on the device), some sharing a slot (speculative per-position rows, drafts
+    counted for their row only) and padding rows: every field and flag matches, and the penalised
+    logits are identical."""
     rng = np.random.default_rng(0)
     rows = table()
     dev = DeviceTable(rows)
-    for trial in range(4):
+    prompts = [rng.integers(0, V, size=3 + i).tolist() for i in range(len(PARAMS))]
+    outs: list[list[int]] = [[] for _ in PARAMS]
+    for trial in range(5):
         scheduled, states = [], []
         for i, p in enumerate(PARAMS):
-            prompt = rng.integers(0, V, size=3 + i).tolist()
-            out = rng.integers(0, V, size=int(rng.integers(0, 6))).tolist()
-            drafts = (7, 8) if (i == 1 and trial % 2) else ()
+            outs[i] += rng.integers(0, V, size=int(rng.integers(0, 4))).tolist()  # what the last step accepted
+            prompt, out = prompts[i], list(outs[i])
+            drafts = (7, 8) if (i in (1, 3) and trial % 2) else ()
             s = seq(f"r{i}", prompt, out, [1 + i], drafts)
-            state = RowState(params=p, prompt_token_ids=prompt, output_token_ids=out, seed=100 + i, eos_token_ids=(2,),
-                             penalty_history=PenaltyHistory(prompt, True) if i == 3 else None)
+            state = RowState(params=p, prompt_token_ids=prompt, output_token_ids=out, seed=100 + i, eos_token_ids=(2,))
             scheduled.append(s)
             states.append(state)
             for k in range(1, len(drafts) + 1):  # per-position rows: the output extended by the drafts before k
@@ -82,11 +106,12 @@ def test_gathered_sampling_tensors_equal_the_host_builder():
         sample_pos = np.zeros(S, np.int32)
         for j, st in enumerate(states):  # the position of the token each row samples after
             sample_pos[j] = len(st.prompt_token_ids) + len(st.output_token_ids) - 1
-        extras = rows.host_extras(states, S)
-        got = gather_sampling_tensors(dev.params, jnp.asarray(row_slots), jnp.asarray(sample_pos), jax.tree.map(jnp.asarray, extras), V)
-        want = build_sampling_tensors(states, S, vocab_size=V, history_len=8, max_stop_tokens=4, max_logprobs=5, max_logit_bias=3)
+        mask = jax.tree.map(jnp.asarray, rows.host_mask(states, S))
+        got = gather_sampling_tensors(dev.params, dev.penalties, jnp.asarray(row_slots), jnp.asarray(sample_pos),
+                                      dev.step_penalties, mask, V)
+        want = build_sampling_tensors(states, S, vocab_size=V, max_stop_tokens=4, max_logprobs=5, max_logit_bias=3)
         n = len(states)  # padding rows' step is meaningless (the builder writes 0)
-        for name in want.__dataclass_fields__:
+        for name in sorted(set(want.__dataclass_fields__) - PENALTY_FIELDS):
             a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
             if name == "step":
                 a, b = a[:n], b[:n]
@@ -94,6 +119,13 @@ def test_gathered_sampling_tensors_equal_the_host_builder():
                 assert [sorted(set(r) - {V}) for r in a.tolist()] == [sorted(set(r) - {V}) for r in b.tolist()], trial
             else:
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} (trial {trial})")
+        penalised = [j for j, st in enumerate(states) if st.params.repetition_penalty != 1.0]
+        np.testing.assert_array_equal(effective_counts(got)[penalised], effective_counts(want)[penalised])
+        np.testing.assert_array_equal(np.asarray(got.prompt_bits)[row_slots[penalised]], np.asarray(want.prompt_bits)[penalised])
+        assert (np.asarray(want.pending_ids)[penalised].min() < V) == bool(trial % 2)  # drafts pending in odd trials
+        logits = jnp.asarray(rng.standard_normal((S, V)).astype(np.float32) * 3)
+        penalise = jax.jit(apply_min_tokens_and_penalties)
+        np.testing.assert_array_equal(np.asarray(penalise(logits, got)), np.asarray(penalise(logits, want)), err_msg=f"trial {trial}")
 
 
 def test_only_changes_are_sent_and_slots_are_reused():

@@ -56,7 +56,6 @@ def test_mixed_workload_leaves_nothing_behind(tiny_llama, xla_cache_dir, monkeyp
     monkeypatch.setattr(core, "validate_prompt", lambda ids, params: None)
     core.add_request("bad", [3, 4], SamplingParams(max_tokens=4, logit_bias={i: 1.0 for i in range(301)}))
     monkeypatch.undo()  # validation back; records were captured above
-    assert core.registry.num_needing_host_tokens == 4  # the penalised and the constrained children
 
     finals, gone_tokens = {}, 0
     for _ in range(400):

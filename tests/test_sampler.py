@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jengine.sampler import (
-    PenaltyHistory,
     RowState,
     SamplingTensors,
     build_sampling_tensors,
@@ -33,7 +32,6 @@ def _row(seed: int = 0, prompt=(1, 2, 3), out=(), eos=(0,), **kw) -> RowState:
 
 
 def _tensors(rows, s, **kw) -> SamplingTensors:
-    kw.setdefault("history_len", 16)
     kw.setdefault("max_logprobs", MAXLP)
     return build_sampling_tensors(rows, s, vocab_size=V, **kw)
 
@@ -134,36 +132,24 @@ def test_penalties_match_reference():
         np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5, err_msg=str(c))
 
 
-def test_penalty_history_covers_histories_longer_than_the_window():
-    s = 2
+def test_penalties_see_the_whole_history_and_pending_drafts():
+    """Dense counts: a long prompt and output are penalised in full; a verification row's drafts count
+    as outputs for that row (pending), exactly as if they were committed."""
+    s = 3
     logits = _logits(s, seed=9)
     rng = np.random.default_rng(3)
-    prompt = rng.integers(0, 40, 50).tolist()
-    out = rng.integers(20, 60, 70).tolist()  # 70 output tokens: past history_len=40 (60 distinct ids fit in 2 x 40)
+    prompt = rng.integers(0, 200, 150).tolist()
+    out = rng.integers(20, 260, 170).tolist()
     kw = dict(temperature=1.0, presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.4)
-    hist = PenaltyHistory(prompt, include_prompt=True)
-    for n in (0, 5, 33, 70):  # synced incrementally, step after step
-        rows = [RowState(params=SamplingParams(**kw), prompt_token_ids=prompt, output_token_ids=out[:n], seed=0,
-                         penalty_history=hist), _row(**kw, prompt=prompt, out=out[:n])]
-        got = np.asarray(filtered_jit(logits, _tensors(rows, s, history_len=40)))
-        want = ref_penalties(logits[0], prompt, out[:n], 0.3, 0.2, 1.4)
-        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5, err_msg=f"{n} outputs")
-    # Without the history object a row sees only its last 40 output and prompt tokens.
-    assert np.abs(got[1] - ref_penalties(logits[1], prompt, out, 0.3, 0.2, 1.4)).max() > 1e-3
-    ids, counts = hist.arrays(out)
-    assert sorted(ids.tolist()) == sorted(set(prompt) | set(out))
-    assert {int(t): float(c) for t, c in zip(ids, counts) if c} == {t: float(out.count(t)) for t in set(out)}
-
-
-def test_penalty_history_overflow_keeps_output_ids():
-    logits = _logits(1, seed=10)
-    prompt, out = list(range(100, 130)), [7, 7, 8]  # 32 distinct ids, only 8 slots
-    hist = PenaltyHistory(prompt, include_prompt=True)
-    row = RowState(params=SamplingParams(temperature=1.0, frequency_penalty=1.0, repetition_penalty=1.2), prompt_token_ids=prompt,
-                   output_token_ids=out, seed=0, penalty_history=hist)
-    got = np.asarray(filtered_jit(logits, _tensors([row], 1, history_len=4)))[0]
-    want = ref_penalties(logits[0], (), out, 0.0, 1.0, 1.2)  # the output ids get every penalty
-    np.testing.assert_allclose(got[[7, 8]], want[[7, 8]], rtol=1e-5, atol=1e-5)
+    rows = [_row(**kw, prompt=prompt, out=out),
+            RowState(params=SamplingParams(**kw), prompt_token_ids=prompt, output_token_ids=out, seed=0, num_committed_outputs=160),
+            _row(**kw, prompt=prompt, out=out[:3])]
+    t = _tensors(rows, s)
+    assert np.asarray(t.pending_ids).shape == (s, 10) and sorted(np.asarray(t.pending_ids)[1].tolist()) == sorted(out[160:])
+    got = np.asarray(filtered_jit(logits, t))
+    for r, n in enumerate((170, 170, 3)):
+        want = ref_penalties(logits[r], prompt, out[:n], 0.3, 0.2, 1.4)
+        np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5, err_msg=f"row {r}")
 
 
 def test_greedy_uses_penalised_logits():

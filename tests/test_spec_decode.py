@@ -317,15 +317,3 @@ def test_penalties_and_logprobs_are_speculated_with_identical_results(tiny_llama
                 for t in la:
                     assert lb[t].logprob == pytest.approx(la[t].logprob, abs=1e-4) and lb[t].rank == la[t].rank
             assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-3)
-
-
-def test_penalty_history_counts_drafts_in_copies_only():
-    from jengine.sampler import PenaltyHistory
-
-    h = PenaltyHistory([5, 6], include_prompt=True)
-    ids, counts = h.arrays([7, 7], num_committed=1)  # one committed output, one draft
-    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 2.0}
-    ids, counts = h.arrays([7, 8, 8], num_committed=1)  # the draft was rejected: 7 counted once
-    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 1.0, 8: 2.0}
-    ids, counts = h.arrays([7, 9])
-    assert dict(zip(ids.tolist(), counts.tolist())) == {5: 0.0, 6: 0.0, 7: 1.0, 9: 1.0}

@@ -23,7 +23,6 @@ class RequestRegistry:
     def __init__(self, kv_cache_manager: Any) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
-        self.num_needing_host_tokens = 0  # of `requests`: those with `needs_host_tokens`
         self._on_free: list[Callable[[Request], None]] = []
 
     def on_free(self, callback: Callable[[Request], None]) -> None:
@@ -38,8 +37,6 @@ class RequestRegistry:
         if request.freed:
             raise ValueError(f"request {rid!r} has already ended")
         self.requests[rid] = request
-        if request.needs_host_tokens:
-            self.num_needing_host_tokens += 1
 
     def free(self, request: Request, *, keep_record: bool = False) -> None:
         """Ends `request`: its pages go back to the pool, it leaves every index and its per-request state
@@ -52,8 +49,6 @@ class RequestRegistry:
         request.freed = True
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
-            if request.needs_host_tokens:
-                self.num_needing_host_tokens -= 1
         request.release_state()
         for callback in self._on_free:
             callback(request)

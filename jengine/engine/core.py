@@ -5,8 +5,11 @@
 With asynchronous scheduling (`async_scheduling`) a step is dispatched to the device before the previous
 step's sampled tokens reach the host: `step()` schedules and dispatches step N+1 (its rows that consume
 step N's tokens read them on the device), then fetches step N's tokens and processes its outputs while the
-device runs step N+1. Steps whose batch needs host knowledge of every last token (penalties built from
-host histories, structured-output bitmasks, speculative decoding, several processes) run synchronously.
+device runs step N+1. Penalties are counted on the device (`jengine.worker.input_batch`). A step with
+structured-output rows splits around its forward: once the forward of N+1 is on the device, the host
+takes step N's tokens, advances the grammars and only then writes N+1's masks and enqueues its
+sampler, so the grammar work overlaps the forward. Speculative decoding and several processes run
+synchronously (their drafts and broadcast inputs need the host's tokens).
 
 It owns the model runner (device), the KV cache manager, request registry and scheduler (host), and the
 output processor (detokenization, stop strings, logprobs). A sequence's state lives on its `Request`
@@ -33,7 +36,7 @@ from jengine.loader import load_model
 from jengine.lora.request import LoRARequest
 from jengine.outputs import RequestOutput
 from jengine.request import Request, RequestStatus
-from jengine.sampler import PenaltyHistory, RowState, build_sampling_tensors, has_repetition_penalty, needs_penalties
+from jengine.sampler import RowState, build_sampling_tensors
 from jengine.sampling_params import SamplingParams
 from jengine.sharding import distributed
 from jengine.spec_decode.speculator import Speculator
@@ -216,7 +219,6 @@ class EngineCore:
             req = Request(child_id, prompt_token_ids, child_params, self.eos_token_ids, arrival_time=arrival_time, priority=priority,
                           lora_request=lora_request)
             req.seed = child_params.seed if child_params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-            req.needs_host_tokens = needs_penalties(child_params) or child_params.structured_outputs is not None
             if child_params.structured_outputs is not None:  # each child its own matcher
                 req.structured_output = self.structured_output.start(child_params.structured_outputs, name=child_id)
             children.append(req)
@@ -243,20 +245,13 @@ class EngineCore:
 
     # ----- the step -----------------------------------------------------------------------------
     def _row_state(self, request: Request) -> RowState:
-        params = request.sampling_params
-        history = None
-        if needs_penalties(params):
-            history = request.penalty_history
-            if history is None:
-                history = request.penalty_history = PenaltyHistory(request.prompt_token_ids, include_prompt=has_repetition_penalty(params))
         assert request.seed is not None  # set by add_request
         return RowState(
-            params=params,
+            params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             seed=request.seed,
             eos_token_ids=request.eos_token_ids,
-            penalty_history=history,
             num_placeholder_tokens=request.num_output_placeholders,
         )
 
@@ -272,13 +267,14 @@ class EngineCore:
         for i in idx:
             rows[i].token_bitmask = self._all_allowed_mask
         starts = np.concatenate([[0], np.cumsum(logit_rows(scheduled))])  # sampling row of each scheduled row
-        seqs = [scheduled[i].request.structured_output for i in idx]
-        targets = starts[idx]
 
         def fill(bitmask: np.ndarray) -> None:
-            masks = np.empty((len(idx), so.num_words), np.int32)
-            so.fill_bitmask(seqs, masks)
-            bitmask[targets] = masks
+            # Asynchronous steps fill after the previous step's tokens were applied: a request that
+            # finished there keeps the all-allowed placeholder (its token is dropped).
+            live = [i for i in idx if not scheduled[i].request.is_finished]
+            masks = np.empty((len(live), so.num_words), np.int32)
+            so.fill_bitmask([scheduled[i].request.structured_output for i in live], masks)
+            bitmask[starts[live]] = masks
 
         return fill
 
@@ -347,37 +343,58 @@ class EngineCore:
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedules and dispatches step N+1, then processes step N (on the device until now) while the
-        device runs N+1. Drains step N first when a running request needs its last token on the host."""
+        device runs N+1. With structured-output rows N+1's sampler waits for their masks: step N is
+        processed (grammars advanced) between N+1's forward and its sampler (see the module doc)."""
         outputs: list[RequestOutput] = []
         prev = self._in_flight
-        if prev is not None and self.registry.num_needing_host_tokens:
-            self._in_flight = None
-            outputs += self._process(prev.sched, self.runner.fetch(prev.step))
-            prev = None
+        self._in_flight = None
         sched = self.scheduler.schedule()
-        flight = None
-        if sched.scheduled:
-            pending = None
+        marked = False
+
+        def settle_prev() -> None:  # processes step N, once
+            nonlocal prev
             if prev is not None:
-                pairs = [(i, prev.rows[s.request_id]) for i, s in enumerate(sched.scheduled) if s.request.num_output_placeholders]
-                pending = PrevTokens(pairs, prev.step.tokens) if pairs else None
-            try:
-                rows, fill_masks = self._sampling_rows(sched)
-                inputs, sampling = self.runner.prepare(sched.scheduled, rows, sched.num_batched_tokens, pending)
-                step = self.runner.dispatch(inputs, sampling, fill_masks)
-            except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
-                self._in_flight = None
-                if prev is not None:
-                    outputs += self._process(prev.sched, self.runner.fetch(prev.step))
-                return outputs + self._fail_unrunnable(sched.scheduled, error)
-            self.scheduler.mark_dispatched(sched)
-            flight = _Flight(sched, step, {s.request_id: i for i, s in enumerate(sched.scheduled) if s.samples})
-        self._in_flight = flight
-        if prev is not None:  # the device runs step N+1 meanwhile
-            outputs += self._process(prev.sched, self.runner.fetch(prev.step))
-        if sched.scheduled:
-            return outputs
-        return outputs + self._process(sched, None)  # nothing dispatched: report what schedule() ended
+                done, prev = prev, None
+                outputs.extend(self._process(done.sched, self.runner.fetch(done.step)))
+
+        def mark() -> None:  # step N+1's rows count as computed, before step N's results are applied
+            nonlocal marked
+            if not marked:
+                self.scheduler.mark_dispatched(sched)
+                marked = True
+
+        if not sched.scheduled:
+            settle_prev()
+            return outputs + self._process(sched, None)  # nothing dispatched: report what schedule() ended
+        pending = None
+        if prev is not None:
+            pairs = [(i, prev.rows[s.request_id]) for i, s in enumerate(sched.scheduled) if s.request.num_output_placeholders]
+            pending = PrevTokens(pairs, prev.step.tokens) if pairs else None
+        try:
+            rows, fill_masks = self._sampling_rows(sched)
+            inputs, sampling = self.runner.prepare(sched.scheduled, rows, sched.num_batched_tokens, pending)
+            if fill_masks is not None:
+                fill_masks = self._after_previous_step(fill_masks, mark, settle_prev)
+            step = self.runner.dispatch(inputs, sampling, fill_masks)
+        except Exception as error:  # noqa: BLE001 - a request that slipped past validation must not stop the engine
+            if marked:  # failed between the forward and the sampler: not a request's fault
+                raise
+            settle_prev()
+            return outputs + self._fail_unrunnable(sched.scheduled, error)
+        mark()
+        self._in_flight = _Flight(sched, step, {s.request_id: i for i, s in enumerate(sched.scheduled) if s.samples})
+        settle_prev()  # the device runs step N+1 meanwhile
+        return outputs
+
+    @staticmethod
+    def _after_previous_step(fill_masks: Callable[[np.ndarray], None], mark: Callable[[], None],
+                             settle_prev: Callable[[], None]) -> Callable[[np.ndarray], None]:
+        """The mask filler of an asynchronous step: step N is applied first (its tokens advance the grammars)."""
+        def fill(bitmask: np.ndarray) -> None:
+            mark()
+            settle_prev()
+            fill_masks(bitmask)
+        return fill
 
     def _fail_unrunnable(self, scheduled: Sequence[Any], error: Exception) -> list[RequestOutput]:
         """The step's host inputs could not be built: finds the requests whose own inputs fail (each

@@ -13,9 +13,14 @@ slot): the forward gathers its block tables and the sampler its rows' `SamplingT
 table on the device (`gather_sampling_tensors`). The sampled token's output index (the seed's
 `fold_in` step and the `min_tokens` test) is computed there from its position and the prompt length.
 
-Per-step host data remains only where the host alone knows it: penalty histories (the engine's
-`PenaltyHistory`, so those requests still run synchronously) and structured-output bitmasks; a
-step without either uses a neutral `StepExtras` that stays on the device (`RowTable.neutral_extras`).
+Penalties keep dense state per slot (`PenaltyState`: output-token counts `[slots, V]` and the prompt's
+token bits), written whole when a request with penalties joins and counted on the device after that:
+each step the sampler adds the tokens committed since the slot was last counted (`StepPenalties`:
+those the host knows, plus one still on the device from the previous step under asynchronous
+scheduling), so penalised rows need no host history and run asynchronously. A verification row's
+drafts count for that row only (`pending_ids`). Structured-output bitmasks are the one per-step array
+only the host knows (`StepMask`); steps without penalised or constrained rows use neutral copies that
+stay on the device.
 
 Slots are keyed by request id. A request keeps its slot until the engine releases it (`release`, when
 it finishes or aborts); a preempted request keeps it while slots last, and when a joining request
@@ -33,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.sampler import (
-    SamplingTensors, _SAMPLING_EPS, build_penalty_tensors, build_token_bitmask, needs_penalties, seed_to_key_data,
+    SamplingTensors, _SAMPLING_EPS, build_token_bitmask, has_repetition_penalty, needs_penalties, pack_token_bits,
+    seed_to_key_data,
 )
 from jengine.worker.step_inputs import logit_rows, pick_bucket
 
@@ -75,13 +81,30 @@ def empty_slot_params(n: int, vocab_size: int, max_stop_tokens: int, max_logit_b
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class StepExtras:
-    """What only the host knows per step (rows as the step's logits rows); neutral in most steps."""
+class PenaltyState:
+    """Penalty state per slot on the device (rows: slots, the padding slot last)."""
 
-    penalty_token_ids: Any  # i32[S, W]
-    penalty_output_counts: Any  # f32[S, W]
-    token_bitmask: Any  # i32[S, ceil(V / 32)]
+    counts: Any  # i32[N + 1, V]: how often each token is in the slot's output, as counted so far
+    prompt_bits: Any  # i32[N + 1, ceil(V / 32)]: the prompt's tokens (slots with a repetition penalty)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepPenalties:
+    """One step's penalty data, per logits row (neutral in steps without penalised rows)."""
+
+    commit_ids: Any  # i32[S, A]: tokens the row's slot counts for good before sampling (V: none; first row of a sequence)
+    commit_prev: Any  # i32[S]: index into the previous step's sampled tokens of one more such token (-1: none)
+    pending_ids: Any  # i32[S, P]: drafts before a verification row's position, counted for that row only
     any_penalties: Any  # bool[]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepMask:
+    """One step's structured-output bitmask (rows as the logits rows; all ones in most steps)."""
+
+    token_bitmask: Any  # i32[S, ceil(V / 32)]
     any_constrained: Any  # bool[]
 
 
@@ -93,10 +116,12 @@ class TableUpdate:
     params: Optional[SlotParams] = None  # [U, ...]
     block_slots: Optional[np.ndarray] = None  # i32[U]
     blocks: Optional[np.ndarray] = None  # i32[G, U, max_pages_per_seq]
+    penalty_slots: Optional[np.ndarray] = None  # i32[U]
+    penalty_rows: Optional[PenaltyState] = None  # [U, ...]: the joining penalised slots' whole state
 
     @property
     def empty(self) -> bool:
-        return self.param_slots is None and self.block_slots is None
+        return self.param_slots is None and self.block_slots is None and self.penalty_slots is None
 
 
 @dataclasses.dataclass
@@ -104,13 +129,14 @@ class StepSampling:
     """The sampling half of a step's host inputs (what a multi-host leader publishes with `StepInputs`)."""
 
     row_slots: np.ndarray  # i32[S]: each logits row's slot (the padding slot for rows that do not sample)
-    extras: StepExtras  # host-built (numpy) when some row has penalties or a bitmask, else the device's neutral one
+    penalties: StepPenalties  # host-built (numpy) when some row has penalties, else the device's neutral one
+    mask: StepMask  # host-built when some row is constrained, else the device's neutral one
     update: TableUpdate  # applied to the device table before the step runs
 
     @property
     def token_bitmask(self) -> Any:
         """The host bitmask structured-output rows' masks are written into (see `ModelRunner.dispatch`)."""
-        return self.extras.token_bitmask
+        return self.mask.token_bitmask
 
 
 def update_buckets(max_num_seqs: int) -> list[int]:
@@ -133,27 +159,42 @@ def apply_blocks(blocks: jax.Array, slots: jax.Array, rows: jax.Array) -> jax.Ar
     return blocks.at[:, slots].set(rows, mode="drop")
 
 
-def gather_sampling_tensors(table: SlotParams, row_slots: jax.Array, sample_pos: jax.Array, extras: StepExtras,
-                            vocab_size: int) -> SamplingTensors:
+def apply_penalty_rows(state: PenaltyState, slots: jax.Array, rows: PenaltyState) -> PenaltyState:
+    """Writes joining penalised slots' whole penalty state (jitted; padding slots are dropped)."""
+    return jax.tree.map(lambda t, r: t.at[slots].set(r, mode="drop"), state, rows)
+
+
+def commit_penalty_tokens(state: PenaltyState, row_slots: jax.Array, step: StepPenalties, prev_tokens: jax.Array,
+                          vocab_size: int) -> PenaltyState:
+    """Counts the step's committed tokens into their slots' rows (inside the jitted sampler): the host's
+    `commit_ids`, and the previous step's sampled token where `commit_prev` points at one."""
+    counts = state.counts.at[row_slots[:, None], step.commit_ids].add(1, mode="drop")
+    prev = jnp.where(step.commit_prev >= 0, prev_tokens[jnp.maximum(step.commit_prev, 0)], vocab_size)
+    return dataclasses.replace(state, counts=counts.at[row_slots, prev].add(1, mode="drop"))
+
+
+def gather_sampling_tensors(table: SlotParams, penalty: PenaltyState, row_slots: jax.Array, sample_pos: jax.Array,
+                            step_penalties: StepPenalties, mask: StepMask, vocab_size: int) -> SamplingTensors:
     """The step's `SamplingTensors` gathered from the table on the device (inside the jitted sampler).
 
     `sample_pos[i]` is the position of the token whose logits row i samples after, so the sampled
     token's output index (its seeded stream's step, and what `min_tokens` counts) is that + 1 - the
-    prompt length; the batch flags are reductions over the gathered rows."""
+    prompt length; the batch flags are reductions over the gathered rows. The penalty tables are passed
+    whole (`penalty_rows` = the rows' slots): the sampler reads them only when some row has penalties."""
     g = jax.tree.map(lambda a: a[row_slots], table)
     step = jnp.maximum(sample_pos + 1 - g.prompt_len, 0).astype(jnp.int32)
     banned = jnp.where((step < g.min_tokens)[:, None], g.stop_ids, vocab_size)
     return SamplingTensors(
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
         presence_penalty=g.presence_penalty, frequency_penalty=g.frequency_penalty, repetition_penalty=g.repetition_penalty,
-        key_data=g.key_data, step=step, penalty_token_ids=extras.penalty_token_ids,
-        penalty_output_counts=extras.penalty_output_counts, banned_token_ids=banned, logit_bias_ids=g.bias_ids,
-        logit_bias_values=g.bias_values, num_logprobs=g.num_logprobs, token_bitmask=extras.token_bitmask,
+        key_data=g.key_data, step=step, output_counts=penalty.counts, prompt_bits=penalty.prompt_bits,
+        penalty_rows=row_slots, pending_ids=step_penalties.pending_ids, banned_token_ids=banned, logit_bias_ids=g.bias_ids,
+        logit_bias_values=g.bias_values, num_logprobs=g.num_logprobs, token_bitmask=mask.token_bitmask,
         all_greedy=jnp.all(g.temperature == 0),
         any_top_k_or_p=jnp.any((g.top_k > 0) | (g.top_p < 1.0)),
-        any_processing=jnp.any(banned < vocab_size) | jnp.any(g.bias_ids < vocab_size) | extras.any_penalties,
+        any_processing=jnp.any(banned < vocab_size) | jnp.any(g.bias_ids < vocab_size) | step_penalties.any_penalties,
         any_logprobs=jnp.any(g.num_logprobs >= 0),
-        any_constrained=extras.any_constrained,
+        any_constrained=mask.any_constrained, any_penalties=step_penalties.any_penalties,
     )
 
 
@@ -165,6 +206,7 @@ class _Slot:
     param_key: Optional[tuple] = None  # (params, seed, eos ids) last written; None: nothing valid on the device
     pages: Optional[tuple] = None  # the page lists last written (group 0, then groups 1..)
     penalized: bool = False
+    counted: int = 0  # outputs counted into the slot's penalty row (penalised slots)
     last_used: int = -1
 
 
@@ -172,12 +214,15 @@ class RowTable:
     """The host side of the persistent batch: slot assignment and the mirror of the device table."""
 
     def __init__(self, *, max_num_seqs: int, num_groups: int, max_pages_per_seq: int, vocab_size: int,
-                 max_stop_tokens: int, max_logit_bias: int, max_logprobs: int, history_len: int):
+                 max_stop_tokens: int, max_logit_bias: int, max_logprobs: int, num_speculative_tokens: int = 0):
         self.num_slots = max_num_seqs
         self.pad_slot = max_num_seqs  # the padding rows' slot, never written
         self.num_groups, self.max_pages_per_seq = num_groups, max_pages_per_seq
         self.vocab_size, self.max_stop_tokens, self.max_logit_bias = vocab_size, max_stop_tokens, max_logit_bias
-        self.max_logprobs, self.history_len = max_logprobs, history_len
+        self.max_logprobs = max_logprobs
+        # Outputs a slot commits in one step: the last token, plus the drafts a verification accepted.
+        self.commit_width = 1 + num_speculative_tokens
+        self.pending_width = max(num_speculative_tokens, 1)
         self.buckets = update_buckets(max_num_seqs)
         self._slots = [_Slot() for _ in range(max_num_seqs)]
         self._slot_of: dict[Any, int] = {}
@@ -191,21 +236,27 @@ class RowTable:
     def initial_blocks(self) -> np.ndarray:
         return np.zeros((self.num_groups, self.num_slots + 1, self.max_pages_per_seq), np.int32)
 
-    def neutral_extras(self, num_rows: int) -> StepExtras:
-        """The extras of a step without penalty or structured-output rows (numpy; the runner keeps a device copy per bucket)."""
-        w = 2 * self.history_len
-        return StepExtras(
-            penalty_token_ids=np.full((num_rows, w), self.vocab_size, np.int32),
-            penalty_output_counts=np.zeros((num_rows, w), np.float32),
-            token_bitmask=np.full((num_rows, -(-self.vocab_size // 32)), -1, np.int32),
-            any_penalties=np.bool_(False), any_constrained=np.bool_(False),
-        )
+    def initial_penalties(self) -> PenaltyState:
+        n, V = self.num_slots + 1, self.vocab_size
+        return PenaltyState(np.zeros((n, V), np.int32), np.zeros((n, -(-V // 32)), np.int32))
+
+    def neutral_penalties(self, num_rows: int) -> StepPenalties:
+        """The penalty data of a step without penalised rows (numpy; the runner keeps a device copy per bucket)."""
+        V = self.vocab_size
+        return StepPenalties(np.full((num_rows, self.commit_width), V, np.int32), np.full(num_rows, -1, np.int32),
+                             np.full((num_rows, self.pending_width), V, np.int32), np.bool_(False))
+
+    def neutral_mask(self, num_rows: int) -> StepMask:
+        """The bitmask of a step without structured-output rows (numpy; the runner keeps a device copy per bucket)."""
+        return StepMask(np.full((num_rows, -(-self.vocab_size // 32)), -1, np.int32), np.bool_(False))
 
     def empty_update(self, size: int) -> TableUpdate:
         """An all-padding update of one bucket (warm-up lowers with it)."""
         slots = np.full(size, self.num_slots + 1, np.int32)
-        return TableUpdate(slots, empty_slot_params(size, self.vocab_size, self.max_stop_tokens, self.max_logit_bias),
-                           slots.copy(), np.zeros((self.num_groups, size, self.max_pages_per_seq), np.int32))
+        V = self.vocab_size
+        return TableUpdate(slots, empty_slot_params(size, V, self.max_stop_tokens, self.max_logit_bias),
+                           slots.copy(), np.zeros((self.num_groups, size, self.max_pages_per_seq), np.int32),
+                           slots.copy(), PenaltyState(np.zeros((size, V), np.int32), np.zeros((size, -(-V // 32)), np.int32)))
 
     # ----- per step -----------------------------------------------------------------------------
     def release(self, request_ids: Sequence[str]) -> None:
@@ -221,11 +272,13 @@ class RowTable:
         for s in self._slots:
             s.param_key, s.pages = None, None
 
-    def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_rows: int
-                ) -> tuple[list[int], np.ndarray, TableUpdate, bool]:
+    def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_rows: int,
+                prev_rows: Optional[dict[int, int]] = None) -> tuple[list[int], np.ndarray, TableUpdate, Optional[StepPenalties], bool]:
         """For one step: each scheduled row's slot, each logits row's slot (`num_rows`, padded with the
-        padding slot, which rows without a sampling state get too), the table changes, and whether some
-        row needs host extras (penalties, a bitmask). Raises ValueError for a row the sampler cannot serve."""
+        padding slot, which rows without a sampling state get too), the table changes, the step's penalty
+        data (None: no penalised row) and whether some row has a bitmask. `prev_rows` maps a scheduled row
+        whose last output is still on the device to the previous step's logits row that samples it.
+        Raises ValueError for a row the sampler cannot serve."""
         self._tick += 1
         tick = self._tick
         ids = [seq.request.request_id for seq in scheduled]
@@ -234,9 +287,11 @@ class RowTable:
         seq_slots: list[int] = []
         param_rows: list[tuple[int, Any]] = []
         block_rows: list[tuple[int, tuple]] = []
-        needs_extras = False
+        penalty_rows: list[tuple[int, Any, int]] = []  # (slot, row, outputs to count) written whole
+        penalties: Optional[StepPenalties] = None
+        any_mask = False
         first = 0
-        for seq, rid, n in zip(scheduled, ids, logit_rows(scheduled)):
+        for j, (seq, rid, n) in enumerate(zip(scheduled, ids, logit_rows(scheduled))):
             slot = self._slot_of.get(rid)
             if slot is None:
                 slot = self._take(rid, step_ids)
@@ -257,26 +312,53 @@ class RowTable:
                 if i == first:
                     key = (row.params, row.seed, tuple(row.eos_token_ids), len(row.prompt_token_ids))
                     old = rec.param_key
-                    if old is None or old[0] is not key[0] or old[1:] != key[1:]:
+                    changed = old is None or old[0] is not key[0] or old[1:] != key[1:]
+                    if changed:
                         self._check(row)
                         rec.param_key = key
                         rec.penalized = needs_penalties(row.params)
                         param_rows.append((slot, row))
-                needs_extras = needs_extras or rec.penalized or row.token_bitmask is not None
+                    if rec.penalized:
+                        if penalties is None:
+                            penalties = self.neutral_penalties(num_rows)
+                            penalties.any_penalties = np.bool_(True)
+                        self._commit(rid, rec, slot, row, i, changed, (prev_rows or {}).get(j), penalties, penalty_rows)
+                elif rec.penalized and penalties is not None:  # a verification row: the drafts before it
+                    drafts = row.output_token_ids[_committed(row):]
+                    penalties.pending_ids[i, :len(drafts)] = drafts
+                any_mask = any_mask or row.token_bitmask is not None
             first += n
         update = TableUpdate()
         if param_rows:
             update.param_slots, update.params = self._param_update(param_rows)
         if block_rows:
             update.block_slots, update.blocks = self._block_update(block_rows)
-        return seq_slots, row_slots, update, needs_extras
+        if penalty_rows:
+            update.penalty_slots, update.penalty_rows = self._penalty_update(penalty_rows)
+        return seq_slots, row_slots, update, penalties, any_mask
 
-    def host_extras(self, rows: Sequence[Any], num_rows: int) -> StepExtras:
-        """Penalty histories and bitmasks of this step's rows (numpy)."""
-        ids, counts, any_pen = build_penalty_tensors(rows, num_rows, vocab_size=self.vocab_size, history_len=self.history_len,
-                                                     prompt_history_len=self.history_len)
+    def _commit(self, rid: Any, rec: _Slot, slot: int, row: Any, i: int, joined: bool, prev_row: Optional[int],
+                step: StepPenalties, uploads: list[tuple[int, Any, int]]) -> None:
+        """Logits row i's share of the step's penalty data: the outputs its slot has not counted yet, as
+        host ids, or by the previous step's row for an output still on the device. A slot that joins (or
+        would commit more than a step can) gets its whole counts written instead."""
+        known = _committed(row)
+        new = row.output_token_ids[rec.counted:known]
+        if joined or len(new) > self.commit_width or rec.counted > known:
+            uploads.append((slot, row, known))
+            new = ()
+        step.commit_ids[i, :len(new)] = new
+        if row.num_placeholder_tokens:
+            if row.num_placeholder_tokens > 1 or prev_row is None:
+                raise ValueError(f"request {rid}: {row.num_placeholder_tokens} outputs not on the host and no "
+                                 "previous step row to count them from")
+            step.commit_prev[i] = prev_row
+        rec.counted = known + row.num_placeholder_tokens
+
+    def host_mask(self, rows: Sequence[Any], num_rows: int) -> StepMask:
+        """The structured-output bitmask of this step's rows (numpy)."""
         bitmask, any_mask = build_token_bitmask(rows, num_rows, self.vocab_size)
-        return StepExtras(ids, counts, bitmask, np.bool_(any_pen), np.bool_(any_mask))
+        return StepMask(bitmask, np.bool_(any_mask))
 
     # ----- helpers ------------------------------------------------------------------------------
     def _take(self, rid: Any, step_ids: set) -> int:
@@ -339,6 +421,16 @@ class RowTable:
             x.min_p[i] = p.min_p
         return slots, x
 
+    def _penalty_update(self, rows: list[tuple[int, Any, int]]) -> tuple[np.ndarray, PenaltyState]:
+        slots = self._padded_slots([s for s, _, _ in rows])
+        V = self.vocab_size
+        state = PenaltyState(np.zeros((slots.size, V), np.int32), np.zeros((slots.size, -(-V // 32)), np.int32))
+        for i, (_, row, known) in enumerate(rows):
+            state.counts[i] = np.bincount(np.asarray(row.output_token_ids[:known], np.int64), minlength=V)
+            if has_repetition_penalty(row.params):
+                state.prompt_bits[i] = pack_token_bits(row.prompt_token_ids, V)
+        return slots, state
+
     def _block_update(self, rows: list[tuple[int, tuple]]) -> tuple[np.ndarray, np.ndarray]:
         slots = self._padded_slots([s for s, _ in rows])
         blocks = np.zeros((self.num_groups, slots.size, self.max_pages_per_seq), np.int32)
@@ -346,6 +438,11 @@ class RowTable:
             for g, ids in enumerate(pages):
                 blocks[g, i, :len(ids)] = ids
         return slots, blocks
+
+
+def _committed(row: Any) -> int:
+    """Outputs of a sampling row that count for good (a verification row's drafts do not)."""
+    return len(row.output_token_ids) if row.num_committed_outputs is None else row.num_committed_outputs
 
 
 def _stop_ids(row: Any) -> list[int]:

@@ -1,10 +1,11 @@
 """The model runner: owns the device state (weights, KV cache, the persistent batch) and the jitted step.
 
     forward(params, kv_cache, StepInputs, block_table, lora) -> (kv_cache, logits[S, V], hidden[T, H], sample_pos[S])
-    sample(logits, slot_params, row_slots, sample_pos, StepExtras) -> SamplerOutput    # gathers SamplingTensors
+    sample(logits, slot_params, penalty_state, row_slots, sample_pos, StepPenalties, StepMask, prev_tokens)
+        -> (SamplerOutput, padded tokens, penalty_state)                                 # gathers SamplingTensors
 
-Per-request state (sampling parameters, seeds, stop tokens, logit bias, block tables) lives in the
-persistent batch (`jengine.worker.input_batch`): device arrays indexed by slot, changed by small
+Per-request state (sampling parameters, seeds, stop tokens, logit bias, penalty counts, block tables)
+lives in the persistent batch (`jengine.worker.input_batch`): device arrays indexed by slot, changed by small
 bucketed updates when rows join, leave or gain pages, so a step sends only its ragged inputs and slots.
 
 The same compiled forward serves prefill, chunked prefill and decode. Every `(tokens, sequences)`
@@ -36,7 +37,8 @@ from jengine.config import EngineConfig
 from jengine.core.kv_cache_layout import build_layout
 from jengine.sampler import SamplerOutput, prompt_logprobs, sample
 from jengine.worker.input_batch import (
-    RowTable, SlotParams, StepExtras, StepSampling, TableUpdate, apply_blocks, apply_params, gather_sampling_tensors,
+    PenaltyState, RowTable, SlotParams, StepMask, StepPenalties, StepSampling, TableUpdate, apply_blocks, apply_params,
+    apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors,
 )
 from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
@@ -48,8 +50,8 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_BYTES = 4 << 30
 MAX_STOP_TOKENS = 16  # EOS + stop_token_ids a request below min_tokens may ban
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request
-PENALTY_HISTORY = 2048  # sampling tensors hold 2x this many distinct penalty ids (output, prompt) per row
 _ACTIVATION_RESERVE_FRACTION = 0.1
+_TABLE_UPDATES = ("table_params", "table_blocks", "table_penalties")  # the persistent batch's jitted scatters
 
 
 class _CompileCounter:
@@ -212,19 +214,21 @@ class ModelRunner:
         _CompileCounter.install()
         self._compilations = 0  # lowerings during execute(), i.e. after warm-up
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn)
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2,))
         self._prompt_lp = jax.jit(self._prompt_logprobs_fn)
         self._apply_params = jax.jit(apply_params)
         self._apply_blocks = jax.jit(apply_blocks)
+        self._apply_penalty_rows = jax.jit(apply_penalty_rows, donate_argnums=(0,))
         # The persistent batch: the host's slot table and mirror, and the device arrays it updates.
         self.rows = RowTable(
             max_num_seqs=sc.max_num_seqs, num_groups=self.num_kv_groups, max_pages_per_seq=self.max_pages_per_seq,
             vocab_size=self.vocab_size, max_stop_tokens=MAX_STOP_TOKENS, max_logit_bias=MAX_LOGIT_BIAS,
-            max_logprobs=self.max_logprobs, history_len=min(max_model_len, PENALTY_HISTORY),
+            max_logprobs=self.max_logprobs, num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         )
         self._host_inputs_only = config.parallel.num_processes > 1  # several processes publish numpy inputs
         self.slot_params: Any = self._place(self.rows.initial_params(), always=True)
         self.block_table: Any = self._place(self.rows.initial_blocks(), always=True)
+        self.penalty_state: Any = self._place(self.rows.initial_penalties(), always=True)
         self._unapplied = False  # a prepared table update has not reached the device yet
         self.record_host_inputs = False  # tests: record the bytes of each host array a step sends
         self.last_host_inputs: dict[str, int] = {}
@@ -232,8 +236,9 @@ class ModelRunner:
             from jengine.sharding import pin_runner_shardings
 
             pin_runner_shardings(self, plan)  # stable shardings: warm-up builds what serving runs
-        # Extras of a step without penalty or structured-output rows: kept on the devices, one per seq bucket.
-        self._neutral_extras = {s: self._place(self.rows.neutral_extras(s)) for s in self.seq_buckets}
+        # Penalty data and bitmask of a step without penalised or constrained rows: on the devices, one per seq bucket.
+        self._neutral_penalties = {s: self._place(self.rows.neutral_penalties(s)) for s in self.seq_buckets}
+        self._neutral_mask = {s: self._place(self.rows.neutral_mask(s)) for s in self.seq_buckets}
         # `prev_tokens` of a step with nothing to read from the previous one. On the devices, placed like the
         # sampler's padded tokens, so warm-up and every step (synchronous or not) use one executable per bucket
         # (with a mesh, a numpy argument and a replicated array lowered apart); several processes publish
@@ -350,14 +355,16 @@ class ModelRunner:
             group_windows=self.kv_layout.group_windows, layer_page_offsets=self.kv_layout.layer_offsets(),
         )
 
-    def _sample_fn(self, logits, slot_params: SlotParams, row_slots, sample_pos, extras: StepExtras) -> tuple[SamplerOutput, jax.Array]:
-        """The sampler's output over the rows' state gathered from the persistent batch, and its tokens
-        padded to `max_logit_rows` (the next step's `prev_tokens`, one shape for every bucket so the
-        forward compiles once per bucket)."""
-        sampling = gather_sampling_tensors(slot_params, row_slots, sample_pos, extras, self.vocab_size)
+    def _sample_fn(self, logits, slot_params: SlotParams, penalty: PenaltyState, row_slots, sample_pos,
+                   step_penalties: StepPenalties, mask: StepMask, prev_tokens) -> tuple[SamplerOutput, jax.Array, PenaltyState]:
+        """The sampler's output over the rows' state gathered from the persistent batch, its tokens padded
+        to `max_logit_rows` (the next step's `prev_tokens`, one shape for every bucket so the forward
+        compiles once per bucket), and the penalty state with the step's committed tokens counted."""
+        penalty = commit_penalty_tokens(penalty, row_slots, step_penalties, prev_tokens, self.vocab_size)
+        sampling = gather_sampling_tensors(slot_params, penalty, row_slots, sample_pos, step_penalties, mask, self.vocab_size)
         out = sample(logits, sampling, max_logprobs=self.max_logprobs)
         padded = jnp.zeros(self.max_logit_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids.astype(jnp.int32))
-        return out, padded
+        return out, padded, penalty
 
     def _prompt_logprobs_fn(self, params, hidden, next_ids):
         model = nnx.merge(self.graphdef, params)
@@ -402,7 +409,7 @@ class ModelRunner:
 
         lora0 = self._lora_stacks()  # like kv0: lowering reads only shapes and shardings
 
-        blocks0, slots0 = self.block_table, self.slot_params  # replaced by updates: lowering reads only shapes
+        blocks0, slots0, pen0 = self.block_table, self.slot_params, self.penalty_state  # replaced by updates: lowering reads only shapes
 
         def forward(t: int, s: int) -> Any:
             def lower() -> Any:
@@ -413,13 +420,15 @@ class ModelRunner:
 
         def sampler(s: int) -> Any:
             return lambda: self._sample.lower(
-                jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), slots0, np.zeros(s, np.int32),
-                jax.ShapeDtypeStruct((s,), jnp.int32), self._neutral_extras[s])
+                jax.ShapeDtypeStruct((s, self.vocab_size), jnp.float32), slots0, pen0, np.zeros(s, np.int32),
+                jax.ShapeDtypeStruct((s,), jnp.int32), self._neutral_penalties[s], self._neutral_mask[s], self._no_prev_tokens)
 
         def table_update(kind: str, u: int) -> Any:
             x = self.rows.empty_update(u)
             if kind == "table_params":
                 return lambda: self._apply_params.lower(slots0, x.param_slots, x.params)
+            if kind == "table_penalties":
+                return lambda: self._apply_penalty_rows.lower(pen0, x.penalty_slots, x.penalty_rows)
             return lambda: self._apply_blocks.lower(blocks0, x.block_slots, x.blocks)
 
         def prompt_lp(t: int) -> Any:
@@ -441,7 +450,7 @@ class ModelRunner:
             else:
                 add(key, table_update(key[0], key[1]))
         for u in self.rows.buckets:  # every table update, also where `first_pieces` leaves one out
-            for kind in ("table_params", "table_blocks"):
+            for kind in _TABLE_UPDATES:
                 add((kind, u), table_update(kind, u))
         for t, s in sorted(self.step_buckets):
             add(("forward", t, s), forward(t, s))
@@ -459,7 +468,7 @@ class ModelRunner:
         and their sampler. Anything else waits for its piece (about a second each on 2 CPU cores)."""
         s = min(s for _, s in self.step_buckets)
         small = [t for t, ss in self.step_buckets if ss == s and t <= 64] or [min(self.token_buckets)]
-        updates = [(kind, u) for u in self.rows.buckets for kind in ("table_params", "table_blocks")]  # tiny scatters
+        updates = [(kind, u) for u in self.rows.buckets for kind in _TABLE_UPDATES]  # small scatters
         return [*(("forward", t, s) for t in sorted(small)), ("sample", s), *updates]
 
     def stop_compiling(self) -> None:
@@ -478,7 +487,7 @@ class ModelRunner:
     def prepare(self, scheduled: Sequence[Any], sampling_rows: Sequence[Any], num_batched_tokens: int,
                 prev: Optional["PrevTokens"] = None) -> tuple[StepInputs, StepSampling]:
         """Host half of a step: the bucketed numpy inputs, and the sampling half (the logits rows' slots,
-        the persistent batch's changes, host extras when a row has penalties or a bitmask): what a
+        the persistent batch's changes, the penalty data and bitmask when a row needs them): what a
         multi-host leader publishes, and what `dispatch` runs.
 
         `prev` (asynchronous scheduling): the rows whose last token the previous, still running step
@@ -492,11 +501,12 @@ class ModelRunner:
         if self._unapplied:  # the last prepared update never reached the device: resend every row's state
             self.rows.invalidate()
         try:
-            seq_slots, row_slots, update, needs_extras = self.rows.prepare(scheduled, sampling_rows, s)
+            seq_slots, row_slots, update, penalties, any_mask = self.rows.prepare(
+                scheduled, sampling_rows, s, dict(prev.rows) if prev is not None else None)
         except BaseException:
             self.rows.invalidate()  # the mirror may hold changes no update carries
             raise
-        self._unapplied = not update.empty
+        self._unapplied = not update.empty or penalties is not None
         inputs = build_step_inputs(scheduled, t, s, self.max_pages_per_seq, self.page_size, lora_slots, self.num_kv_groups,
                                    seq_slots=seq_slots, pad_slot=self.rows.pad_slot)
         inputs.prev_tokens = self._no_prev_tokens
@@ -505,8 +515,10 @@ class ModelRunner:
             srcs = np.fromiter((i for _, i in prev.rows), np.int32, len(prev.rows))
             inputs.prev_token_index[inputs.query_start_loc[rows + 1] - 1] = srcs
             inputs.prev_tokens = prev.tokens
-        extras = self.rows.host_extras(sampling_rows, s) if needs_extras else self._neutral_extras[s]
-        return inputs, StepSampling(row_slots, extras, update)
+        if penalties is None:
+            penalties = self._neutral_penalties[s]
+        mask = self.rows.host_mask(sampling_rows, s) if any_mask else self._neutral_mask[s]
+        return inputs, StepSampling(row_slots, penalties, mask, update)
 
     def _await_pieces(self, inputs: StepInputs, update: TableUpdate) -> None:
         """Waits (off the compiler's threads, never compiling here) for this step's pieces if warm-up left them to the background."""
@@ -519,6 +531,8 @@ class ModelRunner:
             keys.append(("table_params", update.param_slots.size))
         if update.block_slots is not None:
             keys.append(("table_blocks", update.block_slots.size))
+        if update.penalty_slots is not None:
+            keys.append(("table_penalties", update.penalty_slots.size))
         if compiler.ready(keys):
             return
         start = time.perf_counter()
@@ -545,17 +559,24 @@ class ModelRunner:
             if update.block_slots is not None:
                 self.block_table = self._apply_blocks(self.block_table, update.block_slots, update.blocks)
                 _count_host(sent, "update.blocks", (update.block_slots, update.blocks))
-            self._unapplied = False
+            if update.penalty_slots is not None:
+                self.penalty_state = self._apply_penalty_rows(self.penalty_state, update.penalty_slots, update.penalty_rows)
+                _count_host(sent, "update.penalties", (update.penalty_slots, update.penalty_rows))
             _count_host(sent, "inputs", inputs)
             self.kv_cache, logits, hidden, sample_pos = self._forward(self.params, self.kv_cache, inputs, self.block_table, self._lora_stacks())
             if fill_masks is not None:
                 fill_masks(sampling.token_bitmask)
-            extras = sampling.extras
-            if isinstance(extras.any_penalties, np.generic):  # host-built (filled masks included): over now
-                extras = self._place(extras)
-            _count_host(sent, "extras", sampling.extras)
+            penalties, mask = sampling.penalties, sampling.mask
+            if isinstance(penalties.any_penalties, np.generic):  # host-built: over now
+                penalties = self._place(penalties)
+            if isinstance(mask.any_constrained, np.generic):  # host-built (filled masks included)
+                mask = self._place(mask)
+            _count_host(sent, "penalties", sampling.penalties)
+            _count_host(sent, "mask", sampling.mask)
             _count_host(sent, "row_slots", sampling.row_slots)
-            out, padded = self._sample(logits, self.slot_params, sampling.row_slots, sample_pos, extras)
+            out, padded, self.penalty_state = self._sample(logits, self.slot_params, self.penalty_state, sampling.row_slots,
+                                                           sample_pos, penalties, mask, inputs.prev_tokens)
+            self._unapplied = False
             prompt = None
             if inputs.want_prompt_logprobs:
                 prompt = self._prompt_lp(self.params, hidden, inputs.prompt_next_ids)
