@@ -7,6 +7,7 @@ import pytest
 
 from jengine.sampler import (
     RowState,
+    argmax_rows,
     SamplingTensors,
     build_sampling_tensors,
     filtered_logits,
@@ -334,3 +335,20 @@ def test_compiles_once_for_different_request_mixes():
     for rows in mixes:
         jax.block_until_ready(f(_logits(s), _tensors(rows, s)))
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("vocab", [300, 512, 1000])
+def test_argmax_rows_equals_argmax_with_ties_and_all_masked_rows(vocab):
+    """The two-level argmax: the first index of each row's maximum, -inf rows at 0; vocabularies that
+    are not a multiple of the block are padded."""
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((9, vocab)).astype(np.float32)
+    x[1, [7, 200, vocab - 1]] = 50.0  # ties: the lowest id wins
+    x[2, vocab - 1] = 60.0  # the maximum in the padded last block
+    x[3] = -np.inf
+    x[4, [5, 250]] = np.inf
+    x[5] = 0.0
+    x[6, 256] = 70.0  # the first id of a block
+    got = np.asarray(jax.jit(argmax_rows)(x))
+    np.testing.assert_array_equal(got, np.asarray(jax.numpy.argmax(x, axis=-1)))
+    assert got[1] == 7 and got[2] == vocab - 1 and got[3] == 0 and got[4] == 5 and got[5] == 0

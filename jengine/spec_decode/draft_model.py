@@ -46,6 +46,7 @@ from flax import nnx
 from jengine import pallas_kernels
 from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
+from jengine.sampler import argmax_rows
 from jengine.worker.model_runner import _CompileCounter, kv_cache_dtype
 from jengine.worker.step_inputs import StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs
 from jengine.worker.warmup import PieceCompiler
@@ -178,7 +179,7 @@ class DraftModel:
             )
             kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
             logits = model.compute_logits(hidden[inputs.logits_indices])
-        return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return kv_cache, argmax_rows(logits)
 
     def warmup(self) -> None:
         """Compiles every draft bucket before serving (on worker threads, through the persistent cache)."""
