@@ -12,7 +12,8 @@
 // registers; more rows of x re-read the block, from L2 by then. Items run on XLA's intra-op thread
 // pool. Weights float32 or bfloat16 (widened here), x and y float32. The same items serve a
 // grouped matmul (mixture of experts): each expert's rows times its matrix, read in place from
-// the stacked [L * E, K, N] experts.
+// the stacked [L * E, K, N] experts. And the LM head of a decode step: logits = x @ e^T over the
+// [V, H] embedding (or untied head), read in place a block of vocabulary rows per item.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -39,6 +40,33 @@ inline float widen(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// 16 float32 lanes (one AVX-512 register; two AVX2 ones elsewhere, the compiler splits them).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline float hsum(f32x16 v) {
+  f32x8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  lo += hi;
+  return ((lo[0] + lo[4]) + (lo[1] + lo[5])) + ((lo[2] + lo[6]) + (lo[3] + lo[7]));
 }
 
 // acc[r][j] = sum_k x[r][k] * w[k][j] for R rows and NB columns starting at w (rows N apart),
@@ -248,6 +276,104 @@ ffi::Error StackedRaggedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
+// ---- The LM head: logits[T, V] = x[T, H] @ e[V, H]^T, e (the embedding, or an untied head) read
+// in place. Each logit is the dot of x's row with one contiguous row of e: work items are blocks of
+// kHeadRows vocabulary rows, each streamed once from memory; 4 of its rows at a time stay in L1 while
+// every row of x (up to 4 per pass, 16 accumulators) multiplies them.
+constexpr int64_t kHeadRows = 128;
+
+// y[r][v] = x[r] . e[v] for R rows of x and VB rows of e (both H apart; y's rows ldy apart).
+template <typename W, int R, int VB>
+void head_tile(const float* x, int64_t H, const W* e, float* y, int64_t ldy) {
+  f32x16 acc[R][VB] = {};
+  int64_t h = 0;
+  for (; h + 16 <= H; h += 16) {
+    f32x16 ev[VB];
+    for (int v = 0; v < VB; ++v) ev[v] = load16(e + v * H + h);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 xv = load16(x + r * H + h);
+      for (int v = 0; v < VB; ++v) acc[r][v] += xv * ev[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < VB; ++v) {
+      float s = hsum(acc[r][v]);
+      for (int64_t t = h; t < H; ++t) s += x[r * H + t] * widen(e[v * H + t]);
+      y[r * ldy + v] = s;
+    }
+  }
+}
+
+template <typename W, int VB>
+void head_rows(const float* x, int64_t T, int64_t H, const W* e, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) head_tile<W, 4, VB>(x + t * H, H, e, y + t * ldy, ldy);
+  switch (T - t) {
+    case 3: head_tile<W, 3, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    case 2: head_tile<W, 2, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    case 1: head_tile<W, 1, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+
+struct HeadWork {
+  const float* x;
+  const void* e;
+  float* y;
+  int64_t T, H, V;
+  bool bf16;
+  int count;
+  std::atomic<int> next{0}, done{0};
+
+  template <typename W>
+  void run(int item) {
+    const W* e0 = static_cast<const W*>(e);
+    const int64_t v_end = std::min<int64_t>(V, (item + 1) * kHeadRows);
+    int64_t v = item * kHeadRows;
+    for (; v + 4 <= v_end; v += 4) head_rows<W, 4>(x, T, H, e0 + v * H, y + v, V);
+    for (; v < v_end; ++v) head_rows<W, 1>(x, T, H, e0 + v * H, y + v, V);
+  }
+
+  void drain() {
+    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      if (bf16) {
+        run<uint16_t>(i);
+      } else {
+        run<float>(i);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void run_all(ffi::ThreadPool& pool, std::shared_ptr<HeadWork> self) {
+    if (count == 0) return;
+    const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), count - 1));
+    for (int t = 0; t < helpers; ++t) pool.Schedule([self] { self->drain(); });
+    drain();
+    while (done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  }
+};
+
+// y[T, V] = x[T, H] @ e[V, H]^T.
+ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer e, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto ed = e.dimensions();
+  if (xd.size() != 2 || ed.size() != 2 || ed[1] != xd[1]) return ffi::Error::InvalidArgument("lm head: expected x[T, H] and e[V, H]");
+  const bool bf16 = e.element_type() == ffi::DataType::BF16;
+  if (!bf16 && e.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("lm head: weights must be float32 or bfloat16");
+  auto work = std::make_shared<HeadWork>();
+  work->x = x.typed_data();
+  work->e = e.untyped_data();
+  work->y = y->typed_data();
+  work->T = xd[0];
+  work->H = xd[1];
+  work->V = ed[0];
+  work->bf16 = bf16;
+  work->count = work->T == 0 ? 0 : static_cast<int>((work->V + kHeadRows - 1) / kHeadRows);
+  work->run_all(pool, work);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinear, StackedLinear,
@@ -273,4 +399,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedRaggedDot, StackedRaggedDot,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineLmHead, LmHead,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -460,6 +460,41 @@ def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     assert cl.TARGET not in f.lower(x, half, jnp.int32(1)).compile().as_text()
 
 
+@pytest.mark.parametrize("rows,vocab,hidden,dtype", [
+    (1, 1000, 96, jnp.float32),     # one decode row; 1000 = 7 blocks of 128 vocabulary rows + 104
+    (3, 131, 20, jnp.float32),      # odd vocabulary (a tail of 3 rows) and a hidden size under one vector
+    (5, 257, 40, jnp.bfloat16),     # 4 + 1 rows of x; bfloat16 weights widened in C++
+    (32, 70, 33, jnp.bfloat16),     # the most rows it serves; hidden 33 = 2 vectors + 1
+])
+def test_cpu_lm_head_matches_numpy(rows, vocab, hidden, dtype):
+    """Logits x @ w.T with w [V, H] read in place: the native head equals float64 numpy of x rounded
+    to w's dtype (what the XLA head computes), and its compiled form holds the kernel's call."""
+    cl = _native_linear()
+    rng = np.random.default_rng(vocab + rows)
+    w = jnp.asarray(rng.standard_normal((vocab, hidden)), dtype)
+    x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+    f = jax.jit(cl.lm_head)
+    got = f(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (rows, vocab)
+    want = np.asarray(x.astype(dtype), np.float64) @ np.asarray(w, np.float64).T
+    assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(cl.lm_head_reference(x, w)), rtol=1e-4, atol=1e-4)
+    assert cl.HEAD_TARGET in f.lower(x, w).compile().as_text()
+
+
+def test_lm_head_serves_few_rows_natively_and_many_through_xla():
+    cl = _native_linear()
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+    f = jax.jit(cl.lm_head)
+    for rows in (cl.MAX_ROWS, cl.MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+        assert (cl.HEAD_TARGET in f.lower(x, w).compile().as_text()) == (rows <= cl.MAX_ROWS)
+        np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(x) @ np.asarray(w).T, rtol=1e-5, atol=1e-5)
+    half = w.astype(jnp.float16)
+    assert cl.HEAD_TARGET not in f.lower(jnp.ones((2, 16), jnp.float32), half).compile().as_text()
+
+
 # ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)
 
 
