@@ -9,13 +9,15 @@
 //
 // Work item = a block of kBlock output columns; it walks the K rows of its block (kBlock
 // contiguous values each, prefetched by hand) and keeps up to kRows rows of x times the block in
-// registers; more rows of x re-read the block, from L2 by then. Items run on XLA's intra-op thread
-// pool. Weights float32 or bfloat16 (widened here), x and y float32. The same items serve a
-// grouped matmul (mixture of experts): each expert's rows times its matrix, read in place from
-// the stacked [L * E, K, N] experts. And the LM head of a decode step: logits = x @ e^T over the
-// [V, H] embedding (or untied head), read in place a block of vocabulary rows per item.
+// registers; more rows of x re-read the block, from L2 by then. Items run on the calling thread
+// and helper threads of this library (`Crew`). Weights float32 or bfloat16 (widened here), x and
+// y float32. The same items serve a grouped matmul (mixture of experts): each expert's rows times
+// its matrix, read in place from the stacked [L * E, K, N] experts. And the LM head of a decode
+// step: logits = x @ e^T over the [V, H] embedding (or untied head), read in place a block of
+// vocabulary rows per item.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -33,6 +35,7 @@ constexpr int kWide = 256;  // columns per item for 1-2 rows (decode): longer ru
 constexpr int kWideRows = 2;
 constexpr int kRows = 4;    // rows of x per pass over a block: 16 accumulator registers
 constexpr int kAhead = 8;   // rows of w prefetched ahead
+constexpr std::chrono::microseconds kSpin{500};  // how long an idle helper keeps looking for work
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
@@ -118,6 +121,83 @@ void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, f
   }
 }
 
+// A call's work: `count` items taken in turn (an atomic counter) by the calling thread and helpers.
+// Shared through a shared_ptr, so a helper that starts after the call returned finds no item left
+// and touches only this.
+struct Job {
+  int count = 0;
+  std::atomic<int> next{0}, done{0};
+  virtual ~Job() = default;
+  virtual void run(int item) = 0;
+
+  void drain() {
+    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      run(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Helper threads of our own (one per core besides the caller's), which after each call keep looking
+// for the next one for kSpin before they sleep. A decode step makes ~4 calls per layer, each only
+// 0.1-0.5 ms of streaming: a helper woken from sleep for each (XLA's pool) starts late and the call
+// runs mostly on one core. A call's items are taken in turn, so the caller alone finishes any call
+// the helpers miss (another call's, a forked child without them).
+class Crew {
+ public:
+  static Crew& get(int helpers) {
+    static Crew* crew = new Crew(helpers);  // never destroyed: its threads live as long as the process
+    return *crew;
+  }
+  void post(std::shared_ptr<Job> job) {
+    while (lock_.test_and_set(std::memory_order_acquire)) {}
+    job_ = std::move(job);
+    lock_.clear(std::memory_order_release);
+    epoch_.fetch_add(1, std::memory_order_release);
+    epoch_.notify_all();
+  }
+
+ private:
+  explicit Crew(int helpers) {
+    for (int t = 0; t < helpers; ++t) std::thread([this] { loop(); }).detach();
+  }
+  std::shared_ptr<Job> take() {
+    while (lock_.test_and_set(std::memory_order_acquire)) {}
+    std::shared_ptr<Job> job = job_;
+    lock_.clear(std::memory_order_release);
+    return job;
+  }
+  void loop() {
+    uint32_t seen = epoch_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      uint32_t e;
+      while ((e = epoch_.load(std::memory_order_acquire)) == seen) {
+        if (std::chrono::steady_clock::now() > until) {
+          epoch_.wait(seen, std::memory_order_acquire);
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      seen = e;
+      if (auto job = take()) job->drain();
+    }
+  }
+  std::atomic_flag lock_ = ATOMIC_FLAG_INIT;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint32_t> epoch_{0};
+};
+
+// Runs every item of `job`: the calling thread and the crew (sized to XLA's intra-op pool) together.
+void run_job(ffi::ThreadPool& pool, std::shared_ptr<Job> job) {
+  const int n = job->count;
+  if (n == 0) return;
+  const int helpers = static_cast<int>(pool.num_threads()) - 1;
+  if (n > 1 && helpers > 0) Crew::get(helpers).post(job);
+  job->drain();
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
 // One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + width) of matrix w
 // ([K, n] with rows n apart), written to y's columns from y0 + n0.
 struct Item {
@@ -125,18 +205,16 @@ struct Item {
   int64_t n, y0, row0, rows, n0, width;
 };
 
-// Shared by the calling thread and the pool tasks; a task that starts after the call returned
-// finds no item left and touches only this (kept alive by its shared_ptr).
-struct Work {
+// A projection call's items (column blocks of one or more matrices).
+struct Work : Job {
   const float* x;
   float* y;
   int64_t K, N;  // N: y's row length (the sum of the matrices' widths)
   bool bf16;
   std::vector<Item> items;
-  std::atomic<int> next{0}, done{0};
 
   template <typename W>
-  void run(const Item& it) {
+  void run_item(const Item& it) {
     const W* wp = static_cast<const W*>(it.w);
     const float* xs = x + it.row0 * K;
     float* ys = y + it.row0 * N + it.y0;  // column 0 of this matrix's part of y
@@ -149,15 +227,11 @@ struct Work {
     }
   }
 
-  void drain() {
-    const int n = static_cast<int>(items.size());
-    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      if (bf16) {
-        run<uint16_t>(items[i]);
-      } else {
-        run<float>(items[i]);
-      }
-      done.fetch_add(1, std::memory_order_release);
+  void run(int i) override {
+    if (bf16) {
+      run_item<uint16_t>(items[i]);
+    } else {
+      run_item<float>(items[i]);
     }
   }
 
@@ -175,12 +249,8 @@ struct Work {
   }
 
   void run_all(ffi::ThreadPool& pool, std::shared_ptr<Work> self) {
-    const int n = static_cast<int>(items.size());
-    if (n == 0) return;
-    const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
-    for (int t = 0; t < helpers; ++t) pool.Schedule([self] { self->drain(); });
-    drain();
-    while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+    count = static_cast<int>(items.size());
+    run_job(pool, std::move(self));
   }
 };
 
@@ -316,17 +386,15 @@ void head_rows(const float* x, int64_t T, int64_t H, const W* e, float* y, int64
   }
 }
 
-struct HeadWork {
+struct HeadWork : Job {
   const float* x;
   const void* e;
   float* y;
   int64_t T, H, V;
   bool bf16;
-  int count;
-  std::atomic<int> next{0}, done{0};
 
   template <typename W>
-  void run(int item) {
+  void rows_of(int item) {
     const W* e0 = static_cast<const W*>(e);
     const int64_t v_end = std::min<int64_t>(V, (item + 1) * kHeadRows);
     int64_t v = item * kHeadRows;
@@ -334,23 +402,12 @@ struct HeadWork {
     for (; v < v_end; ++v) head_rows<W, 1>(x, T, H, e0 + v * H, y + v, V);
   }
 
-  void drain() {
-    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      if (bf16) {
-        run<uint16_t>(i);
-      } else {
-        run<float>(i);
-      }
-      done.fetch_add(1, std::memory_order_release);
+  void run(int item) override {
+    if (bf16) {
+      rows_of<uint16_t>(item);
+    } else {
+      rows_of<float>(item);
     }
-  }
-
-  void run_all(ffi::ThreadPool& pool, std::shared_ptr<HeadWork> self) {
-    if (count == 0) return;
-    const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), count - 1));
-    for (int t = 0; t < helpers; ++t) pool.Schedule([self] { self->drain(); });
-    drain();
-    while (done.load(std::memory_order_acquire) < count) std::this_thread::yield();
   }
 };
 
@@ -370,7 +427,7 @@ ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   work->V = ed[0];
   work->bf16 = bf16;
   work->count = work->T == 0 ? 0 : static_cast<int>((work->V + kHeadRows - 1) / kHeadRows);
-  work->run_all(pool, work);
+  run_job(pool, work);
   return ffi::Error::Success();
 }
 
