@@ -351,6 +351,7 @@ ffi::Error StackedRaggedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 // kHeadRows vocabulary rows, each streamed once from memory; 4 of its rows at a time stay in L1 while
 // every row of x (up to 4 per pass, 16 accumulators) multiplies them.
 constexpr int64_t kHeadRows = 128;
+constexpr int64_t kHeadAhead = 16;  // rows of e prefetched ahead
 
 // y[r][v] = x[r] . e[v] for R rows of x and VB rows of e (both H apart; y's rows ldy apart).
 template <typename W, int R, int VB>
@@ -358,6 +359,9 @@ void head_tile(const float* x, int64_t H, const W* e, float* y, int64_t ldy) {
   f32x16 acc[R][VB] = {};
   int64_t h = 0;
   for (; h + 16 <= H; h += 16) {
+    // The next rows of e lie right after these, but this tile reads VB of them side by side, a stream
+    // the hardware prefetcher is slow to follow: fetch kHeadAhead rows ahead by hand.
+    for (int v = 0; v < VB; ++v) __builtin_prefetch(e + (kHeadAhead + v) * H + h);
     f32x16 ev[VB];
     for (int v = 0; v < VB; ++v) ev[v] = load16(e + v * H + h);
     for (int r = 0; r < R; ++r) {
