@@ -440,6 +440,32 @@ def test_cpu_stacked_linears_is_each_projection_in_one_call(rows, dtype):
     assert cl.MULTI_TARGET not in f.lower(x, mixed, jnp.int32(1)).compile().as_text()
 
 
+def test_cpu_linear_calls_from_several_threads_at_once():
+    """The kernels share one set of helper threads: calls made at the same time from several threads
+    (each helper serves one call; the callers finish what the helpers miss) all come out right."""
+    import concurrent.futures
+
+    cl = _native_linear()
+    rng = np.random.default_rng(5)
+    stack = jnp.asarray(rng.standard_normal((2, 64, 600)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((900, 64)), jnp.float32)
+    xs = [jnp.asarray(rng.standard_normal((1 + i % 3, 64)), jnp.float32) for i in range(4)]
+    lin, hd = jax.jit(cl.native), jax.jit(cl.lm_head)
+
+    def work(i: int) -> float:
+        x, err = xs[i], 0.0
+        want_lin = np.asarray(x, np.float64) @ np.asarray(stack[1], np.float64)
+        want_head = np.asarray(x, np.float64) @ np.asarray(head, np.float64).T
+        for _ in range(10):
+            err = max(err, np.abs(np.asarray(lin(x, stack, jnp.int32(1))) - want_lin).max() / np.abs(want_lin).max(),
+                      np.abs(np.asarray(hd(x, head)) - want_head).max() / np.abs(want_head).max())
+        return err
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        errs = list(pool.map(work, range(4)))
+    assert max(errs) <= 1e-5, errs
+
+
 def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     """Up to MAX_ROWS rows the compiled step calls the kernel and holds no copy of a layer's matrix;
     wider steps, a leading batch shape and float16 weights take XLA's dot, with the same values."""
