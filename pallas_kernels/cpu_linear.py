@@ -14,8 +14,8 @@ experts' matrices, read in place from the stacked experts (`jax.lax.ragged_dot`'
 lowering of `ragged_dot` multiplies every expert with every row).
 
 `lm_head` is a decode step's logits, x @ w.T over the [V, H] embedding (or untied head), natively for
-few rows: XLA's dot streams that matrix (the largest single read of a small model's step) at a
-fraction of the memory's speed.
+few rows: that matrix is the largest single read of a small model's step, and XLA's dot reads it as
+fast at one row but 1.3-1.5x slower at 2-8 rows (`benchmarks/layer_weights.py`).
 """
 from __future__ import annotations
 
