@@ -21,7 +21,7 @@ from typing import Optional
 
 import jax
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
 
 
 def cache_dir() -> Path:

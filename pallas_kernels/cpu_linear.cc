@@ -9,12 +9,15 @@
 //
 // Work item = a block of kBlock output columns; it walks the K rows of its block (kBlock
 // contiguous values each, prefetched by hand) and keeps up to kRows rows of x times the block in
-// registers; more rows of x re-read the block, from L2 by then. Items run on XLA's intra-op thread
-// pool. Weights float32 or bfloat16 (widened here), x and y float32. The same items serve a
-// grouped matmul (mixture of experts): each expert's rows times its matrix, read in place from
-// the stacked [L * E, K, N] experts.
+// registers; more rows of x re-read the block, from L2 by then. Items run on the calling thread
+// and helper threads of this library (`Crew`). Weights float32 or bfloat16 (widened here), x and
+// y float32. The same items serve a grouped matmul (mixture of experts): each expert's rows times
+// its matrix, read in place from the stacked [L * E, K, N] experts. And the LM head of a decode
+// step: logits = x @ e^T over the [V, H] embedding (or untied head), read in place a block of
+// vocabulary rows per item.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -32,6 +35,7 @@ constexpr int kWide = 256;  // columns per item for 1-2 rows (decode): longer ru
 constexpr int kWideRows = 2;
 constexpr int kRows = 4;    // rows of x per pass over a block: 16 accumulator registers
 constexpr int kAhead = 8;   // rows of w prefetched ahead
+constexpr std::chrono::microseconds kSpin{500};  // how long an idle helper keeps looking for work
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
@@ -39,6 +43,33 @@ inline float widen(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// 16 float32 lanes (one AVX-512 register; two AVX2 ones elsewhere, the compiler splits them).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline float hsum(f32x16 v) {
+  f32x8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  lo += hi;
+  return ((lo[0] + lo[4]) + (lo[1] + lo[5])) + ((lo[2] + lo[6]) + (lo[3] + lo[7]));
 }
 
 // acc[r][j] = sum_k x[r][k] * w[k][j] for R rows and NB columns starting at w (rows N apart),
@@ -90,6 +121,83 @@ void narrow_block(const float* x, int64_t T, int64_t K, const W* w, int64_t N, f
   }
 }
 
+// A call's work: `count` items taken in turn (an atomic counter) by the calling thread and helpers.
+// Shared through a shared_ptr, so a helper that starts after the call returned finds no item left
+// and touches only this.
+struct Job {
+  int count = 0;
+  std::atomic<int> next{0}, done{0};
+  virtual ~Job() = default;
+  virtual void run(int item) = 0;
+
+  void drain() {
+    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      run(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Helper threads of our own (one per core besides the caller's), which after each call keep looking
+// for the next one for kSpin before they sleep. A decode step makes ~4 calls per layer, each only
+// 0.1-0.5 ms of streaming: a helper woken from sleep for each (XLA's pool) starts late and the call
+// runs mostly on one core. A call's items are taken in turn, so the caller alone finishes any call
+// the helpers miss (another call's, a forked child without them).
+class Crew {
+ public:
+  static Crew& get(int helpers) {
+    static Crew* crew = new Crew(helpers);  // never destroyed: its threads live as long as the process
+    return *crew;
+  }
+  void post(std::shared_ptr<Job> job) {
+    while (lock_.test_and_set(std::memory_order_acquire)) {}
+    job_ = std::move(job);
+    lock_.clear(std::memory_order_release);
+    epoch_.fetch_add(1, std::memory_order_release);
+    epoch_.notify_all();
+  }
+
+ private:
+  explicit Crew(int helpers) {
+    for (int t = 0; t < helpers; ++t) std::thread([this] { loop(); }).detach();
+  }
+  std::shared_ptr<Job> take() {
+    while (lock_.test_and_set(std::memory_order_acquire)) {}
+    std::shared_ptr<Job> job = job_;
+    lock_.clear(std::memory_order_release);
+    return job;
+  }
+  void loop() {
+    uint32_t seen = epoch_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      uint32_t e;
+      while ((e = epoch_.load(std::memory_order_acquire)) == seen) {
+        if (std::chrono::steady_clock::now() > until) {
+          epoch_.wait(seen, std::memory_order_acquire);
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      seen = e;
+      if (auto job = take()) job->drain();
+    }
+  }
+  std::atomic_flag lock_ = ATOMIC_FLAG_INIT;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint32_t> epoch_{0};
+};
+
+// Runs every item of `job`: the calling thread and the crew (sized to XLA's intra-op pool) together.
+void run_job(ffi::ThreadPool& pool, std::shared_ptr<Job> job) {
+  const int n = job->count;
+  if (n == 0) return;
+  const int helpers = static_cast<int>(pool.num_threads()) - 1;
+  if (n > 1 && helpers > 0) Crew::get(helpers).post(job);
+  job->drain();
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
 // One work item: rows [row0, row0 + rows) of x times columns [n0, n0 + width) of matrix w
 // ([K, n] with rows n apart), written to y's columns from y0 + n0.
 struct Item {
@@ -97,18 +205,16 @@ struct Item {
   int64_t n, y0, row0, rows, n0, width;
 };
 
-// Shared by the calling thread and the pool tasks; a task that starts after the call returned
-// finds no item left and touches only this (kept alive by its shared_ptr).
-struct Work {
+// A projection call's items (column blocks of one or more matrices).
+struct Work : Job {
   const float* x;
   float* y;
   int64_t K, N;  // N: y's row length (the sum of the matrices' widths)
   bool bf16;
   std::vector<Item> items;
-  std::atomic<int> next{0}, done{0};
 
   template <typename W>
-  void run(const Item& it) {
+  void run_item(const Item& it) {
     const W* wp = static_cast<const W*>(it.w);
     const float* xs = x + it.row0 * K;
     float* ys = y + it.row0 * N + it.y0;  // column 0 of this matrix's part of y
@@ -121,15 +227,11 @@ struct Work {
     }
   }
 
-  void drain() {
-    const int n = static_cast<int>(items.size());
-    for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      if (bf16) {
-        run<uint16_t>(items[i]);
-      } else {
-        run<float>(items[i]);
-      }
-      done.fetch_add(1, std::memory_order_release);
+  void run(int i) override {
+    if (bf16) {
+      run_item<uint16_t>(items[i]);
+    } else {
+      run_item<float>(items[i]);
     }
   }
 
@@ -147,12 +249,8 @@ struct Work {
   }
 
   void run_all(ffi::ThreadPool& pool, std::shared_ptr<Work> self) {
-    const int n = static_cast<int>(items.size());
-    if (n == 0) return;
-    const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
-    for (int t = 0; t < helpers; ++t) pool.Schedule([self] { self->drain(); });
-    drain();
-    while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+    count = static_cast<int>(items.size());
+    run_job(pool, std::move(self));
   }
 };
 
@@ -248,6 +346,95 @@ ffi::Error StackedRaggedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
+// ---- The LM head: logits[T, V] = x[T, H] @ e[V, H]^T, e (the embedding, or an untied head) read
+// in place. Each logit is the dot of x's row with one contiguous row of e: work items are blocks of
+// kHeadRows vocabulary rows, each streamed once from memory; 4 of its rows at a time stay in L1 while
+// every row of x (up to 4 per pass, 16 accumulators) multiplies them.
+constexpr int64_t kHeadRows = 128;
+constexpr int64_t kHeadAhead = 16;  // rows of e prefetched ahead
+
+// y[r][v] = x[r] . e[v] for R rows of x and VB rows of e (both H apart; y's rows ldy apart).
+template <typename W, int R, int VB>
+void head_tile(const float* x, int64_t H, const W* e, float* y, int64_t ldy) {
+  f32x16 acc[R][VB] = {};
+  int64_t h = 0;
+  for (; h + 16 <= H; h += 16) {
+    // The next rows of e lie right after these, but this tile reads VB of them side by side, a stream
+    // the hardware prefetcher is slow to follow: fetch kHeadAhead rows ahead by hand.
+    for (int v = 0; v < VB; ++v) __builtin_prefetch(e + (kHeadAhead + v) * H + h);
+    f32x16 ev[VB];
+    for (int v = 0; v < VB; ++v) ev[v] = load16(e + v * H + h);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 xv = load16(x + r * H + h);
+      for (int v = 0; v < VB; ++v) acc[r][v] += xv * ev[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < VB; ++v) {
+      float s = hsum(acc[r][v]);
+      for (int64_t t = h; t < H; ++t) s += x[r * H + t] * widen(e[v * H + t]);
+      y[r * ldy + v] = s;
+    }
+  }
+}
+
+template <typename W, int VB>
+void head_rows(const float* x, int64_t T, int64_t H, const W* e, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) head_tile<W, 4, VB>(x + t * H, H, e, y + t * ldy, ldy);
+  switch (T - t) {
+    case 3: head_tile<W, 3, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    case 2: head_tile<W, 2, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    case 1: head_tile<W, 1, VB>(x + t * H, H, e, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+
+struct HeadWork : Job {
+  const float* x;
+  const void* e;
+  float* y;
+  int64_t T, H, V;
+  bool bf16;
+
+  template <typename W>
+  void rows_of(int item) {
+    const W* e0 = static_cast<const W*>(e);
+    const int64_t v_end = std::min<int64_t>(V, (item + 1) * kHeadRows);
+    int64_t v = item * kHeadRows;
+    for (; v + 4 <= v_end; v += 4) head_rows<W, 4>(x, T, H, e0 + v * H, y + v, V);
+    for (; v < v_end; ++v) head_rows<W, 1>(x, T, H, e0 + v * H, y + v, V);
+  }
+
+  void run(int item) override {
+    if (bf16) {
+      rows_of<uint16_t>(item);
+    } else {
+      rows_of<float>(item);
+    }
+  }
+};
+
+// y[T, V] = x[T, H] @ e[V, H]^T.
+ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer e, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto ed = e.dimensions();
+  if (xd.size() != 2 || ed.size() != 2 || ed[1] != xd[1]) return ffi::Error::InvalidArgument("lm head: expected x[T, H] and e[V, H]");
+  const bool bf16 = e.element_type() == ffi::DataType::BF16;
+  if (!bf16 && e.element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("lm head: weights must be float32 or bfloat16");
+  auto work = std::make_shared<HeadWork>();
+  work->x = x.typed_data();
+  work->e = e.untyped_data();
+  work->y = y->typed_data();
+  work->T = xd[0];
+  work->H = xd[1];
+  work->V = ed[0];
+  work->bf16 = bf16;
+  work->count = work->T == 0 ? 0 : static_cast<int>((work->V + kHeadRows - 1) / kHeadRows);
+  run_job(pool, work);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinear, StackedLinear,
@@ -273,4 +460,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedRaggedDot, StackedRaggedDot,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineLmHead, LmHead,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

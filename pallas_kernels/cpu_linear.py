@@ -12,6 +12,10 @@ the slice in place itself).
 `stacked_ragged_dot` is the same for a mixture-of-experts layer: rows sorted by expert times their
 experts' matrices, read in place from the stacked experts (`jax.lax.ragged_dot`'s meaning; the CPU
 lowering of `ragged_dot` multiplies every expert with every row).
+
+`lm_head` is a decode step's logits, x @ w.T over the [V, H] embedding (or untied head), natively for
+few rows: that matrix is the largest single read of a small model's step, and XLA's dot reads it as
+fast at one row but 1.3-1.5x slower at 2-8 rows (`benchmarks/layer_weights.py`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 TARGET = "jengine_cpu_stacked_linear"
 RAGGED_TARGET = "jengine_cpu_stacked_ragged_dot"
 MULTI_TARGET = "jengine_cpu_stacked_linears"
+HEAD_TARGET = "jengine_cpu_lm_head"
 _SOURCE = Path(__file__).with_name("cpu_linear.cc")
 MAX_ROWS = 32  # above this the matmul's own cost hides the copy, and XLA's dot is the faster one
 _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -39,7 +44,7 @@ _WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 @functools.cache
 def _load() -> Optional[str]:
     reason = _native.load(_SOURCE, {"JengineStackedLinear": TARGET, "JengineStackedLinears": MULTI_TARGET,
-                                      "JengineStackedRaggedDot": RAGGED_TARGET})
+                                      "JengineStackedRaggedDot": RAGGED_TARGET, "JengineLmHead": HEAD_TARGET})
     if reason is not None:
         logger.warning("native CPU projection unavailable (%s); layers copy their weights out of the stack", reason)
     return reason
@@ -128,3 +133,24 @@ def stacked_ragged_dot(x: jax.Array, stack: jax.Array, base: jax.Array | int, gr
         x, stack, jnp.asarray(base, jnp.int32), group_sizes, cpu=native_ragged,
         default=lambda a, w, b, sizes: ragged_reference(a, w, b, sizes).astype(jnp.result_type(a.dtype, w.dtype)),
     )
+
+
+def lm_head_reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x[T, H] @ w[V, H]^T in float32 (`lm_head`'s oracle and fallback): x is rounded to w's dtype
+    first, the products accumulated in float32, as the model's head always did."""
+    return jnp.einsum("sh,vh->sv", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def lm_head(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Logits x[T, H] @ w[V, H]^T in float32, `w` (the embedding or an untied head) read in place by
+    the native kernel on the CPU for up to `MAX_ROWS` rows and float32 / bfloat16 weights: a decode
+    step's head is a stream over the whole [V, H] matrix, one contiguous row per logit. Else (or on
+    other platforms) `lm_head_reference`."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[0] > MAX_ROWS or jnp.dtype(w.dtype) not in _WEIGHT_DTYPES or not available():
+        return lm_head_reference(x, w)
+
+    def native_head(a: jax.Array, e: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(HEAD_TARGET, jax.ShapeDtypeStruct((a.shape[0], e.shape[0]), jnp.float32))
+        return call(a.astype(e.dtype).astype(jnp.float32), e)  # x rounded to w's dtype, as the reference does
+
+    return jax.lax.platform_dependent(x, w, cpu=native_head, default=lm_head_reference)

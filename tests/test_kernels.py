@@ -440,6 +440,32 @@ def test_cpu_stacked_linears_is_each_projection_in_one_call(rows, dtype):
     assert cl.MULTI_TARGET not in f.lower(x, mixed, jnp.int32(1)).compile().as_text()
 
 
+def test_cpu_linear_calls_from_several_threads_at_once():
+    """The kernels share one set of helper threads: calls made at the same time from several threads
+    (each helper serves one call; the callers finish what the helpers miss) all come out right."""
+    import concurrent.futures
+
+    cl = _native_linear()
+    rng = np.random.default_rng(5)
+    stack = jnp.asarray(rng.standard_normal((2, 64, 600)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((900, 64)), jnp.float32)
+    xs = [jnp.asarray(rng.standard_normal((1 + i % 3, 64)), jnp.float32) for i in range(4)]
+    lin, hd = jax.jit(cl.native), jax.jit(cl.lm_head)
+
+    def work(i: int) -> float:
+        x, err = xs[i], 0.0
+        want_lin = np.asarray(x, np.float64) @ np.asarray(stack[1], np.float64)
+        want_head = np.asarray(x, np.float64) @ np.asarray(head, np.float64).T
+        for _ in range(10):
+            err = max(err, np.abs(np.asarray(lin(x, stack, jnp.int32(1))) - want_lin).max() / np.abs(want_lin).max(),
+                      np.abs(np.asarray(hd(x, head)) - want_head).max() / np.abs(want_head).max())
+        return err
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        errs = list(pool.map(work, range(4)))
+    assert max(errs) <= 1e-5, errs
+
+
 def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     """Up to MAX_ROWS rows the compiled step calls the kernel and holds no copy of a layer's matrix;
     wider steps, a leading batch shape and float16 weights take XLA's dot, with the same values."""
@@ -458,6 +484,41 @@ def test_stacked_linear_serves_small_steps_natively_and_wide_ones_through_xla():
     half = stack.astype(jnp.float16)
     x = jnp.ones((2, 48), jnp.float16)
     assert cl.TARGET not in f.lower(x, half, jnp.int32(1)).compile().as_text()
+
+
+@pytest.mark.parametrize("rows,vocab,hidden,dtype", [
+    (1, 1000, 96, jnp.float32),     # one decode row; 1000 = 7 blocks of 128 vocabulary rows + 104
+    (3, 131, 20, jnp.float32),      # odd vocabulary (a tail of 3 rows) and a hidden size under one vector
+    (5, 257, 40, jnp.bfloat16),     # 4 + 1 rows of x; bfloat16 weights widened in C++
+    (32, 70, 33, jnp.bfloat16),     # the most rows it serves; hidden 33 = 2 vectors + 1
+])
+def test_cpu_lm_head_matches_numpy(rows, vocab, hidden, dtype):
+    """Logits x @ w.T with w [V, H] read in place: the native head equals float64 numpy of x rounded
+    to w's dtype (what the XLA head computes), and its compiled form holds the kernel's call."""
+    cl = _native_linear()
+    rng = np.random.default_rng(vocab + rows)
+    w = jnp.asarray(rng.standard_normal((vocab, hidden)), dtype)
+    x = jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32)
+    f = jax.jit(cl.lm_head)
+    got = f(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (rows, vocab)
+    want = np.asarray(x.astype(dtype), np.float64) @ np.asarray(w, np.float64).T
+    assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(cl.lm_head_reference(x, w)), rtol=1e-4, atol=1e-4)
+    assert cl.HEAD_TARGET in f.lower(x, w).compile().as_text()
+
+
+def test_lm_head_serves_few_rows_natively_and_many_through_xla():
+    cl = _native_linear()
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+    f = jax.jit(cl.lm_head)
+    for rows in (cl.MAX_ROWS, cl.MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+        assert (cl.HEAD_TARGET in f.lower(x, w).compile().as_text()) == (rows <= cl.MAX_ROWS)
+        np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(x) @ np.asarray(w).T, rtol=1e-5, atol=1e-5)
+    half = w.astype(jnp.float16)
+    assert cl.HEAD_TARGET not in f.lower(jnp.ones((2, 16), jnp.float32), half).compile().as_text()
 
 
 # ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)

@@ -84,7 +84,7 @@ def test_llama_tied_sharded(tmp_path):
 def test_decode_step_reads_layer_weights_in_place_on_the_cpu(tmp_path, arch):
     """The compiled step multiplies every layer's matrices where they lie in the stacked weights: no
     op in its HLO has a layer matrix's shape (XLA's CPU dot would copy a slice into one first), and
-    the projections (MoE experts included) are the native kernel's calls. Logits equal HF's."""
+    the projections (MoE experts included) and the LM head are the native kernels' calls. Logits equal HF's."""
     from jengine.pallas_kernels import _native, cpu_linear
 
     if _native.compiler() is None:
@@ -98,6 +98,7 @@ def test_decode_step_reads_layer_weights_in_place_on_the_cpu(tmp_path, arch):
     hlo = runner.compiled_text()
     calls = re.findall(r'custom_call_target="(jengine_cpu_stacked_\w+)"', hlo)
     assert len(calls) >= 3 and cpu_linear.MULTI_TARGET in calls, calls  # q/k/v (and gate/up) in one call
+    assert cpu_linear.HEAD_TARGET in hlo  # the LM head too reads its matrix (the embedding) in place
     mats = {tuple(a.shape[-2:]) for a in jax.tree.leaves(nnx.state(model)) if a.ndim >= 3}
     assert mats
     for a, b in mats:  # a slice of a stack, materialised: a dynamic-slice (or its fusion) of a matrix's shape

@@ -321,7 +321,7 @@ class PagedRunner:
         def step(state, cache, ids, pos, md):
             m = nnx.merge(graphdef, state)
             cache, hidden = m(cache, ids, pos, md)
-            return cache, m.compute_logits(hidden)
+            return cache, m.compute_logits(hidden, md)
 
         self._step, self._state = step, state
 

@@ -197,7 +197,7 @@ class Gemma2ForCausalLM(CausalLM[GemmaConfig]):
                                       in_place=nn.reads_weights_in_place(md))
         return kv_cache, norm(x, self.final_norm[...])
 
-    def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        logits = super().compute_logits(hidden)
+    def compute_logits(self, hidden: jax.Array, md: AttentionMetadata | None = None) -> jax.Array:
+        logits = super().compute_logits(hidden, md)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
