@@ -101,11 +101,12 @@ def test_greedy_parity_through_other_attention_backends(tmp_path, xla_cache_dir,
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float32_models_ask_for_float32_matmuls(tiny_llama, xla_cache_dir, dtype):
     """Accelerators run float32 matmuls at lower precision by default (TF32 on GPUs), which would
-    break parity with Hugging Face; a float32 model's step asks for full precision, others do not."""
+    break parity with Hugging Face; a float32 model's step asks for full precision, others do not.
+    (The reference backend: with the CPU one every float32 projection and the head are native calls.)"""
     from jengine.worker.step_inputs import empty_step_inputs
 
     llm = LLM(tiny_llama, dtype=dtype, compilation_cache_dir=xla_cache_dir, max_model_len=32, max_num_seqs=1,
-              max_num_batched_tokens=8)
+              max_num_batched_tokens=8, attention_backend="reference")
     r = llm.engine.runner
     t, s = r.buckets()[0]
     text = r._forward.lower(r.params, r.kv_cache, empty_step_inputs(t, s, r.max_pages_per_seq, pad_slot=r.rows.pad_slot), r.block_table).as_text()

@@ -178,7 +178,7 @@ class DraftModel:
                 k_scale=self.config.cache.k_scale, v_scale=self.config.cache.v_scale,
             )
             kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
-            logits = model.compute_logits(hidden[inputs.logits_indices])
+            logits = model.compute_logits(hidden[inputs.logits_indices], md)
         return kv_cache, argmax_rows(logits)
 
     def warmup(self) -> None:

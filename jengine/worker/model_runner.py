@@ -343,7 +343,7 @@ class ModelRunner:
         # Asynchronous scheduling: tokens the host does not know yet come from the previous step's samples.
         token_ids = jnp.where(inputs.prev_token_index >= 0, inputs.prev_tokens[jnp.maximum(inputs.prev_token_index, 0)], inputs.token_ids)
         kv_cache, hidden = model(kv_cache, token_ids, inputs.positions, md)
-        logits = model.compute_logits(hidden[inputs.logits_indices])
+        logits = model.compute_logits(hidden[inputs.logits_indices], md)
         return kv_cache, logits, hidden, inputs.positions[inputs.logits_indices]
 
     def _group_metadata(self, inputs: StepInputs, tables: jax.Array) -> dict[str, Any]:
