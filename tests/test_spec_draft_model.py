@@ -39,13 +39,31 @@ def _params() -> list[Any]:
 
 
 def _summary(outs: list[Any]) -> list[Any]:
-    """Tokens, text, finish reasons, (prompt) logprobs rounded as a batch of another shape changes them in the 6th digit."""
+    """Tokens, text, finish reasons, (prompt) logprobs as (token, rank, value) lists (compared by `_same`)."""
     def lps(entries: Any) -> Any:
         if entries is None:
             return None
-        return [None if e is None else {t: (round(lp.logprob, 3), lp.rank) for t, lp in e.items()} for e in entries]
+        return [None if e is None else sorted((t, lp.rank, lp.logprob) for t, lp in e.items()) for e in entries]
 
     return [(lps(o.prompt_logprobs), [(c.text, list(c.token_ids), c.finish_reason, lps(c.logprobs)) for c in o.outputs]) for o in outs]
+
+
+def _same(got: list[Any], want: list[Any]) -> bool:
+    """Equal summaries, logprob values within 1e-4: a batch of another shape (verification rows, a
+    prefix recomputed after preemption) changes them in the 6th digit."""
+    def flat(summary: Any) -> list[Any]:
+        out: list[Any] = []
+        for item in summary if isinstance(summary, (list, tuple)) else [summary]:
+            out.extend(flat(item) if isinstance(item, (list, tuple)) else [item])
+        return out
+
+    a, b = flat(got), flat(want)
+    return len(a) == len(b) and all(x == y or (isinstance(x, float) and isinstance(y, float) and abs(x - y) <= 1e-4)
+                                    for x, y in zip(a, b)) and _shape(got) == _shape(want)
+
+
+def _shape(summary: Any) -> Any:
+    return [_shape(x) for x in summary] if isinstance(summary, (list, tuple)) else type(summary).__name__
 
 
 def _run(llm: Any) -> tuple[list[Any], dict[str, list[int]]]:
@@ -102,7 +120,7 @@ def test_own_checkpoint_as_draft_accepts_every_greedy_draft_through_preemption(t
               num_gpu_blocks_override=17, **LIMITS)
     got, per_request = _run(llm)
     engine = llm.engine
-    assert got == plain
+    assert _same(got, plain), (got, plain)
     assert engine.scheduler.num_preemptions_total > 0 and engine.scheduler.prefix_cache_hits > 0
     for rid in GREEDY_REQUESTS:
         drafts, accepted = per_request[rid]
@@ -128,7 +146,7 @@ def test_other_draft_is_verified_into_identical_outputs(target: str, other_draft
     llm = LLM(target, compilation_cache_dir=xla_cache_dir, speculative_config=_draft(other_draft, k=4), kv_cache_memory_bytes=budget, **LIMITS)
     got, per_request = _run(llm)
     engine = llm.engine
-    assert got == plain
+    assert _same(got, plain), (got, plain)
     stats = engine.speculator.stats
     assert stats.num_drafts > 0 and stats.num_draft_tokens > stats.num_accepted_tokens
     assert engine.compilations_after_warmup == 0
