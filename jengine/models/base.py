@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Collection, Generic, Mapping, NamedTuple, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
