@@ -1,8 +1,8 @@
 """Host-side state of one generation request, shared by the scheduler, the KV cache manager and the engine.
 
 A `Request` is the one record of a sequence: besides its tokens and status it holds what each part of the
-engine keeps for it (its seed, penalty history, grammar matcher, speculative-decoding state, its KV pages
-in every layer group, whether its rows need host tokens, and its output state, which points at its parent
+engine keeps for it (its seed, grammar matcher, speculative-decoding state, its KV pages
+in every layer group, and its output state, which points at its parent
 request's). Managers index requests by id only where they look them up by id; a request ends in one place,
 `jengine.core.registry.RequestRegistry.free`, which drops it from every index and clears that state.
 

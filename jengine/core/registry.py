@@ -1,8 +1,7 @@
 """`RequestRegistry`: the unfinished requests by id, and the one place a request ends.
 
-A request's state lives on its record (`jengine.request.Request`): seed, penalty history, grammar
-matcher, speculative-decoding state, its pages in every layer group, whether it needs host tokens and
-its output state. The parts of the engine keep indexes by id only where they look requests up by id
+A request's state lives on its record (`jengine.request.Request`): seed, grammar matcher,
+speculative-decoding state, its pages in every layer group and its output state. The parts of the engine keep indexes by id only where they look requests up by id
 (this registry's `requests`, the KV cache managers' owners, the output processor's parents), so ending a
 request is one call, `free`, whatever ended it: a stop condition, a stop string, max_tokens, an abort
 (a client that went away included), an error. Preemption frees only the pages (`keep_record=True`).
