@@ -158,6 +158,11 @@ class RowState:
     # min_tokens (and, on the device, for penalties).
     num_placeholder_tokens: int = 0
 
+    @property
+    def num_committed(self) -> int:
+        """How many of `output_token_ids` count for good (all but a verification row's drafts)."""
+        return len(self.output_token_ids) if self.num_committed_outputs is None else self.num_committed_outputs
+
 
 def seed_to_key_data(seed: int) -> tuple[int, int]:
     """Splits a (possibly negative) 64-bit seed into threefry key words (high, low)."""
@@ -284,27 +289,34 @@ def pack_token_bits(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
     return words.view(np.int32)
 
 
-def build_penalty_tensors(rows: Sequence[Optional[RowState]], num_rows: int, vocab_size: int
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(output_counts [S, V], prompt_bits [S, ceil(V / 32)], pending_ids [S, P], any) of a host-built batch:
-    committed output counts, the prompt's bits where a repetition penalty applies, and the outputs past
-    `num_committed_outputs` (P: the most any row has, at least 1)."""
+def penalty_counts(rows: Sequence[Optional[RowState]], num_rows: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(output_counts [num_rows, V], prompt_bits [num_rows, ceil(V / 32)]): each row's committed outputs
+    counted, and its prompt's bits where a repetition penalty applies; None rows (and rows past
+    len(rows)) stay zero. The host builder's tables, and the rows the persistent batch writes whole."""
     V = vocab_size
     counts = np.zeros((num_rows, V), np.int32)
     prompt_bits = np.zeros((num_rows, -(-V // 32)), np.int32)
-    pens = [(i, row) for i, row in enumerate(rows) if row is not None and needs_penalties(row.params)]
-    tails = [list(row.output_token_ids[_committed(row):]) for _, row in pens]
-    pending = np.full((num_rows, max([1, *map(len, tails)])), V, np.int32)
-    for (i, row), tail in zip(pens, tails):
-        counts[i] = np.bincount(np.asarray(row.output_token_ids[:_committed(row)], np.int64), minlength=V)
-        pending[i, :len(tail)] = tail
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        counts[i] = np.bincount(np.asarray(row.output_token_ids[:row.num_committed], np.int64), minlength=V)
         if has_repetition_penalty(row.params):
             prompt_bits[i] = pack_token_bits(row.prompt_token_ids, V)
-    return counts, prompt_bits, pending, bool(pens)
+    return counts, prompt_bits
 
 
-def _committed(row: RowState) -> int:
-    return len(row.output_token_ids) if row.num_committed_outputs is None else row.num_committed_outputs
+def build_penalty_tensors(rows: Sequence[Optional[RowState]], num_rows: int, vocab_size: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(output_counts [S, V], prompt_bits [S, ceil(V / 32)], pending_ids [S, P], any) of a host-built batch:
+    `penalty_counts` of the rows with penalties, and the outputs past `num_committed_outputs` (P: the
+    most any row has, at least 1)."""
+    pens = [row if row is not None and needs_penalties(row.params) else None for row in rows]
+    counts, prompt_bits = penalty_counts(pens, num_rows, vocab_size)
+    tails = [list(row.output_token_ids[row.num_committed:]) if row is not None else [] for row in pens]
+    pending = np.full((num_rows, max([1, *map(len, tails)])), vocab_size, np.int32)
+    for i, tail in enumerate(tails):
+        pending[i, :len(tail)] = tail
+    return counts, prompt_bits, pending, any(row is not None for row in pens)
 
 
 @functools.lru_cache(maxsize=16)

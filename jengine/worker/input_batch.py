@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jengine.sampler import (
-    SamplingTensors, _SAMPLING_EPS, build_token_bitmask, has_repetition_penalty, needs_penalties, pack_token_bits,
-    seed_to_key_data,
+    SamplingTensors, _SAMPLING_EPS, build_token_bitmask, needs_penalties, penalty_counts, seed_to_key_data,
 )
 from jengine.worker.step_inputs import logit_rows, pick_bucket
 
@@ -237,8 +236,7 @@ class RowTable:
         return np.zeros((self.num_groups, self.num_slots + 1, self.max_pages_per_seq), np.int32)
 
     def initial_penalties(self) -> PenaltyState:
-        n, V = self.num_slots + 1, self.vocab_size
-        return PenaltyState(np.zeros((n, V), np.int32), np.zeros((n, -(-V // 32)), np.int32))
+        return PenaltyState(*penalty_counts((), self.num_slots + 1, self.vocab_size))
 
     def neutral_penalties(self, num_rows: int) -> StepPenalties:
         """The penalty data of a step without penalised rows (numpy; the runner keeps a device copy per bucket)."""
@@ -253,10 +251,9 @@ class RowTable:
     def empty_update(self, size: int) -> TableUpdate:
         """An all-padding update of one bucket (warm-up lowers with it)."""
         slots = np.full(size, self.num_slots + 1, np.int32)
-        V = self.vocab_size
-        return TableUpdate(slots, empty_slot_params(size, V, self.max_stop_tokens, self.max_logit_bias),
+        return TableUpdate(slots, empty_slot_params(size, self.vocab_size, self.max_stop_tokens, self.max_logit_bias),
                            slots.copy(), np.zeros((self.num_groups, size, self.max_pages_per_seq), np.int32),
-                           slots.copy(), PenaltyState(np.zeros((size, V), np.int32), np.zeros((size, -(-V // 32)), np.int32)))
+                           slots.copy(), PenaltyState(*penalty_counts((), size, self.vocab_size)))
 
     # ----- per step -----------------------------------------------------------------------------
     def release(self, request_ids: Sequence[str]) -> None:
@@ -287,7 +284,8 @@ class RowTable:
         seq_slots: list[int] = []
         param_rows: list[tuple[int, Any]] = []
         block_rows: list[tuple[int, tuple]] = []
-        penalty_rows: list[tuple[int, Any, int]] = []  # (slot, row, outputs to count) written whole
+        penalty_rows: list[tuple[int, Any]] = []  # (slot, row) written whole
+        prev_rows = prev_rows or {}
         penalties: Optional[StepPenalties] = None
         any_mask = False
         first = 0
@@ -322,9 +320,9 @@ class RowTable:
                         if penalties is None:
                             penalties = self.neutral_penalties(num_rows)
                             penalties.any_penalties = np.bool_(True)
-                        self._commit(rid, rec, slot, row, i, changed, (prev_rows or {}).get(j), penalties, penalty_rows)
+                        self._commit(rid, rec, slot, row, i, changed, prev_rows.get(j), penalties, penalty_rows)
                 elif rec.penalized and penalties is not None:  # a verification row: the drafts before it
-                    drafts = row.output_token_ids[_committed(row):]
+                    drafts = row.output_token_ids[row.num_committed:]
                     penalties.pending_ids[i, :len(drafts)] = drafts
                 any_mask = any_mask or row.token_bitmask is not None
             first += n
@@ -338,14 +336,14 @@ class RowTable:
         return seq_slots, row_slots, update, penalties, any_mask
 
     def _commit(self, rid: Any, rec: _Slot, slot: int, row: Any, i: int, joined: bool, prev_row: Optional[int],
-                step: StepPenalties, uploads: list[tuple[int, Any, int]]) -> None:
+                step: StepPenalties, uploads: list[tuple[int, Any]]) -> None:
         """Logits row i's share of the step's penalty data: the outputs its slot has not counted yet, as
         host ids, or by the previous step's row for an output still on the device. A slot that joins (or
         would commit more than a step can) gets its whole counts written instead."""
-        known = _committed(row)
+        known = row.num_committed
         new = row.output_token_ids[rec.counted:known]
         if joined or len(new) > self.commit_width or rec.counted > known:
-            uploads.append((slot, row, known))
+            uploads.append((slot, row))
             new = ()
         step.commit_ids[i, :len(new)] = new
         if row.num_placeholder_tokens:
@@ -421,15 +419,9 @@ class RowTable:
             x.min_p[i] = p.min_p
         return slots, x
 
-    def _penalty_update(self, rows: list[tuple[int, Any, int]]) -> tuple[np.ndarray, PenaltyState]:
-        slots = self._padded_slots([s for s, _, _ in rows])
-        V = self.vocab_size
-        state = PenaltyState(np.zeros((slots.size, V), np.int32), np.zeros((slots.size, -(-V // 32)), np.int32))
-        for i, (_, row, known) in enumerate(rows):
-            state.counts[i] = np.bincount(np.asarray(row.output_token_ids[:known], np.int64), minlength=V)
-            if has_repetition_penalty(row.params):
-                state.prompt_bits[i] = pack_token_bits(row.prompt_token_ids, V)
-        return slots, state
+    def _penalty_update(self, rows: list[tuple[int, Any]]) -> tuple[np.ndarray, PenaltyState]:
+        slots = self._padded_slots([s for s, _ in rows])
+        return slots, PenaltyState(*penalty_counts([row for _, row in rows], slots.size, self.vocab_size))
 
     def _block_update(self, rows: list[tuple[int, tuple]]) -> tuple[np.ndarray, np.ndarray]:
         slots = self._padded_slots([s for s, _ in rows])
@@ -438,11 +430,6 @@ class RowTable:
             for g, ids in enumerate(pages):
                 blocks[g, i, :len(ids)] = ids
         return slots, blocks
-
-
-def _committed(row: Any) -> int:
-    """Outputs of a sampling row that count for good (a verification row's drafts do not)."""
-    return len(row.output_token_ids) if row.num_committed_outputs is None else row.num_committed_outputs
 
 
 def _stop_ids(row: Any) -> list[int]:
