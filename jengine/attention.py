@@ -68,6 +68,10 @@ class AttentionMetadata:
     k_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
     v_scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
 
+    def num_tokens(self) -> jax.Array:
+        """int32[1]: the step's real tokens (the rest of its T is bucket padding)."""
+        return jnp.asarray(self.query_start_loc)[-1:]
+
     def layer_pages(self, layer: jax.Array | int, sliding_window: int | None) -> tuple[Any, Any, Any]:
         """(first page of `layer`, slot mapping, block tables) of the layer's group (per-layer page ids)."""
         if not self.layer_page_offsets:  # one group: every layer owns pages_per_layer pages

@@ -11,7 +11,8 @@
 // Work item = (row, KV head, a tile of up to kTileTokens of the row's new tokens); the G query
 // heads of that KV head share every K/V load. A decode row (one new token) is instead cut by
 // context, kSplitTokens per item, and its items' partial softmaxes are merged at the end, so one
-// long decode row still spreads over the threads. Items run on XLA's intra-op thread pool.
+// long decode row still spreads over the threads. Items run on XLA's intra-op thread pool, or on
+// the calling thread alone when there is little work (waking the pool takes ~0.1 ms).
 // Tokens past the last row's come out as zeros.
 //
 // Cache element types: float32, bfloat16 and float8 e4m3fn (the fp8 KV cache, stored as its uint8
@@ -36,6 +37,7 @@ namespace {
 
 constexpr int kTileTokens = 16;    // new tokens per prefill work item
 constexpr int kSplitTokens = 256;  // context tokens per decode work item (rounded to whole pages)
+constexpr int64_t kInlineWork = 16384;  // query-head x key pairs below which one thread runs a call (~0.1 ms)
 constexpr float kMasked = -1e30f;
 
 inline float load(float x) { return x; }
@@ -480,7 +482,10 @@ ffi::Error RaggedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   // Longest items first (the causal tiles at the end of long rows), so the threads finish together.
   std::stable_sort(work->items.begin(), work->items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const int helpers = static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
+  // Little work (a decode row's short context): waking the pool would cost more than it saves.
+  int64_t work_units = 0;
+  for (const Item& it : work->items) work_units += static_cast<int64_t>(it.cost) * pb.group;
+  const int helpers = work_units < kInlineWork ? 0 : static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
   for (int t = 0; t < helpers; ++t) pool.Schedule([work] { work->drain(); });
   work->drain();
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();

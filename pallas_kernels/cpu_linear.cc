@@ -276,6 +276,11 @@ std::shared_ptr<Work> make_work(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& w, ffi
   return work;
 }
 
+// How many leading rows of x[T, ...] are real (`rows`, clamped to [0, T]); the rest of a step's
+// bucket is padding, which the kernels leave as zeros in y instead of reading the weights for it
+// (a one-row decode step runs in a bucket of several).
+int64_t real_rows(ffi::Buffer<ffi::S32>& rows, int64_t T) { return std::clamp<int64_t>(rows.typed_data()[0], 0, T); }
+
 // Matrix g of w[G, K, N] (clamped into range).
 const void* matrix(ffi::AnyBuffer& w, int64_t g) {
   const auto wd = w.dimensions();
@@ -284,21 +289,24 @@ const void* matrix(ffi::AnyBuffer& w, int64_t g) {
   return static_cast<const char*>(w.untyped_data()) + static_cast<size_t>(g) * wd[1] * wd[2] * esize;
 }
 
-// y[T, N] = x[T, K] @ w[layer].
+// y[T, N] = x[T, K] @ w[layer] for x's first `rows` rows (zeros below).
 ffi::Error StackedLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                         ffi::ResultBuffer<ffi::F32> y) {
+                         ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
   ffi::Error error = ffi::Error::Success();
   auto work = make_work(x, w, y, &error);
   if (!work) return error;
-  work->add(matrix(w, layer.typed_data()[0]), 0, x.dimensions()[0]);
+  const int64_t T = x.dimensions()[0], real = real_rows(rows, T);
+  std::fill(work->y + real * work->N, work->y + T * work->N, 0.f);
+  work->add(matrix(w, layer.typed_data()[0]), 0, real);
   work->run_all(pool, work);
   return ffi::Error::Success();
 }
 
 // y[T, N1 + N2 + ...] = x[T, K] @ [w1[layer] | w2[layer] | ...]: the projections that read the
-// same input (q, k and v; gate and up) in one call, their column blocks shared out together.
-ffi::Error StackedLinears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs ws,
-                          ffi::ResultBuffer<ffi::F32> y) {
+// same input (q, k and v; gate and up) in one call, their column blocks shared out together. Only
+// x's first `rows` rows, as `StackedLinear`.
+ffi::Error StackedLinears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                          ffi::RemainingArgs ws, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() == 0) return ffi::Error::InvalidArgument("stacked linears: expected x[T, K] and weights");
   auto work = std::make_shared<Work>();
@@ -306,6 +314,8 @@ ffi::Error StackedLinears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   work->y = y->typed_data();
   work->K = xd[1];
   work->N = y->dimensions()[1];
+  const int64_t real = real_rows(rows, xd[0]);
+  std::fill(work->y + real * work->N, work->y + xd[0] * work->N, 0.f);
   int64_t y0 = 0;
   for (size_t i = 0; i < ws.size(); ++i) {
     auto w = ws.get<ffi::AnyBuffer>(i);
@@ -316,7 +326,7 @@ ffi::Error StackedLinears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       return ffi::Error::InvalidArgument("stacked linears: weights must be [L, K, n], all float32 or all bfloat16");
     }
     work->bf16 = bf16;
-    work->add(matrix(*w, layer.typed_data()[0]), 0, xd[0], wd[2], y0);
+    work->add(matrix(*w, layer.typed_data()[0]), 0, real, wd[2], y0);
     y0 += wd[2];
   }
   if (y0 != work->N) return ffi::Error::InvalidArgument("stacked linears: y's width is not the sum of the weights'");
@@ -415,8 +425,9 @@ struct HeadWork : Job {
   }
 };
 
-// y[T, V] = x[T, H] @ e[V, H]^T.
-ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer e, ffi::ResultBuffer<ffi::F32> y) {
+// y[T, V] = x[T, H] @ e[V, H]^T for x's first `rows` rows (zeros below).
+ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer e, ffi::Buffer<ffi::S32> rows,
+                  ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto ed = e.dimensions();
   if (xd.size() != 2 || ed.size() != 2 || ed[1] != xd[1]) return ffi::Error::InvalidArgument("lm head: expected x[T, H] and e[V, H]");
@@ -426,10 +437,11 @@ ffi::Error LmHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   work->x = x.typed_data();
   work->e = e.untyped_data();
   work->y = y->typed_data();
-  work->T = xd[0];
+  work->T = real_rows(rows, xd[0]);
   work->H = xd[1];
   work->V = ed[0];
   work->bf16 = bf16;
+  std::fill(work->y + work->T * work->V, work->y + xd[0] * work->V, 0.f);
   work->count = work->T == 0 ? 0 : static_cast<int>((work->V + kHeadRows - 1) / kHeadRows);
   run_job(pool, work);
   return ffi::Error::Success();
@@ -443,12 +455,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinear, StackedLinear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineStackedLinears, StackedLinears,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -467,4 +481,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JengineLmHead, LmHead,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

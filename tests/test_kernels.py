@@ -521,6 +521,39 @@ def test_lm_head_serves_few_rows_natively_and_many_through_xla():
     assert cl.HEAD_TARGET not in f.lower(jnp.ones((2, 16), jnp.float32), half).compile().as_text()
 
 
+def test_native_projections_compute_only_the_real_rows():
+    """A step's bucket pads its tokens (one decode row runs in a bucket of 8): given `rows`, the
+    projection, the grouped q/k/v-style call and the head compute x's first `rows` rows (equal to
+    numpy) and leave the padding rows zero; a count past the bucket is clamped, 0 computes nothing."""
+    cl = _native_linear()
+    rng = np.random.default_rng(11)
+    T, K = 8, 48
+    stacks = [jnp.asarray(rng.standard_normal((2, K, n)), jnp.float32) for n in (300, 64)]
+    head = jnp.asarray(rng.standard_normal((200, K)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.float32)
+    one, many, hd = jax.jit(cl.stacked_linear), jax.jit(cl.stacked_linears), jax.jit(cl.lm_head)
+    full = [np.asarray(x, np.float64) @ np.asarray(s[1], np.float64) for s in stacks]
+    full_head = np.asarray(x, np.float64) @ np.asarray(head, np.float64).T
+    for rows in (1, 3, 0, T, T + 5):
+        real = min(rows, T)
+        n = jnp.asarray([rows], jnp.int32)  # a traced count, as the model passes it
+        outs = [one(x, stacks[0], jnp.int32(1), n), *many(x, stacks, jnp.int32(1), n), hd(x, head, n)]
+        for got, want in zip(outs, [full[0], *full, full_head]):
+            got = np.asarray(got, np.float64)
+            assert np.abs(got[:real] - want[:real]).max(initial=0) <= 1e-5 * np.abs(want).max(), rows
+            assert not got[real:].any(), rows
+    hlo = one.lower(x, stacks[0], jnp.int32(1), jnp.asarray([1], jnp.int32)).compile().as_text()
+    assert cl.TARGET in hlo
+
+
+def test_num_logit_rows_counts_the_real_logits_rows():
+    """The head's real rows come from the step's logits indices (strictly increasing, padding 0)."""
+    from jengine.worker.step_inputs import num_logit_rows
+
+    for indices, want in [([4, 9, 10, 0, 0, 0, 0, 0], 3), ([0, 0, 0, 0], 1), ([0, 3, 4, 5], 4), ([7, 0], 1)]:
+        assert int(jax.jit(num_logit_rows)(jnp.asarray(indices, jnp.int32))[0]) == want, indices
+
+
 # ---------------------------------------------------------------- TPU kernel (Mosaic interpreter)
 
 

@@ -84,7 +84,8 @@ def test_llama_tied_sharded(tmp_path):
 def test_decode_step_reads_layer_weights_in_place_on_the_cpu(tmp_path, arch):
     """The compiled step multiplies every layer's matrices where they lie in the stacked weights: no
     op in its HLO has a layer matrix's shape (XLA's CPU dot would copy a slice into one first), and
-    the projections (MoE experts included) and the LM head are the native kernels' calls. Logits equal HF's."""
+    the projections (MoE experts included) and the LM head are the native kernels' calls. Logits equal HF's.
+    The bucket's padding tokens are not projected: their hidden state stays their embedding."""
     from jengine.pallas_kernels import _native, cpu_linear
 
     if _native.compiler() is None:
@@ -95,6 +96,12 @@ def test_decode_step_reads_layer_weights_in_place_on_the_cpu(tmp_path, arch):
     got = runner.step([(0, PROMPT[:5]), (1, PROMPT[:3])])
     hf = hf_model(path)
     np.testing.assert_allclose(got[0], hf_logits(hf, PROMPT[:5]), rtol=1e-4, atol=1e-4)
+    _, logits = runner._step(runner._state, runner.cache, *runner.last_inputs)  # 8 real tokens of 16
+    from jengine.models.layers import rms_norm
+
+    untouched = rms_norm(model.embed[...][:1], model.final_norm[...], model.config.rms_norm_eps)  # padding is token 0
+    np.testing.assert_allclose(np.asarray(logits)[8:], np.broadcast_to(np.asarray(model.compute_logits(untouched)), (8, logits.shape[1])),
+                               rtol=1e-5, atol=1e-5)
     hlo = runner.compiled_text()
     calls = re.findall(r'custom_call_target="(jengine_cpu_stacked_\w+)"', hlo)
     assert len(calls) >= 3 and cpu_linear.MULTI_TARGET in calls, calls  # q/k/v (and gate/up) in one call

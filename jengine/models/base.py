@@ -10,7 +10,7 @@ model the runner calls:
     from_gguf_tensor(name, array, cfg, metadata) -> array  (llama.cpp layout fixes; default: none)
     check_gguf_tensors(cfg, tensor_names)                  (a file the family cannot read, said why; default: none)
     model(kv_cache, token_ids[T], positions[T], md) -> (kv_cache, hidden[T, H])
-    model.compute_logits(hidden[S, H], md=None) -> logits[S, V] (float32)
+    model.compute_logits(hidden[S, H], md=None, rows=None) -> logits[S, V] (float32)
 
 Parameter names are flat: `embed`, `final_norm`, `lm_head` and `layers.<short>` stacked over a
 leading layer axis; matrices are stored `[in, out]` (so `linear(x, w)` is `x @ w`). Name templates
@@ -163,14 +163,15 @@ class CausalLM(nnx.Module, Generic[ConfigT]):
         """Runs the new tokens[T] through all layers; returns (kv_cache, final-normed hidden[T, H])."""
         raise NotImplementedError
 
-    def compute_logits(self, hidden: jax.Array, md: AttentionMetadata | None = None) -> jax.Array:
+    def compute_logits(self, hidden: jax.Array, md: AttentionMetadata | None = None, rows: jax.Array | None = None) -> jax.Array:
         """hidden[S, H] -> logits[S, V] in float32 (accumulated in float32, no float32 weight copy).
 
         `md`, the step's metadata: where the layers read their weights in place (`reads_weights_in_place`:
         the CPU, unsharded), so does the head, natively for few rows (`cpu_linear.lm_head`: as fast as
         XLA's dot at one row, 1.3-1.5x faster at 2-8, which XLA reads the [V, H] matrix slower for, and
-        on the library's helper threads); without `md`, or else, XLA's dot."""
+        on the library's helper threads), for hidden's first `rows` rows (the rest is the bucket's
+        padding; None: all); without `md`, or else, XLA's dot over every row."""
         w = self.embed[...] if self.lm_head is None else self.lm_head[...]
         if md is not None and reads_weights_in_place(md):
-            return lm_head(hidden, w)
+            return lm_head(hidden, w, rows)
         return lm_head_reference(hidden, w)

@@ -194,10 +194,10 @@ class Gemma2ForCausalLM(CausalLM[GemmaConfig]):
 
         x = nn.embed(self.embed[...], token_ids, scale=cfg.hidden_size**0.5)
         x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers, nn.pattern_period(kinds),
-                                      in_place=nn.reads_weights_in_place(md))
+                                      in_place=nn.reads_weights_in_place(md), rows=md.num_tokens())
         return kv_cache, norm(x, self.final_norm[...])
 
-    def compute_logits(self, hidden: jax.Array, md: AttentionMetadata | None = None) -> jax.Array:
-        logits = super().compute_logits(hidden, md)
+    def compute_logits(self, hidden: jax.Array, md: AttentionMetadata | None = None, rows: jax.Array | None = None) -> jax.Array:
+        logits = super().compute_logits(hidden, md, rows)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)

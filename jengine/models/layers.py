@@ -49,7 +49,7 @@ def linear(x: jax.Array, w: "jax.Array | Weight | LayerOf", bias: jax.Array | No
     if isinstance(w, Weight):
         y = w.apply(x)
     elif isinstance(w, LayerOf):
-        y = stacked_linear(x, w.stack, w.layer)
+        y = stacked_linear(x, w.stack, w.layer, w.rows)
     else:
         y = x @ w
     return y if bias is None else y + bias
@@ -60,7 +60,7 @@ def linears(x: jax.Array, ws: Sequence["jax.Array | Weight | LayerOf"]) -> list[
     are layers read in place from their stacks (`cpu_linear.stacked_linears`)."""
     stacked = [w for w in ws if isinstance(w, LayerOf)]
     if len(ws) > 1 and len(stacked) == len(ws) and len({id(w.layer) for w in stacked}) == 1:
-        return stacked_linears(x, [w.stack for w in stacked], stacked[0].layer)
+        return stacked_linears(x, [w.stack for w in stacked], stacked[0].layer, stacked[0].rows)
     return [linear(x, w) for w in ws]
 
 
@@ -154,7 +154,7 @@ def pattern_period(kinds: Sequence[Any]) -> int:
 
 def scan_layers(
     layer_fn: Callable[[int, jax.Array | int, Params, Any], Any], params: Params, carry: Any, num_layers: int, period: int = 1,
-    in_place: bool = False,
+    in_place: bool = False, rows: jax.Array | None = None,
 ) -> Any:
     """Runs `carry = layer_fn(slot, layer, p, carry)` for every layer, under `jax.lax.scan`.
 
@@ -165,15 +165,17 @@ def scan_layers(
     weights (arrays or `Weight` pytrees); `p` is one layer's slice. The body is traced once per slot.
     """
     slots = [i % period for i in range(num_layers)]
-    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period, in_place=in_place)
+    return scan_layer_kinds(layer_fn, params, carry, slots, max_period=period, in_place=in_place, rows=rows)
 
 
 class LayerOf(NamedTuple):
     """Index `layer` of a stacked weight the scan leaves whole (`scan_layer_kinds`'s `whole`), for a
-    body that reads only part of it (the grouped matmul reads one expert at a time)."""
+    body that reads only part of it (the grouped matmul reads one expert at a time). `rows`: how many
+    leading rows of the step's x are real tokens (None: all), so `linear` skips the bucket's padding."""
 
     stack: Any
     layer: jax.Array | int
+    rows: jax.Array | None = None
 
 
 def layer_segments(kinds: Sequence[Hashable], max_period: int = 8) -> list[tuple[int, int, int]]:
@@ -208,6 +210,7 @@ def scan_layer_kinds(
     whole: Collection[str] = (),
     max_period: int = 8,
     in_place: bool = False,
+    rows: jax.Array | None = None,
 ) -> Any:
     """Runs `carry = layer_fn(kinds[layer], layer, p, carry)` for every layer, in order.
 
@@ -221,7 +224,8 @@ def scan_layer_kinds(
 
     A dynamic index of a stack is a copy on the CPU (XLA's dot wants its operand in a buffer of its
     own); with `in_place` (see `reads_weights_in_place`) every plain stacked matrix (`[L, in, out]`)
-    reaches the body as a `LayerOf`, which `linear` reads where it lies.
+    reaches the body as a `LayerOf`, which `linear` reads where it lies, for the step's first `rows`
+    tokens (`AttentionMetadata.num_tokens`: the rest is bucket padding).
     """
     num_layers = len(kinds)
     holders = {n: tuple(held_by.get(n, range(num_layers)) if held_by else range(num_layers)) for n in params}
@@ -243,7 +247,7 @@ def scan_layer_kinds(
                 indexes[key] = rank[name][first] + u * stride
             index = indexes[key]
             if name in whole or (in_place and isinstance(w, jax.Array) and w.ndim == 3):
-                p[name] = LayerOf(w, index)
+                p[name] = LayerOf(w, index, rows)
             else:
                 p[name] = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), w)  # noqa: B023
         return layer_fn(kinds[first], first + u * period, p, carry)

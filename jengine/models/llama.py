@@ -204,7 +204,8 @@ class LlamaForCausalLM(CausalLM[LlamaConfigT]):
             return x, cache
 
         x = nn.embed(self.embed[...], token_ids)
-        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers, in_place=nn.reads_weights_in_place(md))
+        x, kv_cache = nn.scan_layers(layer, self.layers.arrays(), (x, kv_cache), cfg.num_layers,
+                                     in_place=nn.reads_weights_in_place(md), rows=md.num_tokens())
         return kv_cache, nn.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
 
 

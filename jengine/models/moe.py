@@ -301,7 +301,7 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
         """The experts (and Qwen2-MoE's gated shared expert) of one sparse layer."""
         cfg = self.config
         spec = nn.MoeSpec(cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, grouped=self.grouped_matmul)
-        num_tokens = md.query_start_loc[md.num_seqs[0]]  # the step's real tokens; the rest is bucket padding
+        num_tokens = md.num_tokens()[0]
         experts = {k: p[k].stack for k in _EXPERTS}  # whole [Ls, E, ...] stacks: each block reads one expert
         layer = p[_EXPERTS[0]].layer
         out = nn.moe_mlp(h, {"router": p["router"], **experts}, spec, layer=layer, num_tokens=num_tokens, mesh=self.expert_mesh,
@@ -333,7 +333,7 @@ class MoeForCausalLM(LlamaForCausalLM[MoeConfig]):
 
         x = nn.embed(self.embed[...], token_ids)
         x, kv_cache = nn.scan_layer_kinds(layer, arrays, (x, kv_cache), kinds, held_by, whole=_EXPERTS,
-                                          in_place=nn.reads_weights_in_place(md))
+                                          in_place=nn.reads_weights_in_place(md), rows=md.num_tokens())
         return kv_cache, norm(x, self.final_norm[...])
 
 

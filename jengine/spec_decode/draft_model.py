@@ -48,7 +48,9 @@ from jengine.attention import AttentionMetadata
 from jengine.config import EngineConfig
 from jengine.sampler import argmax_rows
 from jengine.worker.model_runner import _CompileCounter, kv_cache_dtype
-from jengine.worker.step_inputs import StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs
+from jengine.worker.step_inputs import (
+    StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, num_logit_rows, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
+)
 from jengine.worker.warmup import PieceCompiler
 
 logger = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ class DraftModel:
                 k_scale=self.config.cache.k_scale, v_scale=self.config.cache.v_scale,
             )
             kv_cache, hidden = model(kv_cache, inputs.token_ids, inputs.positions, md)
-            logits = model.compute_logits(hidden[inputs.logits_indices], md)
+            logits = model.compute_logits(hidden[inputs.logits_indices], md, num_logit_rows(inputs.logits_indices))
         return kv_cache, argmax_rows(logits)
 
     def warmup(self) -> None:

@@ -42,7 +42,7 @@ from jengine.worker.input_batch import (
 )
 from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
-    StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
+    StepInputs, build_step_inputs, empty_step_inputs, make_token_buckets, num_logit_rows, pick_bucket, pick_seq_bucket, seq_bucket_pairs,
 )
 
 logger = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class ModelRunner:
         # Asynchronous scheduling: tokens the host does not know yet come from the previous step's samples.
         token_ids = jnp.where(inputs.prev_token_index >= 0, inputs.prev_tokens[jnp.maximum(inputs.prev_token_index, 0)], inputs.token_ids)
         kv_cache, hidden = model(kv_cache, token_ids, inputs.positions, md)
-        logits = model.compute_logits(hidden[inputs.logits_indices], md)
+        logits = model.compute_logits(hidden[inputs.logits_indices], md, num_logit_rows(inputs.logits_indices))
         return kv_cache, logits, hidden, inputs.positions[inputs.logits_indices]
 
     def _group_metadata(self, inputs: StepInputs, tables: jax.Array) -> dict[str, Any]:

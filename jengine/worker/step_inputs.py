@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -124,6 +125,15 @@ def logit_rows(scheduled: Sequence) -> list[int]:
     """How many logits rows each scheduled row gets: one, or one per position of a row that verifies
     drafts (its last known token and each draft: speculative decoding). Rows are laid out in order."""
     return [1 + len(getattr(seq, "spec_token_ids", ())) for seq in scheduled]
+
+
+def num_logit_rows(logits_indices: jax.Array | np.ndarray) -> jax.Array:
+    """int32[1]: how many leading rows of `logits_indices` are real (inside the jitted step). Real rows
+    point at strictly increasing token positions and padding at 0 (`build_step_inputs`), so the last
+    real row is the last nonzero entry, or row 0 (a single row at position 0, or an empty step, where
+    one row of padding is harmless)."""
+    last = jnp.max(jnp.where(logits_indices > 0, jnp.arange(logits_indices.shape[0], dtype=jnp.int32), 0))
+    return jnp.reshape(last + 1, (1,)).astype(jnp.int32)
 
 
 def build_step_inputs(
