@@ -196,6 +196,24 @@ def test_local_group_shortage_preempts():
     assert all(m.num_free_pages == m.num_usable_pages for m in s.kv_cache_manager.groups)
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_local_group_shortage_with_tied_requests_finishes(policy):
+    # Two chunked prompts of equal priority and arrival that cannot both hold their window plus a chunk:
+    # the one that comes later in the scheduler's order is preempted each time, so the other finishes
+    # (picking the victim by (priority, arrival) alone let them preempt each other in turn forever).
+    s = hybrid_sched(full_pages=33, local_pages=13, ps=1, window=7, max_num_batched_tokens=5, max_model_len=31, policy=policy,
+                     long_prefill_token_threshold=3)
+    a, b = req("a", list(range(10, 22)), max_tokens=3, ignore_eos=True), req("b", list(range(50, 62)), max_tokens=3, ignore_eos=True)
+    s.add_request(a)
+    s.add_request(b)
+    for _ in range(200):
+        run_step(s)
+        if not s.has_unfinished_requests():
+            break
+    assert a.is_finished and b.is_finished and s.num_preemptions_total > 0
+    assert all(m.num_free_pages == m.num_usable_pages for m in s.kv_cache_manager.groups)
+
+
 class GroupShadowRunner:
     """Checks every group's pages against a shadow cache: each row attends only its own tokens' KV
     within its group's span, and writes only pages it owns alone."""

@@ -129,12 +129,18 @@ class _PriorityQueue:
         self._order: dict[str, int] = {}
         self._counter = 0
 
-    def add(self, req: Request) -> None:
+    def key(self, req: Request) -> tuple[int, float, int]:
+        """The request's place in the order (given on its first `add` and kept until `forget`): the
+        scheduler preempts the running request that comes last in it, so ties in (priority, arrival)
+        cannot make two requests preempt each other in turn forever."""
         order = self._order.get(req.request_id)
         if order is None:
             order = self._order[req.request_id] = self._counter
             self._counter += 1
-        heapq.heappush(self._heap, (req.priority, req.arrival_time, order, req))
+        return req.priority, req.arrival_time, order
+
+    def add(self, req: Request) -> None:
+        heapq.heappush(self._heap, (*self.key(req), req))
 
     add_front = add  # a preempted request keeps its key, which already puts it ahead of later arrivals
 
@@ -325,8 +331,8 @@ class Scheduler:
         self._finished_in_schedule.append(req)
 
     def _pick_victim(self) -> Request:
-        if self.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        if isinstance(self.waiting, _PriorityQueue):
+            return max(self.running, key=self.waiting.key)
         return self.running[-1]
 
     def _chunk(self, num_tokens: int, budget: int) -> int:
