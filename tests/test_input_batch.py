@@ -15,8 +15,9 @@ import pytest
 from jengine import LLM, SamplingParams
 from jengine.sampler import RowState, apply_min_tokens_and_penalties, build_sampling_tensors
 from jengine.worker.input_batch import (
-    RowTable, apply_blocks, apply_params, apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors,
+    RowTable, apply_blocks, apply_params, apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors, penalty_state_bytes,
 )
+from jengine.worker.model_runner import kv_budget_from_stats
 from tiny_models import make_tiny_checkpoint
 
 V = 64
@@ -248,3 +249,16 @@ def test_steady_greedy_decode_sends_only_ragged_inputs_and_slots(llm):
     assert steady and all(set(s) == STEADY for s in steady), [sorted(set(s) - STEADY) for s in steady]
     assert all(sum(s.values()) < 2048 for s in steady)  # a few hundred bytes a step at this size
     assert engine.compilations_after_warmup == 0
+
+
+def test_accelerator_kv_budget_leaves_room_for_the_penalty_table():
+    """On an accelerator the KV cache gets `gpu_memory_utilization` of the memory limit less the weights,
+    an activation reserve and the persistent batch's penalty table (allocated after the cache: for a
+    262k vocabulary and 256 slots it is over 500 MB with its whole-table update); no limit: None (CPU)."""
+    table = penalty_state_bytes(256, 262144)
+    assert table == 2 * 257 * (262144 + 8192) * 4
+    gib = 1 << 30
+    stats = {"bytes_limit": 80 * gib, "bytes_in_use": 2 * gib}
+    assert kv_budget_from_stats(stats, 0.9, table) == int(80 * gib * 0.9 - 2 * gib - 8 * gib - table)
+    assert kv_budget_from_stats({"bytes_limit": gib, "bytes_in_use": gib}, 0.9, table) == 0
+    assert kv_budget_from_stats(None, 0.9, table) is None and kv_budget_from_stats({}, 0.9, table) is None

@@ -87,6 +87,13 @@ class PenaltyState:
     prompt_bits: Any  # i32[N + 1, ceil(V / 32)]: the prompt's tokens (slots with a repetition penalty)
 
 
+def penalty_state_bytes(num_slots: int, vocab_size: int) -> int:
+    """Device bytes of the penalty table for `num_slots` slots (and the padding slot), and of one
+    update that rewrites every row: the persistent batch's only arrays that grow with the vocabulary
+    (50 MB for the table at 256 slots of SmolLM2's 49152 tokens; 270 MB at a 262k vocabulary)."""
+    return 2 * (num_slots + 1) * (vocab_size + -(-vocab_size // 32)) * 4
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class StepPenalties:

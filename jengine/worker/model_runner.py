@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from jengine.core.kv_cache_layout import build_layout
 from jengine.sampler import SamplerOutput, prompt_logprobs, sample
 from jengine.worker.input_batch import (
     PenaltyState, RowTable, SlotParams, StepMask, StepPenalties, StepSampling, TableUpdate, apply_blocks, apply_params,
-    apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors,
+    apply_penalty_rows, commit_penalty_tokens, gather_sampling_tensors, penalty_state_bytes,
 )
 from jengine.worker.warmup import PieceCompiler
 from jengine.worker.step_inputs import (
@@ -148,6 +148,16 @@ def kv_cache_dtype(name: str, model_dtype: Any) -> Any:
     if name in ("fp8", "fp8_e4m3"):
         return jnp.dtype(pallas_kernels.KV_FP8)
     return jnp.dtype(name)
+
+
+def kv_budget_from_stats(stats: Optional[Mapping[str, int]], utilization: float, later_bytes: int) -> Optional[int]:
+    """The KV cache's bytes on an accelerator: `utilization` of its memory limit, less what is in use
+    (the weights), an activation reserve (a tenth of the limit) and `later_bytes` the runner allocates
+    after the cache; None where the device reports no limit (the CPU)."""
+    if not stats or "bytes_limit" not in stats:
+        return None
+    limit = stats["bytes_limit"]
+    return max(0, int(limit * utilization - stats.get("bytes_in_use", 0) - _ACTIVATION_RESERVE_FRACTION * limit - later_bytes))
 
 
 class ModelRunner:
@@ -285,11 +295,10 @@ class ModelRunner:
     def _device_kv_budget(self) -> int:
         device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform != "cpu" else None
-        if not stats or "bytes_limit" not in stats:
-            return _CPU_DEFAULT_KV_BYTES
-        limit = stats["bytes_limit"] * self.config.cache.gpu_memory_utilization
-        in_use = stats.get("bytes_in_use", 0)
-        return max(0, int(limit - in_use - _ACTIVATION_RESERVE_FRACTION * stats["bytes_limit"]))
+        # The persistent batch's penalty table is allocated after the cache is sized: leave room for it.
+        later = penalty_state_bytes(self.config.scheduler.max_num_seqs, self.vocab_size)
+        budget = kv_budget_from_stats(stats, self.config.cache.gpu_memory_utilization, later)
+        return _CPU_DEFAULT_KV_BYTES if budget is None else budget
 
     def _matmul_precision(self) -> Any:
         """float32 models compute their matmuls in float32 on every platform.
