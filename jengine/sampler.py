@@ -29,7 +29,9 @@ Cost notes (2 CPU cores, S=128, V=49152): a full sort of the logits costs ~1.5 s
 step, so nothing here sorts over V. top-k / top-p thresholds come from `lax.top_k` over a small number of
 candidates (`num_candidates`, default 64); a row whose top_k is larger, or whose top_p mass is not reached
 inside its candidates, gets an exact threshold from a 32-step bisection over the float32 bit patterns
-(only run when some row needs it). Sampling uses one uniform per row and an inverse CDF computed with a
+(only run when some row needs it). That is what accelerators run; on the CPU, where XLA's `top_k` over
+[64, 49152] alone takes 16 ms and the bisection ~90 ms, both thresholds come from a native radix select
+per row instead (`pallas_kernels/cpu_sampling.cc`: the same cut, two passes over a row). Sampling uses one uniform per row and an inverse CDF computed with a
 two-level (block, then within-block) cumulative sum, so no [S, V] random numbers are drawn.
 
 Masks are thresholds on values: every token tied with the last kept token is kept too (vLLM does the same
@@ -50,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jengine.pallas_kernels import cpu_sampling
 from jengine.sampling_params import SamplingParams
 
 _SAMPLING_EPS = 1e-5
@@ -427,16 +430,45 @@ def _bisect_threshold(keys: jax.Array, score: jax.Array, target: jax.Array) -> j
     return _unordered_bits(lo)
 
 
-def _filter_weights(xs: jax.Array, row_max: jax.Array, t: SamplingTensors, num_candidates: int
-                    ) -> tuple[jax.Array, jax.Array]:
+def _filter_weights(xs: jax.Array, row_max: jax.Array, t: SamplingTensors, num_candidates: int,
+                    native: Optional[bool] = None) -> tuple[jax.Array, jax.Array]:
     """min_p, then top_k, then top_p on temperature-scaled logits `xs`.
 
     Returns (weights [S, V]: unnormalised probabilities of the kept tokens, 0 elsewhere; the per-row
-    value threshold: tokens with xs >= threshold are kept). One exp pass over [S, V].
+    value threshold: tokens with xs >= threshold are kept). The CPU's cuts come from the native radix
+    select (`_filter_weights_native`), other platforms' from candidates and bisection (`_filter_weights_xla`);
+    `native` True / False forces one (tests, benchmarks).
     """
+    if native:
+        return _filter_weights_native(xs, row_max, t)
+    if native is False or not cpu_sampling.available():
+        return _filter_weights_xla(xs, row_max, t, num_candidates)
+    return lax.platform_dependent(cpu=lambda: _filter_weights_native(xs, row_max, t),
+                                  default=lambda: _filter_weights_xla(xs, row_max, t, num_candidates))
+
+
+def _min_p_threshold(row_max: jax.Array, t: SamplingTensors) -> jax.Array:
+    return jnp.where(t.min_p > 0, row_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
+
+
+def _filter_weights_native(xs: jax.Array, row_max: jax.Array, t: SamplingTensors) -> tuple[jax.Array, jax.Array]:
+    """`_filter_weights` with the native cuts (CPU only): the k-th largest value as the cut of unit
+    weights at k, the top-p cut over the probabilities min_p and top_k left. Rows without top-k or
+    top-p pass a target of 0 (no cut), so no branch is needed."""
+    k_thr = cpu_sampling.mass_threshold(xs, None, jnp.maximum(t.top_k, 0).astype(jnp.float32))
+    thr = jnp.maximum(_min_p_threshold(row_max, t), k_thr)
+    e = jnp.where(xs >= thr[:, None], jnp.exp(xs - row_max[:, None]), 0.0)
+    target = jnp.where(t.top_p < 1.0, t.top_p * jnp.sum(e, axis=-1), 0.0)  # renormalised, as vLLM
+    thr = jnp.maximum(thr, cpu_sampling.mass_threshold(xs, e, target))
+    return jnp.where(xs >= thr[:, None], e, 0.0), thr
+
+
+def _filter_weights_xla(xs: jax.Array, row_max: jax.Array, t: SamplingTensors, num_candidates: int
+                        ) -> tuple[jax.Array, jax.Array]:
+    """`_filter_weights` in `jax.numpy`: thresholds from `lax.top_k` candidates, bisection where they fall short."""
     S, V = xs.shape
     C = min(num_candidates, V)
-    min_p_thr = jnp.where(t.min_p > 0, row_max + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
+    min_p_thr = _min_p_threshold(row_max, t)
     k = t.top_k
 
     def top_k_threshold(_):
@@ -541,23 +573,25 @@ def _scale(x: jax.Array, t: SamplingTensors) -> tuple[jax.Array, jax.Array]:
 
 
 def filtered_logits(logits: jax.Array, t: SamplingTensors, *,
-                    num_candidates: int = DEFAULT_NUM_CANDIDATES) -> jax.Array:
+                    num_candidates: int = DEFAULT_NUM_CANDIDATES, native: Optional[bool] = None) -> jax.Array:
     """The logits each row samples from: processed, temperature-scaled, removed tokens at -inf.
 
     Greedy rows get their (masked, penalised) logits unscaled and unfiltered. For tests and debugging;
-    `sample` computes the same thing without materialising it.
+    `sample` computes the same thing without materialising it. `native` picks the cuts' computation
+    (True: the CPU kernel, False: candidates and bisection; None: the platform's, as `sample`).
     """
     x = apply_min_tokens_and_penalties(_constrain(logits.astype(jnp.float32), t), t)
     xs, row_max = _scale(x, t)
-    _, thr = _filter_weights(xs, row_max, t, num_candidates)
+    _, thr = _filter_weights(xs, row_max, t, num_candidates, native)
     kept = jnp.where(xs >= thr[:, None], xs, -jnp.inf)
     return jnp.where((t.temperature > 0)[:, None], kept, x)
 
 
 def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
-           num_candidates: int = DEFAULT_NUM_CANDIDATES) -> SamplerOutput:
+           num_candidates: int = DEFAULT_NUM_CANDIDATES, native: Optional[bool] = None) -> SamplerOutput:
     """Picks one token per row of `logits` [S, V] (float32). Jittable; `max_logprobs` (the width of
-    the top-logprobs outputs) and `num_candidates` are static: use `sample_jit` or close over them."""
+    the top-logprobs outputs), `num_candidates` and `native` (how the top-k / top-p cuts are computed,
+    see `_filter_weights`) are static: use `sample_jit` or close over them."""
     logits = logits.astype(jnp.float32)
 
     def processed() -> jax.Array:
@@ -566,7 +600,7 @@ def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
     def drawn(_):
         x = processed()
         xs, row_max = _scale(x, t)
-        w, _ = _filter_weights(xs, row_max, t, num_candidates)
+        w, _ = _filter_weights(xs, row_max, t, num_candidates, native)
         return jnp.where(t.temperature > 0, _inverse_cdf(w, _row_uniforms(t)), argmax_rows(x))
 
     # Three branches side by side, none nested in another (on the CPU a cond inside a cond copies the
@@ -581,7 +615,7 @@ def sample(logits: jax.Array, t: SamplingTensors, *, max_logprobs: int = 20,
                          topk_logprobs=top_lp)
 
 
-sample_jit = jax.jit(sample, static_argnames=("max_logprobs", "num_candidates"))
+sample_jit = jax.jit(sample, static_argnames=("max_logprobs", "num_candidates", "native"))
 
 
 def prompt_logprobs(logits: jax.Array, next_token_ids: jax.Array, k: int

@@ -546,6 +546,45 @@ def test_native_projections_compute_only_the_real_rows():
     assert cl.TARGET in hlo
 
 
+def _oracle_threshold(x: np.ndarray, w: np.ndarray, target: float) -> float:
+    """The largest value v of x with sum(w[x >= v]) >= target, by a full sort (float64 sums)."""
+    if not target > 0:
+        return -np.inf
+    vals = np.unique(x[w > 0])[::-1]
+    mass = np.array([w[x >= v].sum(dtype=np.float64) for v in vals])
+    hit = np.flatnonzero(mass >= target)
+    return float(vals[hit[0]]) if hit.size else float(x.min())
+
+
+def test_cpu_mass_threshold_matches_a_full_sort():
+    """The sampler's native cut: unit weights (the k-th largest value, ties counted), probabilities (the
+    top-p cut), zero weights and -inf logits (banned tokens), no cut (target 0 -> -inf), a target past
+    the row's mass (-> its smallest value), values in one narrow range (the radix select's last levels)."""
+    from jengine.pallas_kernels import _native, cpu_sampling
+
+    if _native.compiler() is None:
+        pytest.skip("no C++ compiler: the sampler computes its cuts in jax.numpy")
+    assert cpu_sampling.available()
+    rng = np.random.default_rng(3)
+    S, V = 9, 700
+    x = (rng.standard_normal((S, V)) * 3).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2, :50] = -np.inf
+    x[3] = (1.0 + rng.random(V) * 1e-4).astype(np.float32)  # one exponent, a few mantissa bits apart
+    w = np.exp(x - x.max(axis=1, keepdims=True)).astype(np.float32)
+    w[4, rng.random(V) < 0.5] = 0.0
+    targets = np.array([0.9, 0.5, 0.3, 0.7, 0.95, 0.0, 2.0, 1e-9, 1.0], np.float32) * w.sum(axis=1)
+    got = np.asarray(jax.jit(cpu_sampling.mass_threshold)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(targets)))
+    for s in range(S):
+        assert got[s] == _oracle_threshold(x[s], w[s].astype(np.float64), float(targets[s])), s
+    ks = np.array([1, 5, 40, 700, 0, 3, 701, 2, 100], np.float32)
+    got = np.asarray(jax.jit(lambda a, k: cpu_sampling.mass_threshold(a, None, k))(jnp.asarray(x), jnp.asarray(ks)))
+    for s in range(S):
+        assert got[s] == _oracle_threshold(x[s], np.ones(V), float(ks[s])), s
+        if 0 < ks[s] <= V:
+            assert got[s] == np.sort(x[s])[::-1][int(ks[s]) - 1]
+
+
 def test_num_logit_rows_counts_the_real_logits_rows():
     """The head's real rows come from the step's logits indices (strictly increasing, padding 0)."""
     from jengine.worker.step_inputs import num_logit_rows

@@ -20,7 +20,11 @@ from jengine.sampling_params import SamplingParams
 
 V = 300
 MAXLP = 5
-filtered_jit = jax.jit(filtered_logits, static_argnames=("num_candidates",))
+filtered_jit = jax.jit(filtered_logits, static_argnames=("num_candidates", "native"))
+# How the top-k / top-p cuts are computed: the CPU's native radix select, or (what accelerators run)
+# `lax.top_k` candidates, with 4 candidates forcing the bisection paths.
+CUTS = [dict(native=True), dict(native=False, num_candidates=64), dict(native=False, num_candidates=4)]
+CUT_IDS = ["native", "candidates", "bisection"]
 
 
 def _logits(s: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
@@ -86,18 +90,20 @@ def test_greedy_rows_unaffected_by_sampling_neighbours():
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
 
 
-@pytest.mark.parametrize("num_candidates", [64, 4])  # 4 forces the bisection paths
+@pytest.mark.parametrize("cuts", CUTS, ids=CUT_IDS)
 @pytest.mark.parametrize("kw", [
     dict(top_k=5), dict(top_k=40), dict(top_p=0.3), dict(top_p=0.9), dict(min_p=0.1),
     dict(top_k=20, top_p=0.6), dict(top_k=50, top_p=0.95, min_p=0.01), dict(temperature=0.5, top_p=0.8),
 ])
-def test_filter_masks_match_reference(kw, num_candidates):
+def test_filter_masks_match_reference(kw, cuts):
     s = 4
     logits = _logits(s, seed=2, scale=1.5)
     logits[1] *= 0.1  # flat row: top-p mass spreads far beyond the candidates
     kw = {"temperature": 1.0, **kw}
     rows = [_row(seed=i, **kw) for i in range(s)]
-    got = np.asarray(filtered_jit(logits, _tensors(rows, s), num_candidates=num_candidates))
+    if cuts["native"]:
+        _native_cuts()
+    got = np.asarray(filtered_jit(logits, _tensors(rows, s), **cuts))
     for r in range(s):
         x = logits[r] / kw["temperature"]
         keep = ref_keep(x, kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0))
@@ -111,9 +117,43 @@ def test_fast_and_bisection_paths_agree_on_mixed_rows():
     rows = [_row(seed=i, top_k=k, top_p=p) for i, (k, p) in
             enumerate([(0, 0.9), (100, 1.0), (3, 0.5), (0, 0.2), (200, 0.99), (7, 1.0), (0, 1.0), (60, 0.7)])]
     t = _tensors(rows, s)
-    a = np.asarray(filtered_jit(logits, t, num_candidates=64))
-    b = np.asarray(filtered_jit(logits, t, num_candidates=2))
+    a = np.asarray(filtered_jit(logits, t, num_candidates=64, native=False))
+    b = np.asarray(filtered_jit(logits, t, num_candidates=2, native=False))
     np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+    _native_cuts()
+    c = np.asarray(filtered_jit(logits, t, native=True))
+    np.testing.assert_array_equal(np.isfinite(a), np.isfinite(c))
+
+
+def _native_cuts() -> None:
+    from jengine.pallas_kernels import _native, cpu_sampling
+
+    if _native.compiler() is None:
+        pytest.skip("no C++ compiler: the CPU computes the cuts in jax.numpy")
+    assert cpu_sampling.available()
+
+
+def test_native_and_xla_cuts_agree_at_a_real_vocabulary():
+    """64 rows of a 49152-token vocabulary with flat logits (top-p mass far beyond any candidate list),
+    mixed top-k / top-p / min_p: the native radix select and the candidates-plus-bisection path give
+    the same thresholds bit for bit."""
+    _native_cuts()
+    from jengine.sampler import _filter_weights_native, _filter_weights_xla, _scale
+
+    S, vocab = 64, 49152
+    logits = (np.random.default_rng(0).standard_normal((S, vocab)) * 4).astype(np.float32)
+    mix = [dict(top_p=0.9), dict(top_k=50), dict(top_k=500, top_p=0.5), dict(min_p=0.05, top_p=0.99), {},
+           dict(top_k=1), dict(top_k=70, top_p=0.3, min_p=0.2)]
+    rows = [RowState(SamplingParams(temperature=0.7, seed=i, **mix[i % len(mix)]), [1], [], seed=i) for i in range(S)]
+    t = build_sampling_tensors(rows, S, vocab_size=vocab)
+
+    def both(x, t):
+        xs, mx = _scale(x, t)
+        return _filter_weights_native(xs, mx, t), _filter_weights_xla(xs, mx, t, 64)
+
+    (wn, tn), (wx, tx) = jax.jit(both)(logits, t)
+    np.testing.assert_array_equal(np.asarray(tn), np.asarray(tx))
+    np.testing.assert_array_equal(np.asarray(wn), np.asarray(wx))
 
 
 def test_penalties_match_reference():
