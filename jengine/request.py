@@ -12,6 +12,7 @@ with the known count, and a step that makes them equal samples one more token.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Iterable, Sequence
@@ -20,8 +21,17 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from jengine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from jengine.core.kv_cache_manager import PageHold
     from jengine.lora.request import LoRARequest
+
+
+@dataclasses.dataclass(slots=True)
+class PageHold:
+    """One request's pages in one KV manager (a layer group), kept on the request (`Request.kv_pages`)
+    so they end with it; `jengine.core.kv_cache_manager` fills and frees it."""
+
+    pages: list[int]  # in token order; NULL_PAGE where a sliding window gave a page back
+    num_hashed: int = 0  # leading pages already registered in the prefix cache
+    num_skipped: int = 0  # leading pages already given back (sliding window only)
 
 
 class RequestStatus(enum.IntEnum):
@@ -133,7 +143,7 @@ class Request:
         # Speculation with a draft model: the positions whose draft KV is valid (a prefix), None before any
         self.draft_num_valid: Optional[int] = None
         # Its pages in each KV cache manager (one per layer group) that gave it any, keyed by that manager.
-        self.kv_pages: dict[Any, "PageHold"] = {}
+        self.kv_pages: dict[Any, PageHold] = {}
         self.output_state: Any = None  # the output processor's state of this child; it points at its parent's
         self.freed = False  # ended and released (`RequestRegistry.free`)
         self._all_token_ids: list[int] = list(self.prompt_token_ids)

@@ -26,12 +26,11 @@ the manager indexes its owners by id only for lookups by id (`get_block_table`, 
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
 
-from jengine.request import Request
+from jengine.request import PageHold, Request
 
 NULL_PAGE = 0
 _ROOT_HASH = 0x6A656E67696E65  # parent hash of the first page; any fixed value works
@@ -39,15 +38,6 @@ _ROOT_HASH = 0x6A656E67696E65  # parent hash of the first page; any fixed value 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@dataclasses.dataclass(slots=True)
-class PageHold:
-    """One request's pages in one manager (a layer group), kept on the request (`Request.kv_pages`)."""
-
-    pages: list[int]  # in token order; NULL_PAGE where a sliding window gave a page back
-    num_hashed: int = 0  # leading pages already registered in the prefix cache
-    num_skipped: int = 0  # leading pages already given back (sliding window only)
 
 
 class KVCacheManager:
