@@ -42,7 +42,10 @@ def available() -> bool:
 
 def mass_threshold(x: jax.Array, w: Optional[jax.Array], target: jax.Array) -> jax.Array:
     """float32[S]: per row of x[S, V], the largest value v with sum(w[x >= v]) >= target (w None:
-    unit weights). Call only on the CPU where `available()`."""
+    unit weights). CPU only; raises where the kernel could not be built."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"native CPU sampling thresholds unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.float32))
     weights = jnp.ones((1,), jnp.float32) if w is None else w.astype(jnp.float32)
     return call(x.astype(jnp.float32), weights, target.astype(jnp.float32))
