@@ -437,11 +437,12 @@ def _filter_weights(xs: jax.Array, row_max: jax.Array, t: SamplingTensors, num_c
     Returns (weights [S, V]: unnormalised probabilities of the kept tokens, 0 elsewhere; the per-row
     value threshold: tokens with xs >= threshold are kept). The CPU's cuts come from the native radix
     select (`_filter_weights_native`), other platforms' from candidates and bisection (`_filter_weights_xla`);
-    `native` True / False forces one (tests, benchmarks).
+    `native` True / False forces one (tests, benchmarks). An accelerator's process never builds the
+    native kernel (its C++ compile would only add to start-up there).
     """
     if native:
         return _filter_weights_native(xs, row_max, t)
-    if native is False or not cpu_sampling.available():
+    if native is False or jax.default_backend() != "cpu" or not cpu_sampling.available():
         return _filter_weights_xla(xs, row_max, t, num_candidates)
     return lax.platform_dependent(cpu=lambda: _filter_weights_native(xs, row_max, t),
                                   default=lambda: _filter_weights_xla(xs, row_max, t, num_candidates))
